@@ -1,0 +1,6 @@
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
+
+def npy_header(path: bytes | str) -> tuple[int | None, int | None, str | None]: ...
+def read_npy_into(paths: Sequence[bytes | str], out: Buffer, threads: int = 0) -> list[tuple[int, str]]: ...

@@ -1,0 +1,305 @@
+"""The embedding DB: a directory mirroring the image tree, one float32 .npy vector per image.
+
+`pics/a/b.jpg` is stored as `db/a/b.jpg.npy`. `db/clipdedup-db.json` records the model id, the
+embedding dim, the dtype and the preprocessing; a DB is never filled from two models. The original
+tool's `.npz` files (key `clip_embedding`) are read too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipdedup import native
+from clipdedup.errors import DBMismatchError, UserError
+from clipdedup.scan import FileEntry, scan_tree
+
+META_NAME = "clipdedup-db.json"
+FORMAT_VERSION = 1
+NPY_SUFFIX = ".npy"
+NPZ_SUFFIX = ".npz"
+NPZ_KEY = "clip_embedding"
+TMP_MARK = ".clipdedup-tmp"
+
+
+@dataclass
+class DBMeta:
+    model_id: str
+    dim: int
+    dtype: str = "float32"
+    normalized: bool = True
+    preprocess: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def describe(self) -> str:
+        return f"model {self.model_id}, dim {self.dim}"
+
+
+def meta_path(db_dir: str | os.PathLike[str]) -> Path:
+    return Path(db_dir) / META_NAME
+
+
+def read_meta(db_dir: str | os.PathLike[str]) -> DBMeta | None:
+    p = meta_path(db_dir)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: unreadable DB metadata ({e}); move it away to rebuild") from e
+    known = {k: raw[k] for k in DBMeta.__dataclass_fields__ if k in raw}
+    try:
+        return DBMeta(**known)
+    except TypeError as e:
+        raise UserError(f"{p}: incomplete DB metadata ({e})") from e
+
+
+def write_meta(db_dir: str | os.PathLike[str], meta: DBMeta) -> None:
+    data = json.dumps(asdict(meta), indent=2, sort_keys=True).encode()
+    atomic_write(meta_path(db_dir), data)
+
+
+def check_meta(db_dir: str | os.PathLike[str], want: DBMeta) -> DBMeta | None:
+    """Raises DBMismatchError when the DB at `db_dir` was written by another model."""
+    have = read_meta(db_dir)
+    if have is None:
+        return None
+    if have.model_id != want.model_id or have.dim != want.dim or have.normalized != want.normalized:
+        raise DBMismatchError(
+            f"{db_dir}: DB holds {have.describe()}, this run uses {want.describe()}; "
+            "use a separate --db-dir (or -m with the DB's model)"
+        )
+    return have
+
+
+def npy_path(db_dir: str | os.PathLike[str], rel: str) -> str:
+    return os.path.join(db_dir, rel + NPY_SUFFIX)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Writes `data` to `path` via a temp file in the same directory and a rename.
+
+    A crash leaves either the old file or the new one, never a truncated file; a stale temp file is
+    removed by the next orphan clean-up.
+    """
+    path = os.fspath(path)
+    d, name = os.path.split(path)
+    os.makedirs(d or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_MARK, dir=d or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def npy_bytes(vec: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vec, dtype="<f4"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_file_size(dim: int) -> int:
+    return len(npy_bytes(np.zeros(dim, np.float32)))
+
+
+def write_embedding(db_dir: str | os.PathLike[str], rel: str, vec: np.ndarray) -> None:
+    atomic_write(npy_path(db_dir, rel), npy_bytes(vec))
+
+
+@dataclass(frozen=True)
+class DBFile:
+    rel: str  # relative image path this embedding belongs to
+    path: str  # absolute path of the .npy / .npz file
+    mtime_ns: int
+    size: int
+    legacy: bool  # an original-tool .npz
+
+
+@dataclass
+class DBIndex:
+    files: dict[str, DBFile]  # by image rel path; a .npy shadows a .npz of the same image
+    temp_files: list[str]
+    shadowed: list[str]  # .npz files that have a .npy beside them
+
+
+def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
+    files: dict[str, DBFile] = {}
+    temps: list[str] = []
+    shadowed: list[str] = []
+    if not os.path.isdir(db_dir):
+        return DBIndex(files, temps, shadowed)
+    res = scan_tree(db_dir, suffixes=None)
+    for e in res.entries:
+        full = os.path.join(db_dir, e.rel)
+        if e.rel.endswith(TMP_MARK):
+            temps.append(full)
+            continue
+        for suffix, legacy in ((NPY_SUFFIX, False), (NPZ_SUFFIX, True)):
+            if e.rel.endswith(suffix):
+                rel = e.rel[: -len(suffix)]
+                prev = files.get(rel)
+                f = DBFile(rel, full, e.mtime_ns, e.size, legacy)
+                if prev is None:
+                    files[rel] = f
+                elif prev.legacy and not legacy:
+                    files[rel] = f
+                    shadowed.append(prev.path)
+                elif legacy:
+                    shadowed.append(full)
+    return DBIndex(files, temps, shadowed)
+
+
+@dataclass
+class UpdatePlan:
+    to_encode: list[FileEntry]
+    up_to_date: list[FileEntry]
+    orphans: list[str]  # DB files whose image is gone, and stale temp files (absolute paths)
+
+
+def plan_update(
+    images: Sequence[FileEntry], index: DBIndex, *, dim: int | None, force: bool = False
+) -> UpdatePlan:
+    """Which images need (re)encoding and which DB files are orphans.
+
+    An image is encoded when it has no DB file, when it is newer than its DB file, when its .npy
+    has the wrong size for the DB's dim (a damaged file), or when `force` is set.
+    """
+    expected = npy_file_size(dim) if dim else None
+    to_encode, fresh = [], []
+    for img in images:
+        f = index.files.get(img.rel)
+        stale = (
+            force
+            or f is None
+            or img.mtime_ns > f.mtime_ns
+            or (not f.legacy and expected is not None and f.size != expected)
+        )
+        (to_encode if stale else fresh).append(img)
+    present = {img.rel for img in images}
+    orphans = [f.path for rel, f in index.files.items() if rel not in present]
+    orphans += index.temp_files
+    orphans.sort()
+    return UpdatePlan(to_encode, fresh, orphans)
+
+
+def remove_orphans(db_dir: str | os.PathLike[str], paths: Sequence[str]) -> list[str]:
+    """Removes DB files (never images) and then the DB directories left empty."""
+    removed = []
+    dirs = set()
+    for p in paths:
+        try:
+            os.unlink(p)
+            removed.append(p)
+            dirs.add(os.path.dirname(p))
+        except FileNotFoundError:
+            pass
+    root = os.path.realpath(db_dir)
+    for d in sorted(dirs, key=len, reverse=True):
+        while os.path.realpath(d) != root and d.startswith(os.fspath(db_dir)):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+    return removed
+
+
+def _read_legacy(path: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        if NPZ_KEY not in z:
+            raise ValueError(f"no key {NPZ_KEY!r}")
+        return np.asarray(z[NPZ_KEY], dtype=np.float32).reshape(-1)
+
+
+def load_rows(
+    files: Sequence[DBFile], dim: int | None = None, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Loads the embeddings of `files` into one (N, D) float32 matrix.
+
+    Returns:
+        (matrix, ok, errors): matrix (N, D) float32; ok (N,) bool, false for a row that failed;
+        errors as (path, reason). D is `dim`, else taken from the first readable file.
+    """
+    if dim is None:
+        dim = _probe_dim(files)
+    if dim is None:
+        return (
+            np.zeros((len(files), 0), np.float32),
+            np.zeros(len(files), bool),
+            [(f.path, "unreadable embedding") for f in files],
+        )
+    out = np.zeros((len(files), dim), np.float32)
+    ok = np.ones(len(files), bool)
+    errors: list[tuple[str, str]] = []
+    npy_rows = [i for i, f in enumerate(files) if not f.legacy]
+    if npy_rows:
+        sub = out if len(npy_rows) == len(files) else np.zeros((len(npy_rows), dim), np.float32)
+        for r, reason in native.read_npy_into([files[i].path for i in npy_rows], sub, threads):
+            ok[npy_rows[r]] = False
+            errors.append((files[npy_rows[r]].path, reason))
+        if sub is not out:
+            out[npy_rows] = sub
+    for i, f in enumerate(files):
+        if not f.legacy:
+            continue
+        try:
+            v = _read_legacy(f.path)
+            if v.shape[0] != dim:
+                raise ValueError(f"dim {v.shape[0]}, DB holds dim {dim}")
+            out[i] = v
+        except Exception as e:  # a bad legacy file is a reason, not a crash
+            ok[i] = False
+            errors.append((f.path, f"{type(e).__name__}: {e}"))
+    errors.sort()
+    return out, ok, errors
+
+
+def _probe_dim(files: Sequence[DBFile]) -> int | None:
+    for f in files[:64]:
+        if f.legacy:
+            try:
+                return int(_read_legacy(f.path).shape[0])
+            except Exception:
+                continue
+        d, _ = native.npy_dim(f.path)
+        if d:
+            return d
+    return None
+
+
+def load_db(
+    db_dir: str | os.PathLike[str], *, errors: list[tuple[str, str]] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Loads a whole DB.
+
+    Args:
+        db_dir: the DB directory.
+        errors: if given, (path, reason) of each unreadable DB file is appended here.
+
+    Returns:
+        (paths, embeddings): relative image paths, sorted, and their float32 (N, D) matrix. Files
+        that cannot be read are left out.
+    """
+    if not os.path.isdir(db_dir):
+        raise UserError(f"{db_dir}: DB directory does not exist")
+    meta = read_meta(db_dir)
+    index = index_db(db_dir)
+    files = [index.files[r] for r in sorted(index.files, key=os.fsencode)]
+    mat, ok, errs = load_rows(files, meta.dim if meta else None)
+    if errors is not None:
+        errors.extend(errs)
+    paths = [f.rel for f, good in zip(files, ok) if good]
+    return paths, np.ascontiguousarray(mat[ok])

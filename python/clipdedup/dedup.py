@@ -1,0 +1,259 @@
+"""A whole run: update the DB(s), load, match, group, choose what to keep, move the rest.
+
+`run_dedup` dedupes one image dir; `run_import` moves the files of an import dir that have a
+duplicate in a base dir (the base dir is only read).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from clipdedup import db as dbmod
+from clipdedup.act import MoveResult, move_duplicate
+from clipdedup.encode import default_threshold, load_encoder
+from clipdedup.errors import UserError
+from clipdedup.group import group_pairs
+from clipdedup.keep import STRATEGIES, Candidate, choose_keep
+from clipdedup.match import MATCHERS, find_pairs
+from clipdedup.scan import FileEntry
+from clipdedup.update import UpdateSummary, load_embeddings, scan_images, update_db
+
+
+@dataclass
+class RunOptions:
+    model_id: str
+    device: str | None = None
+    batch_size: int = 32
+    force: bool = False
+    clean_orphans: bool = True
+    skip_update: bool = False
+    dry_run: bool = False
+    threshold: float | None = None  # None: the model's default
+    keeping_logic: str = "largest"
+    backend: str | None = None
+    progress: bool = False
+    log: object = None
+
+    def say(self, line: str) -> None:
+        (self.log or (lambda s: print(s, file=sys.stderr)))(line)
+
+
+@dataclass
+class Group:
+    members: list[str]  # relative paths (import mode: import files, then base files as "base:")
+    kept: str
+    moved: list[MoveResult]
+    distances: list[tuple[str, str, float]]
+
+
+@dataclass
+class RunSummary:
+    updates: dict[str, UpdateSummary] = field(default_factory=dict)
+    loaded: int = 0
+    not_in_db: int = 0
+    load_errors: list[tuple[str, str]] = field(default_factory=list)
+    threshold: float = 0.0
+    backend: str = ""
+    pairs: int = 0
+    groups: list[Group] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def moved(self) -> list[MoveResult]:
+        return [m for g in self.groups for m in g.moved if m.dest is not None]
+
+    @property
+    def move_skipped(self) -> list[MoveResult]:
+        return [m for g in self.groups for m in g.moved if m.dest is None]
+
+
+def _check_dirs(image_dir: str, db_dir: str, trash_dir: str | None) -> list[str]:
+    """Refuses layouts that could move files into themselves; returns dirs to leave out of the scan."""
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory does not exist")
+    img = os.path.realpath(image_dir)
+    exclude = []
+    for name, d in (("trash", trash_dir), ("DB", db_dir)):
+        if d is None:
+            continue
+        real = os.path.realpath(d)
+        if real == img or img.startswith(real + os.sep):
+            raise UserError(f"{d}: the {name} dir must not be the image dir or contain it")
+        if real.startswith(img + os.sep):
+            exclude.append(real)
+    return exclude
+
+
+def _update_or_read(
+    image_dir: str,
+    db_dir: str,
+    opts: RunOptions,
+    exclude: list[str],
+    label: str,
+    s: RunSummary,
+    encoder_cache: dict,
+) -> tuple[UpdateSummary, list[FileEntry]]:
+    scan = scan_images(image_dir, exclude)
+    if opts.skip_update:
+        u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
+        u.meta = dbmod.read_meta(db_dir)
+    else:
+        enc = encoder_cache.get("enc")
+        u = update_db(
+            image_dir,
+            db_dir,
+            opts.model_id if enc is None else None,
+            device=opts.device,
+            batch_size=opts.batch_size,
+            force=opts.force,
+            clean_orphans=opts.clean_orphans,
+            dry_run=opts.dry_run,
+            scan=scan,
+            progress=opts.progress,
+            log=opts.say,
+            encoder=enc or _lazy_encoder(opts, encoder_cache, scan, db_dir),
+        )
+    s.updates[label] = u
+    return u, scan.entries
+
+
+def _lazy_encoder(opts: RunOptions, cache: dict, scan, db_dir: str):
+    """Loads the model only when some image needs encoding (or the DB has no metadata yet)."""
+    index = dbmod.index_db(db_dir)
+    have = dbmod.read_meta(db_dir)
+    plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=opts.force)
+    if not plan.to_encode and have is not None:
+        return None
+    cache["enc"] = load_encoder(opts.model_id, device=opts.device)
+    return cache["enc"]
+
+
+def _match(x, y, opts: RunOptions, s: RunSummary) -> tuple[np.ndarray, np.ndarray]:
+    entry = MATCHERS.get(opts.backend)
+    s.backend = entry.name
+    bar = tqdm(desc=f"match ({entry.name})", unit="tile", disable=not opts.progress, file=sys.stderr)
+    t = time.perf_counter()
+    pairs, dists = find_pairs(x, s.threshold, y=y, backend=entry.name, progress=bar.update)
+    bar.close()
+    s.seconds["match"] = time.perf_counter() - t
+    s.pairs = len(pairs)
+    return pairs, dists
+
+
+def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
+    if opts.threshold is not None:
+        if not opts.threshold >= 0:
+            raise UserError(f"threshold {opts.threshold}: must be >= 0")
+        return float(opts.threshold)
+    model = u.meta.model_id if u.meta else opts.model_id
+    return default_threshold(model)
+
+
+def _candidate(image_dir: str, e: FileEntry) -> Candidate:
+    return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
+
+
+def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions) -> RunSummary:
+    """Dedupes `image_dir`: the kept file of each group stays, the others move to `trash_dir`.
+
+    Without `trash_dir`, or with `opts.dry_run`, nothing moves; the groups are still reported.
+    """
+    STRATEGIES.get(opts.keeping_logic)
+    exclude = _check_dirs(image_dir, db_dir, trash_dir)
+    s = RunSummary()
+    t = time.perf_counter()
+    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, {})
+    s.seconds["update"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dim = u.meta.dim if u.meta else None
+    kept, x, s.load_errors, s.not_in_db = load_embeddings(db_dir, entries, dim=dim, in_memory=u.in_memory)
+    s.loaded = len(kept)
+    s.seconds["load"] = time.perf_counter() - t
+    for path, reason in s.load_errors:
+        opts.say(f"{path}: skipped: {reason}")
+    s.threshold = _threshold(opts, u)
+    pairs, dists = _match(x, None, opts, s)
+    t = time.perf_counter()
+    groups = group_pairs(len(kept), pairs)
+    group_of = {k: g for g, members in enumerate(groups) for k in members}
+    dists_by_group: list[list[tuple[str, str, float]]] = [[] for _ in groups]
+    for (a, b), d in zip(pairs.tolist(), dists.tolist()):
+        dists_by_group[group_of[a]].append((kept[a].rel, kept[b].rel, d))
+    for members, dl in zip(groups, dists_by_group):
+        cands = [_candidate(image_dir, kept[k]) for k in members]
+        best = choose_keep(cands, opts.keeping_logic)
+        moved = []
+        if trash_dir is not None:
+            for k, c in zip(members, cands):
+                if c is not cands[best]:
+                    moved.append(
+                        move_duplicate(image_dir, trash_dir, kept[k], cands[best].path, dry_run=opts.dry_run)
+                    )
+        s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
+    s.seconds["act"] = time.perf_counter() - t
+    return s
+
+
+def run_import(
+    base_image_dir: str,
+    base_db_dir: str,
+    import_image_dir: str,
+    import_db_dir: str,
+    trash_dir: str | None,
+    opts: RunOptions,
+) -> RunSummary:
+    """Moves the files of `import_image_dir` that have a duplicate in `base_image_dir` to `trash_dir`.
+
+    Nothing under `base_image_dir` is moved or changed.
+    """
+    base_real, imp_real = os.path.realpath(base_image_dir), os.path.realpath(import_image_dir)
+    if base_real == imp_real:
+        raise UserError("the base and import image dirs must differ")
+    exclude_base = _check_dirs(base_image_dir, base_db_dir, trash_dir)
+    exclude_imp = _check_dirs(import_image_dir, import_db_dir, trash_dir)
+    if imp_real.startswith(base_real + os.sep):
+        exclude_base.append(imp_real)
+    if base_real.startswith(imp_real + os.sep):
+        exclude_imp.append(base_real)
+    s = RunSummary()
+    cache: dict = {}
+    t = time.perf_counter()
+    ub, base_entries = _update_or_read(base_image_dir, base_db_dir, opts, exclude_base, "base", s, cache)
+    ui, imp_entries = _update_or_read(import_image_dir, import_db_dir, opts, exclude_imp, "import", s, cache)
+    s.seconds["update"] = time.perf_counter() - t
+    if ub.meta and ui.meta and (ub.meta.model_id, ub.meta.dim) != (ui.meta.model_id, ui.meta.dim):
+        raise UserError(
+            f"base DB holds {ub.meta.describe()} but import DB holds {ui.meta.describe()}; "
+            "both must come from one model"
+        )
+    t = time.perf_counter()
+    dim = (ub.meta or ui.meta).dim if (ub.meta or ui.meta) else None
+    bkept, xb, eb, nb = load_embeddings(base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory)
+    ikept, xi, ei, ni = load_embeddings(import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory)
+    s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
+    s.seconds["load"] = time.perf_counter() - t
+    for path, reason in s.load_errors:
+        opts.say(f"{path}: skipped: {reason}")
+    s.threshold = _threshold(opts, ub if ub.meta else ui)
+    pairs, dists = _match(xi, xb, opts, s)
+    t = time.perf_counter()
+    matches: dict[int, list[tuple[int, float]]] = {}
+    for (a, b), d in zip(pairs, dists):
+        matches.setdefault(int(a), []).append((int(b), float(d)))
+    for a, ms in matches.items():
+        ms.sort(key=lambda bd: (bd[1], bd[0]))
+        nearest = os.path.join(base_image_dir, bkept[ms[0][0]].rel)
+        moved = []
+        if trash_dir is not None:
+            moved.append(move_duplicate(import_image_dir, trash_dir, ikept[a], nearest, dry_run=opts.dry_run))
+        members = [ikept[a].rel] + ["base:" + bkept[b].rel for b, _ in ms]
+        dl = [(ikept[a].rel, "base:" + bkept[b].rel, d) for b, d in ms]
+        s.groups.append(Group(members, "base:" + bkept[ms[0][0]].rel, moved, dl))
+    s.seconds["act"] = time.perf_counter() - t
+    return s

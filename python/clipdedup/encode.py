@@ -1,0 +1,226 @@
+"""Encoders: batches of prepared images -> L2-normalised float32 embeddings.
+
+`load_encoder(model_id)` resolves a model id through the encoder registry: `builtin:*` names, else
+open_clip (`hf-hub:org/name`, `local-dir:/path`, `ARCH/TAG` or `ARCH/path/to/checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from clipdedup.errors import ModelError
+from clipdedup.registry import Registry
+
+DEFAULT_MODEL = "hf-hub:timm/PE-Core-bigG-14-448"
+CLIP_DEFAULT_THRESHOLD = 0.1
+
+# Factories keyed by model-id prefix; "open_clip" takes every id no other entry claims.
+ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder")
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class Encoder:
+    """A loaded model. `prepare` runs in decoder threads; `encode` on the consumer thread."""
+
+    model_id: str
+    dim: int
+    input_size: int  # shorter side the decoder must deliver at least
+    prepare: Callable[[Any], Any]  # RGB PIL image -> one model input
+    encode_batch: Callable[[list[Any]], np.ndarray]  # items -> (B, D) float32, L2-normalised
+    preprocess: dict = field(default_factory=dict)  # recorded in the DB metadata
+    default_threshold: float = CLIP_DEFAULT_THRESHOLD
+    device: str = "cpu"
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def load_encoder(model_id: str, *, device: str | None = None, dtype: str | None = None) -> Encoder:
+    """Loads the encoder for `model_id` (see module docstring). Raises ModelError on failure."""
+    device = device or default_device()
+    for name in ENCODERS.names():
+        if name != "open_clip" and model_id.startswith(name):
+            return ENCODERS.get(name).fn(model_id, device=device, dtype=dtype)
+    if model_id.startswith("builtin:"):
+        known = ", ".join(n for n in ENCODERS.names() if n.startswith("builtin:"))
+        raise ModelError(f"unknown built-in encoder {model_id!r}; known: {known or 'none'}")
+    return ENCODERS.get("open_clip").fn(model_id, device=device, dtype=dtype)
+
+
+def default_threshold(model_id: str) -> float:
+    """The euclidean threshold a model's embeddings are matched with when -th is not given."""
+    for name in ENCODERS.names():
+        if name != "open_clip" and model_id.startswith(name):
+            return float(getattr(ENCODERS.get(name).fn, "default_threshold", CLIP_DEFAULT_THRESHOLD))
+    return CLIP_DEFAULT_THRESHOLD
+
+
+def canonical_model_id(model_id: str) -> str:
+    """The id recorded in DB metadata: local paths made absolute so a DB can be checked later."""
+    if model_id.startswith("local-dir:"):
+        return "local-dir:" + os.path.abspath(os.path.expanduser(model_id[len("local-dir:") :]))
+    if "/" in model_id and not model_id.startswith(("hf-hub:", "builtin:")):
+        arch, _, tag = model_id.partition("/")
+        if os.path.sep in tag or os.path.isfile(tag):
+            return f"{arch}/{os.path.abspath(tag)}"
+    return model_id
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None if the Hugging Face endpoint accepts a TCP connection, else why not."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host} unreachable ({e.strerror or e})"
+
+
+def _cached_hub_dir(repo_id: str) -> str | None:
+    """The local snapshot dir of an open_clip hub model whose config and weights are cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = try_to_load_from_cache(repo_id, "open_clip_config.json")
+    if not isinstance(cfg, str):
+        return None
+    d = os.path.dirname(cfg)
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    for n in names:
+        if isinstance(try_to_load_from_cache(repo_id, n), str):
+            return d
+    return None
+
+
+def _resolve_open_clip(model_id: str) -> tuple[str, str | None]:
+    """(model_name, pretrained) for open_clip, with cached hub files used without the network."""
+    if model_id.startswith("local-dir:"):
+        path = os.path.expanduser(model_id[len("local-dir:") :])
+        if not os.path.isfile(os.path.join(path, "open_clip_config.json")):
+            raise ModelError(f"{model_id}: no open_clip_config.json in {path}")
+        return "local-dir:" + path, None
+    if model_id.startswith("hf-hub:"):
+        repo = model_id[len("hf-hub:") :]
+        cached = _cached_hub_dir(repo)
+        if cached:
+            return "local-dir:" + cached, None
+        why = _hub_reachable()
+        if why:
+            raise ModelError(
+                f"model {model_id} is not in the local Hugging Face cache and cannot be "
+                f"downloaded ({why}); run `huggingface-cli download {repo}` where there is "
+                "network, or pass -m local-dir:/path/with/open_clip_config.json"
+            )
+        return model_id, None
+    arch, _, tag = model_id.partition("/")
+    if not tag:
+        raise ModelError(
+            f"model {model_id!r} has no weights: use ARCH/TAG (e.g. ViT-B-32/laion2b_s34b_b79k), "
+            "ARCH/path/to/checkpoint, hf-hub:org/name or local-dir:/path"
+        )
+    if os.path.isfile(tag):
+        return arch, tag
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise ModelError(f"model {model_id!r}: unknown architecture or pretrained tag")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        parts = hub.strip("/").split("/")
+        repo = "/".join(parts[:2])
+        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            hit = try_to_load_from_cache(repo, fname)
+            if isinstance(hit, str):
+                return arch, hit
+    why = _hub_reachable()
+    if why:
+        raise ModelError(
+            f"model {model_id} is not in the local cache and cannot be downloaded ({why}); "
+            "download its weights where there is network and pass ARCH/path/to/checkpoint"
+        )
+    return arch, tag
+
+
+@ENCODERS.register("open_clip", doc="open_clip model (hf-hub:, local-dir:, ARCH/TAG)")
+def load_open_clip(model_id: str, *, device: str = "cpu", dtype: str | None = None) -> Encoder:
+    import open_clip
+    import torch
+
+    name, pretrained = _resolve_open_clip(model_id)
+    dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    try:
+        model, preprocess = open_clip.create_model_from_pretrained(
+            name, pretrained=pretrained, device=device, return_transform=True
+        )
+    except ModelError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"model {model_id}: cannot load ({first})") from None
+    model.eval()
+    tdtype = getattr(torch, DTYPES[dtype])
+    visual = model.visual.to(dtype=tdtype)
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    size = cfg.get("size", 224)
+    min_side = int(min(size) if isinstance(size, (tuple, list)) else size)
+    with torch.inference_mode():
+        probe = visual(torch.zeros(1, 3, *_hw(size), device=device, dtype=tdtype))
+    dim = int(probe.shape[-1])
+    channels_last = device == "cpu"
+    if channels_last:
+        visual = visual.to(memory_format=torch.channels_last)
+
+    def encode_batch(items: list[Any]) -> np.ndarray:
+        x = torch.stack(items).to(device=device, dtype=tdtype, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            f = visual(x).float()
+            f = torch.nn.functional.normalize(f, dim=-1)
+        return f.cpu().numpy().astype(np.float32, copy=False)
+
+    return Encoder(
+        model_id=canonical_model_id(model_id),
+        dim=dim,
+        input_size=min_side,
+        prepare=preprocess,
+        encode_batch=encode_batch,
+        preprocess={k: _jsonable(v) for k, v in cfg.items()},
+        device=device,
+    )
+
+
+def _hw(size: Any) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,90 @@
+"""One registry pattern for decoders, encoders, matchers and keep strategies.
+
+Each entry has a name, a priority (higher is tried first), an availability check that says why not,
+and the function. An explicit name (a flag or an environment variable) wins; otherwise the best
+available entry is picked.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnavailableError(Exception):
+    """A requested backend exists but cannot run here; the message says why."""
+
+
+def always() -> str | None:
+    return None
+
+
+@dataclass
+class Entry(Generic[T]):
+    name: str
+    fn: T
+    priority: int = 0
+    why_not: Callable[[], str | None] = always
+    doc: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            return self.why_not()
+        except Exception as e:  # an import probe that blows up means: not available
+            return f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Registry(Generic[T]):
+    kind: str
+    env_var: str | None = None
+    entries: dict[str, Entry[T]] = field(default_factory=dict)
+    _warned: set[str] = field(default_factory=set)
+
+    def register(
+        self,
+        name: str,
+        *,
+        priority: int = 0,
+        why_not: Callable[[], str | None] = always,
+        doc: str = "",
+    ) -> Callable[[T], T]:
+        def deco(fn: T) -> T:
+            self.entries[name] = Entry(name, fn, priority, why_not, doc)
+            return fn
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self.entries, key=lambda n: -self.entries[n].priority)
+
+    def status(self) -> list[tuple[str, str | None, str]]:
+        """(name, reason it is unavailable or None, doc) for every entry, best first."""
+        return [(n, self.entries[n].unavailable_reason(), self.entries[n].doc) for n in self.names()]
+
+    def get(self, name: str | None = None) -> Entry[T]:
+        """The entry called `name`, else the environment override, else the best available one."""
+        if name is None and self.env_var:
+            name = os.environ.get(self.env_var) or None
+        if name is not None:
+            if name not in self.entries:
+                raise UnavailableError(f"unknown {self.kind} {name!r}; choose from {', '.join(self.names())}")
+            entry = self.entries[name]
+            why = entry.unavailable_reason()
+            if why:
+                raise UnavailableError(f"{self.kind} {name!r} is not available here: {why}")
+            return entry
+        for n in self.names():
+            entry = self.entries[n]
+            why = entry.unavailable_reason()
+            if why is None:
+                return entry
+            if n not in self._warned and entry.priority > 0 and os.environ.get("CLIPDEDUP_VERBOSE"):
+                self._warned.add(n)
+                print(f"clipdedup: {self.kind} {n!r} unavailable ({why}); falling back", file=sys.stderr)
+        raise UnavailableError(f"no {self.kind} is available")

@@ -1,0 +1,182 @@
+"""DB update: scan the image tree, plan, decode + encode what is new or changed, write, clean up."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from clipdedup import db as dbmod
+from clipdedup.decode import iter_batches
+from clipdedup.encode import Encoder, load_encoder
+from clipdedup.errors import UserError
+from clipdedup.scan import FileEntry, ScanResult, scan_tree
+
+
+@dataclass
+class UpdateSummary:
+    scanned: int = 0
+    encoded: int = 0
+    up_to_date: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image rel, reason)
+    removed: list[str] = field(default_factory=list)  # DB files removed as orphans
+    orphans: list[str] = field(default_factory=list)  # orphans found (removed or not)
+    scan_errors: list[tuple[str, str]] = field(default_factory=list)
+    # Embeddings computed but not written (dry run): image rel -> vector.
+    in_memory: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    meta: dbmod.DBMeta | None = None
+
+
+def encoder_meta(enc: Encoder) -> dbmod.DBMeta:
+    return dbmod.DBMeta(model_id=enc.model_id, dim=enc.dim, preprocess=enc.preprocess)
+
+
+def scan_images(
+    image_dir: str | os.PathLike[str], exclude: Sequence[str | os.PathLike[str]] = ()
+) -> ScanResult:
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory does not exist")
+    return scan_tree(image_dir, exclude=list(exclude))
+
+
+def update_db(
+    image_dir: str | os.PathLike[str],
+    db_dir: str | os.PathLike[str],
+    model_id: str | None = None,
+    *,
+    device: str | None = None,
+    batch_size: int = 32,
+    force: bool = False,
+    clean_orphans: bool = True,
+    dry_run: bool = False,
+    encoder: Encoder | None = None,
+    scan: ScanResult | None = None,
+    exclude: Sequence[str | os.PathLike[str]] = (),
+    progress: bool = False,
+    log=None,
+) -> UpdateSummary:
+    """Brings the DB at `db_dir` up to date with the images under `image_dir`.
+
+    Args:
+        image_dir: the image tree.
+        db_dir: its mirror; created if missing (unless `dry_run`).
+        model_id: encoder id (see `clipdedup.encode.load_encoder`); or pass a loaded `encoder`.
+        force: re-encode every image.
+        clean_orphans: remove DB files whose image is gone.
+        dry_run: encode into `summary.in_memory` and change nothing on disk.
+        scan: a scan of `image_dir` already made (else one is made, skipping `exclude`).
+        log: callable taking one line of text for per-file messages (default: stderr).
+
+    Returns:
+        What was encoded, skipped and removed, with times per stage in `seconds`.
+
+    Raises:
+        UserError: a missing directory, a model that cannot load, or a DB of another model.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr))
+    s = UpdateSummary()
+    t0 = time.perf_counter()
+    scan = scan or scan_images(image_dir, exclude)
+    s.scanned, s.scan_errors = len(scan.entries), list(scan.errors)
+    for path, reason in scan.errors:
+        log(f"{path}: {reason}")
+    index = dbmod.index_db(db_dir)
+    have = dbmod.read_meta(db_dir)
+    s.seconds["scan"] = time.perf_counter() - t0
+
+    plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
+    s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
+    if plan.to_encode or have is None:
+        t = time.perf_counter()
+        if encoder is None:
+            if model_id is None:
+                raise ValueError("update_db needs model_id or encoder")
+            encoder = load_encoder(model_id, device=device)
+        s.seconds["model load"] = time.perf_counter() - t
+        want = encoder_meta(encoder)
+        s.meta = dbmod.check_meta(db_dir, want) or want
+        if have is None and not dry_run:
+            if index.files:
+                log(f"{db_dir}: no {dbmod.META_NAME}; adopting this DB for {want.describe()}")
+            dbmod.write_meta(db_dir, want)
+        t = time.perf_counter()
+        _encode_into_db(encoder, image_dir, db_dir, plan.to_encode, batch_size, dry_run, s, progress, log)
+        s.seconds["encode"] = time.perf_counter() - t
+    else:
+        s.meta = have
+    if clean_orphans and plan.orphans and not dry_run:
+        s.removed = dbmod.remove_orphans(db_dir, plan.orphans)
+    return s
+
+
+def _encode_into_db(
+    enc: Encoder,
+    image_dir,
+    db_dir,
+    todo: Sequence[FileEntry],
+    batch_size: int,
+    dry_run: bool,
+    s: UpdateSummary,
+    progress: bool,
+    log,
+) -> None:
+    paths = [os.path.join(image_dir, e.rel) for e in todo]
+    bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not progress, file=sys.stderr)
+    batches = iter_batches(paths, enc.prepare, batch_size=batch_size, min_size=enc.input_size)
+    for batch in batches:
+        for i, reason in batch.failures:
+            s.failed.append((todo[i].rel, reason))
+            log(f"{paths[i]}: skipped: {reason}")
+        if batch.items:
+            vecs = enc.encode_batch(batch.items)
+            for i, v in zip(batch.indices, vecs):
+                if dry_run:
+                    s.in_memory[todo[i].rel] = v.copy()
+                else:
+                    dbmod.write_embedding(db_dir, todo[i].rel, v)
+            s.encoded += len(batch.items)
+        bar.update(len(batch.indices) + len(batch.failures))
+    bar.close()
+
+
+def load_embeddings(
+    db_dir: str | os.PathLike[str],
+    entries: Sequence[FileEntry],
+    *,
+    dim: int | None,
+    in_memory: dict[str, np.ndarray] | None = None,
+) -> tuple[list[FileEntry], np.ndarray, list[tuple[str, str]], int]:
+    """The embeddings of `entries` that the DB (or `in_memory`) holds, in entry order.
+
+    Returns:
+        (entries with an embedding, float32 (N, D) matrix, DB read errors, count not in the DB).
+    """
+    in_memory = in_memory or {}
+    index = dbmod.index_db(db_dir) if os.path.isdir(db_dir) else dbmod.DBIndex({}, [], [])
+    on_disk: list[tuple[FileEntry, dbmod.DBFile]] = []
+    missing = 0
+    for e in entries:
+        f = None if e.rel in in_memory else index.files.get(e.rel)
+        if f is not None:
+            on_disk.append((e, f))
+        elif e.rel not in in_memory:
+            missing += 1
+    if dim is None and in_memory:
+        dim = next(iter(in_memory.values())).shape[0]
+    mat, ok, errors = dbmod.load_rows([f for _, f in on_disk], dim)
+    if not in_memory:
+        return [e for (e, _), good in zip(on_disk, ok) if good], mat[ok], errors, missing
+    # Dry run: merge the in-memory vectors, keeping scan order.
+    by_rel = {e.rel: mat[k] for k, (e, _) in enumerate(on_disk) if ok[k]}
+    by_rel.update(in_memory)
+    kept = [e for e in entries if e.rel in by_rel]
+    out = np.zeros((len(kept), mat.shape[1] if dim is None else dim), np.float32)
+    for k, e in enumerate(kept):
+        out[k] = by_rel[e.rel]
+    return kept, out, errors, missing
