@@ -90,7 +90,7 @@ def common_update_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Encoder: hf-hub:org/name, local-dir:/path (open_clip_config.json + weights), "
             "ARCH/TAG or ARCH/path/to/checkpoint, or builtin:NAME. "
-            "[default: hf-hub:timm/PE-Core-bigG-14-448]",
+            "[default: the DB's model; for a new DB hf-hub:timm/PE-Core-bigG-14-448]",
         ),
         click.option("--skip-update", is_flag=True, help="Use the DB as it is; encode nothing."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines."),
@@ -138,7 +138,7 @@ def _options(**kw: Any) -> Any:
 
     quiet = kw.pop("quiet")
     return RunOptions(
-        model_id=kw["model_id"] or _default_model(),
+        model_id=kw["model_id"],
         device=_check_device(kw["device"]),
         batch_size=kw.get("batch_size") or DEFAULT_BATCH,
         force=kw["force_update"],
@@ -304,7 +304,7 @@ def db_test_cmd(
         u = update_db(
             image_dir,
             db_dir,
-            model_id or _default_model(),
+            model_id,
             device=_check_device(device),
             batch_size=batch_size,
             force=force_update,

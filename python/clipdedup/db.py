@@ -83,11 +83,11 @@ def npy_path(db_dir: str | os.PathLike[str], rel: str) -> str:
     return os.path.join(db_dir, rel + NPY_SUFFIX)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, mtime_ns: int | None = None) -> None:
     """Writes `data` to `path` via a temp file in the same directory and a rename.
 
     A crash leaves either the old file or the new one, never a truncated file; a stale temp file is
-    removed by the next orphan clean-up.
+    removed by the next orphan clean-up. `mtime_ns`, if given, is set on the file before the rename.
     """
     path = os.fspath(path)
     d, name = os.path.split(path)
@@ -96,6 +96,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -115,8 +117,13 @@ def npy_file_size(dim: int) -> int:
     return len(npy_bytes(np.zeros(dim, np.float32)))
 
 
-def write_embedding(db_dir: str | os.PathLike[str], rel: str, vec: np.ndarray) -> None:
-    atomic_write(npy_path(db_dir, rel), npy_bytes(vec))
+def write_embedding(
+    db_dir: str | os.PathLike[str], rel: str, vec: np.ndarray, image_mtime_ns: int | None = None
+) -> None:
+    """Writes one embedding atomically. The .npy gets the image's scanned mtime, so any later change
+    of the image's mtime (newer, or older as after a restore from backup) is seen as stale, whatever
+    the file system's timestamp granularity."""
+    atomic_write(npy_path(db_dir, rel), npy_bytes(vec), mtime_ns=image_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -174,8 +181,9 @@ def plan_update(
 ) -> UpdatePlan:
     """Which images need (re)encoding and which DB files are orphans.
 
-    An image is encoded when it has no DB file, when it is newer than its DB file, when its .npy
-    has the wrong size for the DB's dim (a damaged file), or when `force` is set.
+    An image is encoded when it has no DB file, when its mtime differs from its .npy's (our .npy
+    files carry the image's mtime) or is newer than its legacy .npz, when its .npy has the wrong size
+    for the DB's dim (a damaged file), or when `force` is set.
     """
     expected = npy_file_size(dim) if dim else None
     to_encode, fresh = [], []
@@ -185,6 +193,7 @@ def plan_update(
             force
             or f is None
             or img.mtime_ns > f.mtime_ns
+            or (not f.legacy and img.mtime_ns != f.mtime_ns)
             or (not f.legacy and expected is not None and f.size != expected)
         )
         (to_encode if stale else fresh).append(img)

@@ -16,18 +16,18 @@ from tqdm import tqdm
 
 from clipdedup import db as dbmod
 from clipdedup.act import MoveResult, move_duplicate
-from clipdedup.encode import default_threshold, load_encoder
+from clipdedup.encode import DEFAULT_MODEL, default_threshold, load_encoder
 from clipdedup.errors import UserError
 from clipdedup.group import group_pairs
 from clipdedup.keep import STRATEGIES, Candidate, choose_keep
 from clipdedup.match import MATCHERS, find_pairs
 from clipdedup.scan import FileEntry
-from clipdedup.update import UpdateSummary, load_embeddings, scan_images, update_db
+from clipdedup.update import UpdateSummary, load_embeddings, resolve_model_id, scan_images, update_db
 
 
 @dataclass
 class RunOptions:
-    model_id: str
+    model_id: str | None = None  # None: each DB's own model, or the default model for a new DB
     device: str | None = None
     batch_size: int = 32
     force: bool = False
@@ -130,7 +130,7 @@ def _lazy_encoder(opts: RunOptions, cache: dict, scan, db_dir: str):
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=opts.force)
     if not plan.to_encode and have is not None:
         return None
-    cache["enc"] = load_encoder(opts.model_id, device=opts.device)
+    cache["enc"] = load_encoder(resolve_model_id(opts.model_id, db_dir), device=opts.device)
     return cache["enc"]
 
 
@@ -151,7 +151,7 @@ def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
         if not opts.threshold >= 0:
             raise UserError(f"threshold {opts.threshold}: must be >= 0")
         return float(opts.threshold)
-    model = u.meta.model_id if u.meta else opts.model_id
+    model = u.meta.model_id if u.meta else (opts.model_id or DEFAULT_MODEL)
     return default_threshold(model)
 
 

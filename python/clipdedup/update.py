@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from clipdedup import db as dbmod
 from clipdedup.decode import iter_batches
-from clipdedup.encode import Encoder, load_encoder
-from clipdedup.errors import UserError
+from clipdedup.encode import DEFAULT_MODEL, Encoder, canonical_model_id, load_encoder
+from clipdedup.errors import DBMismatchError, UserError
 from clipdedup.scan import FileEntry, ScanResult, scan_tree
 
 
@@ -23,7 +23,7 @@ class UpdateSummary:
     scanned: int = 0
     encoded: int = 0
     up_to_date: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (image rel, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
     removed: list[str] = field(default_factory=list)  # DB files removed as orphans
     orphans: list[str] = field(default_factory=list)  # orphans found (removed or not)
     scan_errors: list[tuple[str, str]] = field(default_factory=list)
@@ -43,6 +43,14 @@ def scan_images(
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory does not exist")
     return scan_tree(image_dir, exclude=list(exclude))
+
+
+def resolve_model_id(model_id: str | None, db_dir: str | os.PathLike[str]) -> str:
+    """`model_id`, else the model the DB at `db_dir` was built with, else the default model."""
+    if model_id:
+        return model_id
+    meta = dbmod.read_meta(db_dir)
+    return meta.model_id if meta else DEFAULT_MODEL
 
 
 def update_db(
@@ -66,7 +74,8 @@ def update_db(
     Args:
         image_dir: the image tree.
         db_dir: its mirror; created if missing (unless `dry_run`).
-        model_id: encoder id (see `clipdedup.encode.load_encoder`); or pass a loaded `encoder`.
+        model_id: encoder id (see `clipdedup.encode.load_encoder`); None: the DB's own model, or the
+            default model for a new DB. Or pass a loaded `encoder`.
         force: re-encode every image.
         clean_orphans: remove DB files whose image is gone.
         dry_run: encode into `summary.in_memory` and change nothing on disk.
@@ -90,14 +99,20 @@ def update_db(
     have = dbmod.read_meta(db_dir)
     s.seconds["scan"] = time.perf_counter() - t0
 
+    if have is not None and encoder is None and model_id is not None:
+        # Catch a wrong -m even when nothing needs encoding (and no model would be loaded).
+        asked = canonical_model_id(model_id)
+        if asked != have.model_id:
+            raise DBMismatchError(
+                f"{db_dir}: DB holds {have.describe()}, this run asks for model {asked}; "
+                "use a separate --db-dir (or -m with the DB's model)"
+            )
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
     if plan.to_encode or have is None:
         t = time.perf_counter()
         if encoder is None:
-            if model_id is None:
-                raise ValueError("update_db needs model_id or encoder")
-            encoder = load_encoder(model_id, device=device)
+            encoder = load_encoder(resolve_model_id(model_id, db_dir), device=device)
         s.seconds["model load"] = time.perf_counter() - t
         want = encoder_meta(encoder)
         s.meta = dbmod.check_meta(db_dir, want) or want
@@ -131,7 +146,7 @@ def _encode_into_db(
     batches = iter_batches(paths, enc.prepare, batch_size=batch_size, min_size=enc.input_size)
     for batch in batches:
         for i, reason in batch.failures:
-            s.failed.append((todo[i].rel, reason))
+            s.failed.append((paths[i], reason))
             log(f"{paths[i]}: skipped: {reason}")
         if batch.items:
             vecs = enc.encode_batch(batch.items)
@@ -139,7 +154,7 @@ def _encode_into_db(
                 if dry_run:
                     s.in_memory[todo[i].rel] = v.copy()
                 else:
-                    dbmod.write_embedding(db_dir, todo[i].rel, v)
+                    dbmod.write_embedding(db_dir, todo[i].rel, v, todo[i].mtime_ns)
             s.encoded += len(batch.items)
         bar.update(len(batch.indices) + len(batch.failures))
     bar.close()
