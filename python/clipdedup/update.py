@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
+from clipdedup import prepass
 from clipdedup.decode import iter_batches
 from clipdedup.encode import DEFAULT_MODEL, Encoder, canonical_model_id, load_encoder
 from clipdedup.errors import DBMismatchError, UserError
@@ -22,6 +23,7 @@ from clipdedup.scan import FileEntry, ScanResult, scan_tree
 class UpdateSummary:
     scanned: int = 0
     encoded: int = 0
+    copied: int = 0  # byte-identical copies given the embedding of their twin (clipdedup.prepass)
     up_to_date: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
     removed: list[str] = field(default_factory=list)  # DB files removed as orphans
@@ -121,8 +123,12 @@ def update_db(
                 log(f"{db_dir}: no {dbmod.META_NAME}; adopting this DB for {want.describe()}")
             dbmod.write_meta(db_dir, want)
         t = time.perf_counter()
-        _encode_into_db(encoder, image_dir, db_dir, plan.to_encode, batch_size, dry_run, s, progress, log)
+        copies = prepass.plan_copies(image_dir, plan.to_encode, plan.up_to_date, index, s.meta.dim)
+        s.seconds["exact copies"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _encode_into_db(encoder, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log)
         s.seconds["encode"] = time.perf_counter() - t
+        prepass.finish_update(copies, image_dir, db_dir, s, dry_run=dry_run, log=log)
     else:
         s.meta = have
     if clean_orphans and plan.orphans and not dry_run:
