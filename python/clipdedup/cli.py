@@ -127,6 +127,14 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "or $CLIPDEDUP_BACKEND]",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout."),
+        click.option(
+            "--report",
+            "report_dir",
+            type=any_dir,
+            default=None,
+            help="Write the groups to this dir for review: report.json, groups.csv, pairs.csv and an "
+            "HTML contact sheet (index.html) with cached thumbnails. Works with --dry-run.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -151,6 +159,22 @@ def _options(**kw: Any) -> Any:
         progress=_progress(quiet),
         log=(lambda line: None) if quiet else None,
     )
+
+
+def _write_report(
+    summary: Any, opts: Any, report_dir: str | None, roots: dict[str, str], quiet: bool
+) -> None:
+    if report_dir is None:
+        return
+    from clipdedup import report
+
+    metas = [u.meta for u in summary.updates.values() if u.meta is not None]
+    model = metas[0].model_id if metas else opts.model_id
+    groups = report.write_report(
+        summary, report_dir, roots, strategy=opts.keeping_logic, dry_run=opts.dry_run, model=model
+    )
+    if not quiet:
+        click.echo(f"report: {len(groups)} groups in {os.path.join(report_dir, 'index.html')}", err=True)
 
 
 def _finish(summary: Any, opts: Any, as_json: bool, quiet: bool) -> int:
@@ -212,9 +236,14 @@ def dedup_cmd(
     if image_dir is None or db_dir is None:
         raise click.UsageError("missing option -i/--image-dir and -d/--db-dir (both required)")
     from clipdedup.dedup import run_dedup
+    from clipdedup.report import check_report_dir
 
+    report_dir = kw.pop("report_dir", None)
+    if report_dir is not None:
+        check_report_dir(report_dir, [image_dir])
     opts = _options(quiet=quiet, **kw)
     summary = run_dedup(image_dir, db_dir, trash_dir, opts)
+    _write_report(summary, opts, report_dir, {"": image_dir}, quiet)
     return _finish(summary, opts, as_json, quiet)
 
 
@@ -265,9 +294,15 @@ def import_cmd(
     **kw: Any,
 ) -> int:
     from clipdedup.dedup import run_import
+    from clipdedup.report import BASE_PREFIX, check_report_dir
 
+    report_dir = kw.pop("report_dir", None)
+    if report_dir is not None:
+        check_report_dir(report_dir, [base_image_dir, import_image_dir])
     opts = _options(quiet=quiet, **kw)
     summary = run_import(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts)
+    roots = {"": import_image_dir, BASE_PREFIX: base_image_dir}
+    _write_report(summary, opts, report_dir, roots, quiet)
     return _finish(summary, opts, as_json, quiet)
 
 
