@@ -22,10 +22,10 @@ BAD = {b["path"] for b in GT["bad_files"]}
 
 
 def files_under(root: Path) -> dict[str, str]:
-    """rel path -> sha256 of every file under root."""
+    """rel path -> sha256 of every file under root (a trash dir's journal and lock left out)."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and ".clipdedup" not in p.relative_to(root).parts:
             out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

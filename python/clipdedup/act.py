@@ -1,13 +1,24 @@
-"""Moving duplicates to the trash dir: verified right before, never overwriting, never deleting."""
+"""Moving duplicates to the trash dir: verified right before, journaled, never overwriting, never
+deleting; and putting them back (`restore_one`, used by `journal.undo`).
+
+A move is a hard link to the destination (which fails rather than replace anything) followed by
+unlinking the source, so at every instant at least one name holds the content. Across file systems
+the link becomes an exclusive-create copy with fsync, then the unlink.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 
+from clipdedup.journal import Journal, MoveEntry, UndoResult, content_hash
 from clipdedup.scan import FileEntry
+
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES)
+MAX_NAME_TRIES = 1000
 
 
 @dataclass
@@ -32,13 +43,16 @@ def free_destination(path: str) -> str:
 def _link_or_copy_no_replace(src: str, dst: str) -> None:
     """Creates dst with src's content; raises FileExistsError instead of replacing anything."""
     try:
-        os.link(src, dst)  # atomic, and fails if dst exists
+        os.link(src, dst, follow_symlinks=False)  # atomic, and fails if dst exists
         return
     except FileExistsError:
         raise
     except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
+        if e.errno not in _NO_LINK:
             raise
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)  # fails if dst exists
+        return
     # Another file system, or one without hard links: exclusive create, copy, fsync.
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -52,28 +66,35 @@ def _link_or_copy_no_replace(src: str, dst: str) -> None:
         raise
 
 
-def move_no_replace(src: str, dst: str) -> str:
-    """Moves src to dst (or the next free name beside it); returns where it went.
+def move_exact(src: str, dst: str) -> None:
+    """Moves src to exactly dst. Raises FileExistsError if dst exists; on any failure src stays."""
+    _link_or_copy_no_replace(src, dst)
+    try:
+        os.unlink(src)
+    except BaseException:
+        os.unlink(dst)  # dst is our link or copy; src still holds the content
+        raise
 
-    The destination is made to hold the file before the source name is removed, so at every moment
-    at least one name refers to the content.
-    """
+
+def move_no_replace(src: str, dst: str) -> str:
+    """Moves src to dst (or the next free name beside it); returns where it went."""
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    while True:
+    for _ in range(MAX_NAME_TRIES):
         dst = free_destination(dst)
         try:
-            _link_or_copy_no_replace(src, dst)
-            break
+            move_exact(src, dst)
+            return dst
         except FileExistsError:
             continue  # lost a race for that name: take the next one
-    os.unlink(src)
-    return dst
+    raise OSError(errno.EEXIST, f"no free name beside {dst}")
 
 
 def verify_unchanged(path: str, entry: FileEntry) -> str | None:
     """None if `path` still has the size and mtime it was scanned with, else why not."""
     try:
         st = os.stat(path, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(path)  # a followed symlink was scanned with its target's size and mtime
     except OSError as e:
         return f"gone since the scan ({e.strerror})"
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
@@ -81,20 +102,184 @@ def verify_unchanged(path: str, entry: FileEntry) -> str | None:
     return None
 
 
-def move_duplicate(
-    image_dir: str, trash_dir: str, entry: FileEntry, kept_path: str, *, dry_run: bool = False
-) -> MoveResult:
-    """Moves image_dir/entry.rel to trash_dir/entry.rel after checking it and its kept twin."""
+def is_inside(path: str, root: str) -> bool:
+    """Whether `path` (resolved) is `root` (resolved) or below it."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def link_chain(path: str, limit: int = 40) -> list[str]:
+    """The symlinks a path passes through on the way to its target, `path` first (normalised,
+    absolute); empty for a path that is not a symlink. A loop or a too-long chain just stops."""
+    chain: list[str] = []
+    p = os.path.abspath(path)
+    while os.path.islink(p) and len(chain) < limit and p not in chain:
+        chain.append(p)
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return chain
+
+
+def depends_on(link: str, other: str) -> bool:
+    """Whether moving `other` away would break `link`: `other` lies on `link`'s symlink chain, or
+    is the regular file at its end."""
+    if not os.path.islink(link):
+        return False
+    other_abs = os.path.abspath(other)
+    if other_abs in link_chain(link)[1:]:
+        return True
+    return not os.path.islink(other) and os.path.realpath(link) == os.path.realpath(other)
+
+
+def check_before_move(
+    image_dir: str, entry: FileEntry, kept_path: str, kept_entry: FileEntry | None
+) -> str | None:
+    """Everything re-checked right before a move; None if it may go ahead, else why not."""
     src = os.path.join(image_dir, entry.rel)
     why = verify_unchanged(src, entry)
-    if why is None and not os.path.exists(kept_path):
-        why = f"its kept copy {kept_path} is gone"
+    if why is not None:
+        return why
+    if not is_inside(os.path.dirname(src), image_dir):
+        return "reached through a symlinked directory outside the image dir; not touched"
+    if not os.path.exists(kept_path):
+        return f"its kept copy {kept_path} is gone"
+    if kept_entry is not None and verify_unchanged(kept_path, kept_entry) is not None:
+        return f"its kept copy {kept_path} changed since the scan"
+    if depends_on(kept_path, src):
+        return f"its kept copy {kept_path} is a symlink to it"
+    return None
+
+
+def move_duplicate(
+    image_dir: str,
+    trash_dir: str,
+    entry: FileEntry,
+    kept_path: str,
+    *,
+    dry_run: bool = False,
+    kept_entry: FileEntry | None = None,
+    journal: Journal | None = None,
+    group: int | None = None,
+    strategy: str | None = None,
+) -> MoveResult:
+    """Moves image_dir/entry.rel to trash_dir/entry.rel after checking it and its kept twin.
+
+    With a `journal`, the move is recorded (and fsynced) before it happens and marked done after.
+    Every failure is a skipped MoveResult with a one-line reason, never an exception.
+    """
+    src = os.path.join(image_dir, entry.rel)
+    why = check_before_move(image_dir, entry, kept_path, kept_entry)
     if why is not None:
         return MoveResult(entry.rel, src, None, why)
     dst = os.path.join(trash_dir, entry.rel)
     if dry_run:
         return MoveResult(entry.rel, src, free_destination(dst))
     try:
-        return MoveResult(entry.rel, src, move_no_replace(src, dst))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not is_inside(os.path.dirname(dst), trash_dir):
+            return MoveResult(entry.rel, src, None, "its trash path leads outside the trash dir (symlink)")
+        digest = content_hash(src)
+        # The hash must describe the scanned file: a write during hashing changes size or mtime.
+        if verify_unchanged(src, entry) is not None:
+            return MoveResult(entry.rel, src, None, "changed while it was being checked")
+        if journal is None:
+            return MoveResult(entry.rel, src, move_no_replace(src, dst))
+        return _journaled_move(src, dst, entry, digest, kept_path, journal, group, strategy)
     except OSError as e:
         return MoveResult(entry.rel, src, None, f"cannot move: {e.strerror or e}")
+
+
+def _journaled_move(
+    src: str,
+    dst: str,
+    entry: FileEntry,
+    digest: str,
+    kept_path: str,
+    journal: Journal,
+    group: int | None,
+    strategy: str | None,
+) -> MoveResult:
+    trash = os.path.abspath(journal.trash_dir)
+    for _ in range(MAX_NAME_TRIES):
+        target = free_destination(dst)
+        seq = journal.intend(
+            {
+                "source": os.path.abspath(src),
+                "dest": os.path.relpath(os.path.abspath(target), trash),
+                "size": entry.size,
+                "mtime_ns": entry.mtime_ns,
+                "hash": digest,
+                "group": group,
+                "kept": os.path.abspath(kept_path),
+                "strategy": strategy,
+            }
+        )
+        try:
+            move_exact(src, target)
+        except FileExistsError:
+            journal.failed(seq, "destination name taken meanwhile")
+            continue
+        except OSError as e:
+            journal.failed(seq, f"cannot move: {e.strerror or e}")
+            return MoveResult(entry.rel, src, None, f"cannot move: {e.strerror or e}")
+        journal.done(seq)
+        return MoveResult(entry.rel, src, target)
+    return MoveResult(entry.rel, src, None, f"cannot move: no free name beside {dst}")
+
+
+def _same_inode(a: str, b: str) -> bool:
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _hash_or_none(path: str) -> str | None:
+    try:
+        return content_hash(path)
+    except OSError:
+        return None
+
+
+def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoResult:
+    """Puts one journaled file back at its source, whatever state a crash left the move in.
+
+    Never overwrites: if something else sits at the source, the trashed file stays where it is.
+    """
+    src = m.rec["source"]
+    dst = os.path.join(trash_dir, m.rec["dest"])
+    want = m.rec["hash"]
+    at_src, at_dst = os.path.lexists(src), os.path.lexists(dst)
+
+    def res(status: str, msg: str) -> UndoResult:
+        return UndoResult(src, dst, status, msg)
+
+    if not at_dst:
+        if not at_src:
+            return res("missing", f"neither here nor at {dst} in the trash")
+        if m.state == "pending" or _hash_or_none(src) == want:
+            return res("nothing-to-do", "already in place")
+        return res("refused", f"not in the trash ({dst} is gone) and a different file is here")
+    if at_src and _same_inode(src, dst):
+        # Killed between link and unlink (of the move, or of an earlier undo): one file, two names.
+        if not dry_run:
+            os.unlink(dst)
+        return res("restored", f"was at both names; dropped the trash name {dst}")
+    got = _hash_or_none(dst)
+    if at_src:
+        if m.state == "pending" and _hash_or_none(src) == want:
+            if got == want:
+                if not dry_run:
+                    os.unlink(dst)  # a complete copy made by a cross-device move cut short
+                return res("restored", f"the move had not finished; dropped the copy {dst}")
+            return res("nothing-to-do", f"the move had not finished; incomplete copy left at {dst}")
+        return res("refused", f"a file has reappeared here; left {dst} in the trash")
+    if got != want:
+        return res("refused", f"{dst} no longer has the content that was moved; left in the trash")
+    if dry_run:
+        return res("restored", f"would move back from {dst}")
+    try:
+        os.makedirs(os.path.dirname(src) or ".", exist_ok=True)
+        move_exact(dst, src)
+    except FileExistsError:
+        return res("refused", f"a file has reappeared here; left {dst} in the trash")
+    except OSError as e:
+        return res("refused", f"cannot move back from {dst}: {e.strerror or e}")
+    return res("restored", f"moved back from {dst}")

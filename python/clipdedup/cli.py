@@ -128,6 +128,13 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout."),
         click.option(
+            "--follow-symlinks",
+            is_flag=True,
+            help="Scan through symlinks to files and directories (loops are cut). A symlink is never "
+            "kept in place of its own target, and nothing is moved out of a linked dir outside the "
+            "image dir. [default: symlinks are not followed]",
+        ),
+        click.option(
             "--report",
             "report_dir",
             type=any_dir,
@@ -158,6 +165,7 @@ def _options(**kw: Any) -> Any:
         backend=kw["backend"],
         progress=_progress(quiet),
         log=(lambda line: None) if quiet else None,
+        follow_symlinks=kw.get("follow_symlinks", False),
     )
 
 
@@ -188,6 +196,9 @@ def _finish(summary: Any, opts: Any, as_json: bool, quiet: bool) -> int:
             click.echo(line)
     if not quiet:
         click.echo(report.summary_text(d), err=True)
+        if summary.journal:
+            trash = os.path.dirname(os.path.dirname(summary.journal))
+            click.echo(f"to undo: clip-image-deduper undo -t {trash} --run {summary.run_id}", err=True)
     return 0
 
 
@@ -259,6 +270,51 @@ def backends_cmd() -> int:
             state = "available" if why is None else f"unavailable: {why}"
             click.echo(f"  {name:<16} {state}" + (f"  ({doc})" if doc else ""))
     return 0
+
+
+@dedup_cmd.command(
+    "undo",
+    help="Put the files that runs moved to TRASH_DIR back where they were, from the trash dir's "
+    "journal. Works after a crash mid-run. Never overwrites: a file that has reappeared at its "
+    "original path is reported and its twin stays in the trash. Exit code 1 if any file could not "
+    "be restored.",
+)
+@click.option("-t", "--trash-dir", type=existing_dir, required=True, help="The trash dir of the runs.")
+@click.option(
+    "--run", "run_id", default=None, help="Undo only this run (see --list). [default: all, newest first]"
+)
+@click.option("--list", "list_runs", is_flag=True, help="List the runs in the journal and exit.")
+@click.option("-n", "--dry-run", is_flag=True, help="Print what would be restored; change nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the final count.")
+def undo_cmd(trash_dir: str, run_id: str | None, list_runs: bool, dry_run: bool, quiet: bool) -> int:
+    from clipdedup import journal
+
+    if list_runs:
+        infos, bad = journal.runs(trash_dir)
+        for line in bad:
+            click.echo(line, err=True)
+        for i in infos:
+            h = i.header
+            click.echo(
+                f"{i.run}  {h.get('mode', '?'):<6} {h.get('image_dir', '?')}  moved {i.count('done')}, "
+                f"unfinished {i.count('pending')}, undone {i.count('undone')}, "
+                f"rolled back {i.count('failed')}"
+            )
+        return 0
+    results = journal.undo(
+        trash_dir, run_id, dry_run=dry_run, log=(lambda line: None) if quiet else click.echo
+    )
+    counts = {
+        k: sum(1 for r in results if r.status == k)
+        for k in ("restored", "nothing-to-do", "refused", "missing")
+    }
+    verb = "would restore" if dry_run else "restored"
+    click.echo(
+        f"{verb} {counts['restored']}, already in place {counts['nothing-to-do']}, "
+        f"refused {counts['refused']}, missing {counts['missing']}",
+        err=True,
+    )
+    return 1 if counts["refused"] or counts["missing"] else 0
 
 
 @click.command(

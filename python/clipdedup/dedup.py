@@ -6,6 +6,7 @@ duplicate in a base dir (the base dir is only read).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -15,11 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
-from clipdedup.act import MoveResult, move_duplicate
+from clipdedup import journal as journalmod
+from clipdedup.act import MoveResult, depends_on, is_inside, move_duplicate
 from clipdedup.encode import DEFAULT_MODEL, default_threshold, load_encoder
 from clipdedup.errors import UserError
 from clipdedup.group import group_pairs
 from clipdedup.keep import STRATEGIES, Candidate, choose_keep
+from clipdedup.lock import db_lock, trash_lock
 from clipdedup.match import MATCHERS, find_pairs
 from clipdedup.scan import FileEntry
 from clipdedup.update import UpdateSummary, load_embeddings, resolve_model_id, scan_images, update_db
@@ -39,6 +42,7 @@ class RunOptions:
     backend: str | None = None
     progress: bool = False
     log: object = None
+    follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
 
     def say(self, line: str) -> None:
         (self.log or (lambda s: print(s, file=sys.stderr)))(line)
@@ -63,6 +67,8 @@ class RunSummary:
     pairs: int = 0
     groups: list[Group] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
+    journal: str | None = None  # the journal file, when something moved
 
     @property
     def moved(self) -> list[MoveResult]:
@@ -98,8 +104,13 @@ def _update_or_read(
     label: str,
     s: RunSummary,
     encoder_cache: dict,
+    *,
+    read_only: bool = False,
 ) -> tuple[UpdateSummary, list[FileEntry]]:
-    scan = scan_images(image_dir, exclude)
+    """Scans `image_dir` and brings its DB up to date. `read_only` (import mode's base DB): images
+    missing from the DB or newer than their entry are encoded in memory only, and nothing is
+    written to or removed from the DB."""
+    scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks)
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = dbmod.read_meta(db_dir)
@@ -112,8 +123,8 @@ def _update_or_read(
             device=opts.device,
             batch_size=opts.batch_size,
             force=opts.force,
-            clean_orphans=opts.clean_orphans,
-            dry_run=opts.dry_run,
+            clean_orphans=opts.clean_orphans and not read_only,
+            dry_run=opts.dry_run or read_only,
             scan=scan,
             progress=opts.progress,
             log=opts.say,
@@ -159,6 +170,63 @@ def _candidate(image_dir: str, e: FileEntry) -> Candidate:
     return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
 
 
+def _choose_keep(cands: list[Candidate], strategy: str) -> int:
+    """`choose_keep`, except that a symlink that depends on another member (points to it, or
+    through it) is never kept: moving that member would break the kept link."""
+    eligible = [
+        k for k, c in enumerate(cands) if not any(depends_on(c.path, o.path) for o in cands if o is not c)
+    ] or list(range(len(cands)))
+    return eligible[choose_keep([cands[k] for k in eligible], strategy)]
+
+
+def _take_locks(
+    stack: contextlib.ExitStack, opts: RunOptions, db_dirs: list[str], trash_dir: str | None
+) -> None:
+    """Locks the DB dirs this run writes and its trash dir; a dry run writes nothing and locks nothing."""
+    if opts.dry_run:
+        return
+    taken: set[str] = set()
+    for d in db_dirs:
+        if os.path.realpath(d) not in taken:
+            taken.add(os.path.realpath(d))
+            stack.enter_context(db_lock(d, opts.say))
+    if trash_dir is not None:
+        stack.enter_context(trash_lock(trash_dir, opts.say))
+
+
+class _Mover:
+    """Moves a run's duplicates through one journal (opened at the first move)."""
+
+    def __init__(self, image_dir: str, trash_dir: str | None, opts: RunOptions, mode: str, s: RunSummary):
+        self.image_dir, self.trash_dir, self.opts, self.s = image_dir, trash_dir, opts, s
+        self.journal = None
+        if trash_dir is not None and not opts.dry_run:
+            s.run_id = journalmod.new_run_id()
+            header = journalmod.run_header(image_dir, trash_dir, opts.keeping_logic, mode)
+            self.journal = journalmod.Journal(trash_dir, s.run_id, header)
+
+    def move(self, entry: FileEntry, kept_path: str, kept_entry: FileEntry, group: int) -> MoveResult:
+        assert self.trash_dir is not None
+        r = move_duplicate(
+            self.image_dir,
+            self.trash_dir,
+            entry,
+            kept_path,
+            dry_run=self.opts.dry_run,
+            kept_entry=kept_entry,
+            journal=self.journal,
+            group=group,
+            strategy=self.opts.keeping_logic,
+        )
+        if r.dest is not None and self.journal is not None:
+            self.s.journal = self.journal.path
+        return r
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+
+
 def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions) -> RunSummary:
     """Dedupes `image_dir`: the kept file of each group stays, the others move to `trash_dir`.
 
@@ -166,6 +234,14 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
     """
     STRATEGIES.get(opts.keeping_logic)
     exclude = _check_dirs(image_dir, db_dir, trash_dir)
+    with contextlib.ExitStack() as locks:
+        _take_locks(locks, opts, [db_dir], trash_dir)
+        return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)
+
+
+def _run_dedup_locked(
+    image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions, exclude: list[str]
+) -> RunSummary:
     s = RunSummary()
     t = time.perf_counter()
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, {})
@@ -185,17 +261,19 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
     dists_by_group: list[list[tuple[str, str, float]]] = [[] for _ in groups]
     for (a, b), d in zip(pairs.tolist(), dists.tolist()):
         dists_by_group[group_of[a]].append((kept[a].rel, kept[b].rel, d))
-    for members, dl in zip(groups, dists_by_group):
-        cands = [_candidate(image_dir, kept[k]) for k in members]
-        best = choose_keep(cands, opts.keeping_logic)
-        moved = []
-        if trash_dir is not None:
-            for k, c in zip(members, cands):
-                if c is not cands[best]:
-                    moved.append(
-                        move_duplicate(image_dir, trash_dir, kept[k], cands[best].path, dry_run=opts.dry_run)
-                    )
-        s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
+    mover = _Mover(image_dir, trash_dir, opts, "dedup", s)
+    try:
+        for gid, (members, dl) in enumerate(zip(groups, dists_by_group)):
+            cands = [_candidate(image_dir, kept[k]) for k in members]
+            best = _choose_keep(cands, opts.keeping_logic)
+            moved = []
+            if trash_dir is not None:
+                for k, c in zip(members, cands):
+                    if c is not cands[best]:
+                        moved.append(mover.move(kept[k], cands[best].path, kept[members[best]], gid))
+            s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
+    finally:
+        mover.close()
     s.seconds["act"] = time.perf_counter() - t
     return s
 
@@ -210,11 +288,45 @@ def run_import(
 ) -> RunSummary:
     """Moves the files of `import_image_dir` that have a duplicate in `base_image_dir` to `trash_dir`.
 
-    Nothing under `base_image_dir` is moved or changed.
+    The base image dir and the base DB are only read: base images that the base DB lacks (or holds
+    stale) are encoded in memory for this run and never written back. Only the import DB is locked
+    and written.
     """
-    base_real, imp_real = os.path.realpath(base_image_dir), os.path.realpath(import_image_dir)
-    if base_real == imp_real:
+    _check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
+    with contextlib.ExitStack() as locks:
+        _take_locks(locks, opts, [import_db_dir], trash_dir)
+        return _run_import_locked(
+            base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts
+        )
+
+
+def _check_import_dirs(
+    base_image_dir: str, base_db_dir: str, import_image_dir: str, import_db_dir: str, trash_dir: str | None
+) -> None:
+    """Refuses layouts in which import mode would write into the base image dir or the base DB."""
+    if os.path.realpath(base_image_dir) == os.path.realpath(import_image_dir):
         raise UserError("the base and import image dirs must differ")
+    if os.path.realpath(base_db_dir) == os.path.realpath(import_db_dir):
+        raise UserError("the base and import DB dirs must differ: import mode never writes the base DB")
+    for name, d in (("import DB", import_db_dir), ("trash", trash_dir), ("import image", import_image_dir)):
+        for ro_name, ro in (("base image dir", base_image_dir), ("base DB dir", base_db_dir)):
+            if d is None or (name == "import image" and ro_name == "base image dir"):
+                continue  # a nested import dir is left out of the base scan, see below
+            if is_inside(d, ro):
+                raise UserError(
+                    f"{d}: the {name} dir must not be inside the {ro_name} {ro}, which import mode only reads"
+                )
+
+
+def _run_import_locked(
+    base_image_dir: str,
+    base_db_dir: str,
+    import_image_dir: str,
+    import_db_dir: str,
+    trash_dir: str | None,
+    opts: RunOptions,
+) -> RunSummary:
+    base_real, imp_real = os.path.realpath(base_image_dir), os.path.realpath(import_image_dir)
     exclude_base = _check_dirs(base_image_dir, base_db_dir, trash_dir)
     exclude_imp = _check_dirs(import_image_dir, import_db_dir, trash_dir)
     if imp_real.startswith(base_real + os.sep):
@@ -224,7 +336,15 @@ def run_import(
     s = RunSummary()
     cache: dict = {}
     t = time.perf_counter()
-    ub, base_entries = _update_or_read(base_image_dir, base_db_dir, opts, exclude_base, "base", s, cache)
+    ub, base_entries = _update_or_read(
+        base_image_dir, base_db_dir, opts, exclude_base, "base", s, cache, read_only=True
+    )
+    if ub.in_memory and not opts.dry_run:
+        opts.say(
+            f"{base_db_dir}: {len(ub.in_memory)} base images missing from the base DB or newer than "
+            "their entry were encoded in memory only (import mode never writes the base DB; run "
+            "clip-image-deduper on the base dir to update it)"
+        )
     ui, imp_entries = _update_or_read(import_image_dir, import_db_dir, opts, exclude_imp, "import", s, cache)
     s.seconds["update"] = time.perf_counter() - t
     if ub.meta and ui.meta and (ub.meta.model_id, ub.meta.dim) != (ui.meta.model_id, ui.meta.dim):
@@ -246,14 +366,18 @@ def run_import(
     matches: dict[int, list[tuple[int, float]]] = {}
     for (a, b), d in zip(pairs, dists):
         matches.setdefault(int(a), []).append((int(b), float(d)))
-    for a, ms in matches.items():
-        ms.sort(key=lambda bd: (bd[1], bd[0]))
-        nearest = os.path.join(base_image_dir, bkept[ms[0][0]].rel)
-        moved = []
-        if trash_dir is not None:
-            moved.append(move_duplicate(import_image_dir, trash_dir, ikept[a], nearest, dry_run=opts.dry_run))
-        members = [ikept[a].rel] + ["base:" + bkept[b].rel for b, _ in ms]
-        dl = [(ikept[a].rel, "base:" + bkept[b].rel, d) for b, d in ms]
-        s.groups.append(Group(members, "base:" + bkept[ms[0][0]].rel, moved, dl))
+    mover = _Mover(import_image_dir, trash_dir, opts, "import", s)
+    try:
+        for gid, (a, ms) in enumerate(matches.items()):
+            ms.sort(key=lambda bd: (bd[1], bd[0]))
+            nearest = bkept[ms[0][0]]
+            moved = []
+            if trash_dir is not None:
+                moved.append(mover.move(ikept[a], os.path.join(base_image_dir, nearest.rel), nearest, gid))
+            members = [ikept[a].rel] + ["base:" + bkept[b].rel for b, _ in ms]
+            dl = [(ikept[a].rel, "base:" + bkept[b].rel, d) for b, d in ms]
+            s.groups.append(Group(members, "base:" + nearest.rel, moved, dl))
+    finally:
+        mover.close()
     s.seconds["act"] = time.perf_counter() - t
     return s

@@ -40,10 +40,15 @@ def encoder_meta(enc: Encoder) -> dbmod.DBMeta:
 
 
 def scan_images(
-    image_dir: str | os.PathLike[str], exclude: Sequence[str | os.PathLike[str]] = ()
+    image_dir: str | os.PathLike[str],
+    exclude: Sequence[str | os.PathLike[str]] = (),
+    *,
+    follow_symlinks: bool = False,
 ) -> ScanResult:
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory does not exist")
+    if follow_symlinks:
+        return scan_tree(image_dir, exclude=list(exclude), follow_symlinks=True)
     return scan_tree(image_dir, exclude=list(exclude))
 
 

@@ -1,0 +1,226 @@
+"""Moves: never overwrite, never lose a name, verify right before, symlinks never kept over targets."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from clipdedup import act
+from clipdedup.act import (
+    check_before_move,
+    depends_on,
+    free_destination,
+    is_inside,
+    link_chain,
+    move_duplicate,
+    move_exact,
+    move_no_replace,
+)
+from clipdedup.dedup import _choose_keep
+from clipdedup.keep import Candidate
+from clipdedup.scan import FileEntry
+
+
+def entry_of(root: Path, rel: str) -> FileEntry:
+    st = os.stat(root / rel, follow_symlinks=False)
+    if os.path.islink(root / rel):
+        st = os.stat(root / rel)
+    return FileEntry(rel, st.st_mtime_ns, st.st_size)
+
+
+def write(p: Path, data: bytes) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def test_move_exact_moves_and_never_replaces(tmp_path: Path) -> None:
+    src, dst = write(tmp_path / "a.jpg", b"A" * 100), tmp_path / "t" / "a.jpg"
+    dst.parent.mkdir()
+    move_exact(str(src), str(dst))
+    assert not src.exists() and dst.read_bytes() == b"A" * 100
+    src2 = write(tmp_path / "a.jpg", b"B")
+    with pytest.raises(FileExistsError):
+        move_exact(str(src2), str(dst))
+    assert src2.read_bytes() == b"B" and dst.read_bytes() == b"A" * 100
+
+
+def test_move_exact_keeps_source_when_unlink_fails(tmp_path: Path, monkeypatch) -> None:
+    src, dst = write(tmp_path / "a.jpg", b"data"), tmp_path / "b.jpg"
+    real_unlink = os.unlink
+
+    def failing_unlink(p, *a, **k):
+        if os.fspath(p) == str(src):
+            raise PermissionError(errno.EACCES, "denied")
+        return real_unlink(p, *a, **k)
+
+    monkeypatch.setattr(act.os, "unlink", failing_unlink)
+    with pytest.raises(PermissionError):
+        move_exact(str(src), str(dst))
+    assert src.read_bytes() == b"data" and not dst.exists()
+
+
+def test_cross_device_copy_keeps_content_and_mtime(tmp_path: Path, monkeypatch) -> None:
+    src = write(tmp_path / "a.jpg", os.urandom(3 << 20))
+    os.utime(src, ns=(1_000_000_000, 1_234_567_890_123))
+    data = src.read_bytes()
+
+    def no_link(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(act.os, "link", no_link)
+    dst = tmp_path / "b.jpg"
+    move_exact(str(src), str(dst))
+    assert not src.exists() and dst.read_bytes() == data
+    assert dst.stat().st_mtime_ns == 1_234_567_890_123
+
+
+def test_free_destination_and_no_replace(tmp_path: Path) -> None:
+    write(tmp_path / "t" / "a.jpg", b"old")
+    write(tmp_path / "t" / "a (1).jpg", b"old1")
+    assert free_destination(str(tmp_path / "t" / "a.jpg")) == str(tmp_path / "t" / "a (2).jpg")
+    src = write(tmp_path / "a.jpg", b"new")
+    got = move_no_replace(str(src), str(tmp_path / "t" / "a.jpg"))
+    assert got == str(tmp_path / "t" / "a (2).jpg") and Path(got).read_bytes() == b"new"
+    assert (tmp_path / "t" / "a.jpg").read_bytes() == b"old"
+
+
+def test_is_inside(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "ab").mkdir()
+    os.symlink(tmp_path / "ab", tmp_path / "a" / "link")
+    assert is_inside(str(tmp_path / "a" / "b"), str(tmp_path / "a"))
+    assert is_inside(str(tmp_path / "a"), str(tmp_path / "a"))
+    assert not is_inside(str(tmp_path / "ab"), str(tmp_path / "a"))  # a prefix is not a parent
+    assert not is_inside(str(tmp_path / "a" / "link"), str(tmp_path / "a"))
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, FileEntry, FileEntry]:
+    img = tmp_path / "img"
+    write(img / "dup.jpg", b"x" * 50)
+    write(img / "keep.jpg", b"x" * 60)
+    return img, entry_of(img, "dup.jpg"), entry_of(img, "keep.jpg")
+
+
+def test_check_before_move_passes_when_nothing_changed(pair) -> None:
+    img, dup, keep = pair
+    assert check_before_move(str(img), dup, str(img / "keep.jpg"), keep) is None
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ("grow", "changed since it was scanned"),
+        ("touch", "changed since it was scanned"),
+        ("delete", "gone since the scan"),
+        ("delete-kept", "is gone"),
+        ("touch-kept", "changed since the scan"),
+    ],
+)
+def test_check_before_move_refuses_stale_information(pair, tmp_path: Path, change: str, why: str) -> None:
+    img, dup, keep = pair
+    target = img / ("keep.jpg" if change.endswith("kept") else "dup.jpg")
+    if change.startswith("grow"):
+        target.write_bytes(b"x" * 51)
+    elif change.startswith("touch"):
+        st = target.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    else:
+        target.unlink()
+    trash = tmp_path / "trash"
+    r = move_duplicate(str(img), str(trash), dup, str(img / "keep.jpg"), kept_entry=keep)
+    assert r.dest is None and why in r.reason
+    assert "\n" not in r.reason
+    assert not trash.exists()
+    if change != "delete":
+        assert (img / "dup.jpg").exists()
+
+
+def test_never_moves_the_target_of_a_kept_symlink(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    write(img / "real.jpg", b"content")
+    os.symlink("real.jpg", img / "link.jpg")
+    os.symlink("link.jpg", img / "link2.jpg")
+    real = entry_of(img, "real.jpg")
+    for kept in ("link.jpg", "link2.jpg"):
+        r = move_duplicate(str(img), str(tmp_path / "t"), real, str(img / kept), kept_entry=entry_of(img, kept))
+        assert r.dest is None and "symlink to it" in r.reason
+    # link2 -> link -> real: moving link would break link2.
+    r = move_duplicate(str(img), str(tmp_path / "t"), entry_of(img, "link.jpg"), str(img / "link2.jpg"))
+    assert r.dest is None and "symlink to it" in r.reason
+    assert (img / "real.jpg").read_bytes() == b"content"
+
+
+def test_link_chain_and_depends_on(tmp_path: Path) -> None:
+    write(tmp_path / "t.jpg", b"x")
+    os.symlink("t.jpg", tmp_path / "l1.jpg")
+    os.symlink(str(tmp_path / "l1.jpg"), tmp_path / "l2.jpg")
+    os.symlink("loop_b", tmp_path / "loop_a")
+    os.symlink("loop_a", tmp_path / "loop_b")
+    assert link_chain(str(tmp_path / "l2.jpg")) == [str(tmp_path / "l2.jpg"), str(tmp_path / "l1.jpg")]
+    assert link_chain(str(tmp_path / "t.jpg")) == []
+    assert len(link_chain(str(tmp_path / "loop_a"))) == 2  # a loop stops, never hangs
+    assert depends_on(str(tmp_path / "l2.jpg"), str(tmp_path / "t.jpg"))
+    assert depends_on(str(tmp_path / "l2.jpg"), str(tmp_path / "l1.jpg"))
+    assert not depends_on(str(tmp_path / "l1.jpg"), str(tmp_path / "l2.jpg"))
+    assert not depends_on(str(tmp_path / "t.jpg"), str(tmp_path / "l1.jpg"))
+
+
+def test_choose_keep_never_picks_a_symlink_over_its_target(tmp_path: Path) -> None:
+    write(tmp_path / "z_real.jpg", b"x" * 10)
+    os.symlink("z_real.jpg", tmp_path / "a_link.jpg")  # sorts first: plain tie-breaking would keep it
+    os.symlink("a_link.jpg", tmp_path / "a_link2.jpg")
+    write(tmp_path / "other.jpg", b"y" * 5)
+    cands = [
+        Candidate(n, str(tmp_path / n), 10, 7) for n in ("a_link.jpg", "a_link2.jpg", "z_real.jpg")
+    ] + [Candidate("other.jpg", str(tmp_path / "other.jpg"), 5, 7)]
+    for strategy in ("largest", "newest"):
+        assert cands[_choose_keep(cands, strategy)].rel == "z_real.jpg"
+    # A symlink whose target is outside the group may be kept.
+    only_links = [cands[0], cands[3]]
+    assert only_links[_choose_keep(only_links, "largest")].rel == "a_link.jpg"
+
+
+def test_moved_symlink_stays_a_symlink(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    write(img / "real.jpg", b"content")
+    os.symlink("real.jpg", img / "link.jpg")
+    write(img / "other.jpg", b"other")
+    e = entry_of(img, "link.jpg")
+    r = move_duplicate(str(img), str(tmp_path / "t"), e, str(img / "other.jpg"))
+    assert r.dest is not None and os.path.islink(r.dest) and os.readlink(r.dest) == "real.jpg"
+    assert (img / "real.jpg").read_bytes() == b"content"
+
+
+def test_nothing_is_moved_out_of_a_linked_dir_outside(tmp_path: Path) -> None:
+    img, outside = tmp_path / "img", tmp_path / "outside"
+    write(outside / "x.jpg", b"x")
+    write(img / "keep.jpg", b"x")
+    os.symlink(outside, img / "linked")
+    e = entry_of(img, "linked/x.jpg")
+    r = move_duplicate(str(img), str(tmp_path / "t"), e, str(img / "keep.jpg"))
+    assert r.dest is None and "outside the image dir" in r.reason
+    assert (outside / "x.jpg").exists()
+
+
+def test_trash_path_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    img, trash, elsewhere = tmp_path / "img", tmp_path / "trash", tmp_path / "elsewhere"
+    write(img / "sub" / "d.jpg", b"d")
+    write(img / "keep.jpg", b"d")
+    trash.mkdir()
+    elsewhere.mkdir()
+    os.symlink(elsewhere, trash / "sub")
+    r = move_duplicate(str(img), str(trash), entry_of(img, "sub/d.jpg"), str(img / "keep.jpg"))
+    assert r.dest is None and "outside the trash dir" in r.reason
+    assert (img / "sub" / "d.jpg").exists() and not any(elsewhere.iterdir())
+
+
+def test_dry_run_touches_nothing(pair, tmp_path: Path) -> None:
+    img, dup, keep = pair
+    r = move_duplicate(str(img), str(tmp_path / "trash"), dup, str(img / "keep.jpg"), dry_run=True)
+    assert r.dest == str(tmp_path / "trash" / "dup.jpg")
+    assert (img / "dup.jpg").exists() and not (tmp_path / "trash").exists()
