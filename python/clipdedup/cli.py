@@ -273,6 +273,72 @@ def backends_cmd() -> int:
 
 
 @dedup_cmd.command(
+    "calibrate",
+    help="Help choose -th for the DB's model: print the distances of nearest neighbours in the DB and "
+    "of synthetic near-duplicates (JPEG re-encode, resize, small crop) of sampled images, and suggest "
+    "a threshold for a target precision.",
+)
+@click.option("-d", "--db-dir", type=existing_dir, required=True, help="The embedding DB.")
+@click.option(
+    "-i",
+    "--image-dir",
+    type=existing_dir,
+    default=None,
+    help="Images to sample for synthetic near-duplicates (usually the DB's image dir). Without it "
+    "only the nearest-neighbour distances are printed.",
+)
+@click.option("-m", "--model-id", default=None, help="The DB's model, if its metadata does not record it.")
+@click.option("-c", "--device", default=None, help="Torch device for the encoder.")
+@click.option(
+    "--precision",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.99,
+    show_default=True,
+    help="Target precision of the suggested threshold.",
+)
+@click.option("--samples", type=click.IntRange(1), default=64, show_default=True, help="Images to sample.")
+@click.option(
+    "--nn-samples",
+    type=click.IntRange(1),
+    default=2000,
+    show_default=True,
+    help="DB rows whose nearest neighbour is measured.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+def calibrate_cmd(
+    db_dir: str,
+    image_dir: str | None,
+    model_id: str | None,
+    device: str | None,
+    precision: float,
+    samples: int,
+    nn_samples: int,
+    seed: int,
+    as_json: bool,
+    quiet: bool,
+) -> int:
+    import json
+
+    from clipdedup import calibrate
+
+    c = calibrate.calibrate(
+        db_dir,
+        image_dir,
+        model_id,
+        precision=precision,
+        samples=samples,
+        nn_samples=nn_samples,
+        device=_check_device(device),
+        seed=seed,
+        progress=None if quiet else (lambda line: click.echo(line, err=True)),
+    )
+    click.echo(json.dumps(calibrate.to_dict(c), indent=2) if as_json else calibrate.format_text(c))
+    return 0
+
+
+@dedup_cmd.command(
     "undo",
     help="Put the files that runs moved to TRASH_DIR back where they were, from the trash dir's "
     "journal. Works after a crash mid-run. Never overwrites: a file that has reappeared at its "

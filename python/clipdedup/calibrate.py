@@ -1,0 +1,309 @@
+"""Threshold help: how far apart are near-duplicates, and how far apart are distinct images, for the
+model a DB was built with?
+
+Two distributions are measured:
+  - nearest-neighbour distances of (a sample of) the DB's rows: for a collection that is mostly free
+    of duplicates, this is how close *distinct* images come;
+  - distances between sampled images and synthetic near-duplicates of them (JPEG re-encode, resize,
+    small crop), encoded by the DB's model: how far *duplicates* drift.
+The suggested threshold is the largest distance at which the estimated precision still reaches the
+target, where precision(t) = P(t) / (P(t) + N(t)), P and N the fractions of synthetic pairs and of
+nearest neighbours within t (equal weight on both). Every nearest neighbour is counted as a distinct
+image, so real duplicates in the DB make the estimate pessimistic, never optimistic.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from clipdedup.errors import UserError
+
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def _jpeg(im: Image.Image, quality: int = 70) -> Image.Image:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        return out.convert("RGB")
+
+
+def _resize(im: Image.Image, f: float = 0.5) -> Image.Image:
+    return im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.BICUBIC)
+
+
+def _crop(im: Image.Image, keep: float = 0.9) -> Image.Image:
+    w, h = round(im.width * keep), round(im.height * keep)
+    x0, y0 = (im.width - w) // 3, (im.height - h) // 3  # off-centre: not a pure zoom
+    return im.crop((x0, y0, x0 + max(1, w), y0 + max(1, h)))
+
+
+TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "jpeg-q70": _jpeg,
+    "resize-50%": _resize,
+    "crop-90%": _crop,
+}
+
+
+def nn_distances_ref(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Reference: float64 distance from each x[rows[k]] to its nearest other row of x, row by row.
+
+    Args:
+        x: (N, D) float32 embeddings, N >= 2.
+        rows: (S,) int indices into x.
+
+    Returns:
+        (S,) float64 distances.
+    """
+    out = np.empty(len(rows))
+    x64 = x.astype(np.float64)
+    for k, r in enumerate(rows):
+        d = np.sqrt(((x64 - x64[r]) ** 2).sum(axis=1))
+        d[r] = np.inf
+        out[k] = d.min()
+    return out
+
+
+def nn_distances(x: np.ndarray, rows: np.ndarray, *, chunk: int = 256, shortlist: int = 4) -> np.ndarray:
+    """Fast path of `nn_distances_ref`: float32 matmul screening in chunks of queries, then the
+    `shortlist` closest candidates of each query re-measured in float64 (as the reference does), so
+    rounding in the screen cannot pick a wrong neighbour unless more than `shortlist` rows tie within
+    float32 error."""
+    import torch
+
+    chunk = max(1, min(chunk, (64 << 20) // max(1, x.shape[0])))  # [chunk, N] float32 <= 256 MB
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    sq = (xt * xt).sum(1)
+    k = min(shortlist, x.shape[0] - 1)
+    out = np.empty(len(rows))
+    x64 = x.astype(np.float64)
+    for s in range(0, len(rows), chunk):
+        r = torch.from_numpy(np.asarray(rows[s : s + chunk], np.int64))
+        d2 = sq[r, None] + sq[None, :] - 2.0 * (xt[r] @ xt.T)  # [chunk, N]
+        d2[torch.arange(len(r)), r] = float("inf")
+        cand = torch.topk(d2, k, dim=1, largest=False).indices.numpy()  # [chunk, k]
+        q = x64[r.numpy()][:, None, :]
+        exact = np.sqrt(((x64[cand] - q) ** 2).sum(axis=2))
+        out[s : s + len(r)] = exact.min(axis=1)
+    return out
+
+
+def precision_curve_ref(pos: np.ndarray, neg: np.ndarray, t: float) -> tuple[float, float]:
+    """(precision, recall) at threshold t: P = share of pos <= t, N = share of neg <= t, P / (P + N)."""
+    p = float(np.mean(pos <= t)) if len(pos) else 0.0
+    n = float(np.mean(neg <= t)) if len(neg) else 0.0
+    return (p / (p + n) if p + n > 0 else 1.0), p
+
+
+def suggest_threshold_ref(pos: np.ndarray, neg: np.ndarray, precision: float) -> float | None:
+    """Reference: the largest observed distance t with recall > 0 and precision(t) >= `precision`."""
+    best = None
+    for t in sorted(set(pos.tolist()) | set(neg.tolist())):
+        p, r = precision_curve_ref(pos, neg, t)
+        if r > 0 and p >= precision:
+            best = t
+    return best
+
+
+def suggest_threshold(pos: np.ndarray, neg: np.ndarray, precision: float) -> float | None:
+    """Vectorised `suggest_threshold_ref` (sort + searchsorted instead of one pass per candidate)."""
+    pos, neg = np.sort(np.asarray(pos, np.float64)), np.sort(np.asarray(neg, np.float64))
+    cand = np.unique(np.concatenate([pos, neg]))
+    if len(pos) == 0 or len(cand) == 0:
+        return None
+    p = np.searchsorted(pos, cand, side="right") / len(pos)
+    n = np.searchsorted(neg, cand, side="right") / len(neg) if len(neg) else np.zeros_like(p)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(p + n > 0, p / (p + n), 1.0)
+    ok = (p > 0) & (prec >= precision)
+    return float(cand[ok][-1]) if ok.any() else None
+
+
+@dataclass
+class Calibration:
+    model_id: str
+    n_db: int
+    dim: int
+    precision: float
+    default_threshold: float
+    nn: np.ndarray  # (S,) float64 nearest-neighbour distances of sampled DB rows
+    synthetic: dict[str, np.ndarray] = field(default_factory=dict)  # transform -> (K,) distances
+    images: int = 0  # images the synthetic pairs were made from
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    suggested: float | None = None
+
+    def positives(self) -> np.ndarray:
+        vals = list(self.synthetic.values())
+        return np.concatenate(vals) if vals else np.zeros(0)
+
+
+def synthetic_distances(
+    enc, paths: list[str], *, batch_size: int = 16
+) -> tuple[dict[str, np.ndarray], int, list[tuple[str, str]]]:
+    """Distances between each image and its TRANSFORMS variants, all encoded by `enc`.
+
+    The original goes through the normal decoder (as the DB update does); the variants are made from
+    the full-resolution decode.
+
+    Returns:
+        ({transform: (K,) float64 distances}, images used, [(path, reason)] for unreadable images).
+    """
+    from clipdedup.decode import DecodeError, decode_pil
+    from clipdedup.match import exact_distances
+
+    out: dict[str, list[float]] = {name: [] for name in TRANSFORMS}
+    skipped, used = [], 0
+    for s in range(0, len(paths), batch_size):
+        items, tags = [], []
+        for p in paths[s : s + batch_size]:
+            try:
+                first = enc.prepare(decode_pil(p, enc.input_size))
+                full = decode_pil(p, 0)
+                variants = [(name, enc.prepare(fn(full))) for name, fn in TRANSFORMS.items()]
+            except (DecodeError, OSError, ValueError) as e:
+                skipped.append((p, str(e).splitlines()[0] if str(e) else type(e).__name__))
+                continue
+            used += 1
+            base = len(items)
+            items.append(first)
+            for name, item in variants:
+                tags.append((name, base, len(items)))
+                items.append(item)
+        if not items:
+            continue
+        x = np.asarray(enc.encode_batch(items), np.float32)
+        for name, a, b in tags:
+            out[name].append(float(exact_distances(x[a : a + 1], x[b : b + 1])[0]))
+    return {k: np.asarray(v) for k, v in out.items()}, used, skipped
+
+
+def calibrate(
+    db_dir: str,
+    image_dir: str | None = None,
+    model_id: str | None = None,
+    *,
+    precision: float = 0.99,
+    samples: int = 64,
+    nn_samples: int = 2000,
+    device: str | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Calibration:
+    """Measures both distributions and suggests a threshold (see the module docstring).
+
+    Raises:
+        UserError: no DB, fewer than two embeddings, a -m that is not the DB's model, no images.
+    """
+    from clipdedup.db import load_db, read_meta
+    from clipdedup.encode import canonical_model_id, default_threshold, load_encoder
+    from clipdedup.scan import scan_tree
+
+    say = progress or (lambda line: None)
+    if not 0 < precision < 1:
+        raise UserError(f"precision {precision}: must be between 0 and 1")
+    meta = read_meta(db_dir) if os.path.isdir(db_dir) else None
+    paths, x = load_db(db_dir)
+    if len(paths) < 2:
+        raise UserError(f"{db_dir}: {len(paths)} embeddings; calibration needs at least 2")
+    if meta is not None and model_id is not None and canonical_model_id(model_id) != meta.model_id:
+        raise UserError(f"{db_dir}: DB holds {meta.describe()}, not {canonical_model_id(model_id)}; drop -m")
+    model = meta.model_id if meta is not None else model_id
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(paths), size=min(nn_samples, len(paths)), replace=False))
+    say(f"nearest neighbours of {len(rows)} of {len(paths)} DB rows")
+    c = Calibration(
+        model_id=model or "unknown",
+        n_db=len(paths),
+        dim=x.shape[1],
+        precision=precision,
+        default_threshold=default_threshold(model) if model else float("nan"),
+        nn=nn_distances(x, rows),
+    )
+    if image_dir is None:
+        return c
+    if model is None:
+        raise UserError(f"{db_dir}: the DB records no model; pass -m with the model it was built with")
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory does not exist")
+    entries = scan_tree(image_dir).entries
+    if not entries:
+        raise UserError(f"{image_dir}: no images found")
+    pick = random.Random(seed).sample(entries, min(samples, len(entries)))
+    enc = load_encoder(model, device=device)
+    if meta is not None and enc.dim != meta.dim:
+        raise UserError(f"model {model} gives dim {enc.dim}, the DB holds dim {meta.dim}")
+    say(f"encoding {len(pick)} images and {len(pick) * len(TRANSFORMS)} synthetic near-duplicates")
+    picked = [os.path.join(image_dir, e.rel) for e in sorted(pick, key=lambda e: e.rel)]
+    c.synthetic, c.images, c.skipped = synthetic_distances(enc, picked)
+    c.suggested = suggest_threshold(c.positives(), c.nn, precision)
+    return c
+
+
+def _quantiles(v: np.ndarray) -> str:
+    if len(v) == 0:
+        return "(none)"
+    return " ".join(f"{q:8.4f}" for q in np.quantile(v, QUANTILES))
+
+
+def format_text(c: Calibration) -> str:
+    head = " ".join(f"{'min' if q == 0 else 'max' if q == 1 else f'{q:.0%}':>8}" for q in QUANTILES)
+    lines = [
+        f"model {c.model_id}, DB of {c.n_db} embeddings (dim {c.dim}); its default threshold "
+        f"{c.default_threshold:g}",
+        f"{'distance quantiles':<32} {head}",
+        f"{f'nearest neighbour ({len(c.nn)} rows)':<32} {_quantiles(c.nn)}",
+    ]
+    for name, v in c.synthetic.items():
+        lines.append(f"{f'synthetic {name} ({len(v)})':<32} {_quantiles(v)}")
+    if c.synthetic:
+        lines.append(f"{f'synthetic, all ({len(c.positives())})':<32} {_quantiles(c.positives())}")
+    for path, reason in c.skipped:
+        lines.append(f"skipped {path}: {reason}")
+    if not c.synthetic:
+        lines.append("no -i IMAGES given: synthetic near-duplicates (and a suggestion) need sample images")
+        return "\n".join(lines)
+    for label, t in (("default", c.default_threshold), ("suggested", c.suggested)):
+        if t is None or not np.isfinite(t):
+            continue
+        prec, rec = precision_curve_ref(c.positives(), c.nn, t)
+        close = int(np.sum(c.nn <= t))
+        lines.append(
+            f"at the {label} threshold {t:.4f}: est. precision {prec:.3f}, recall on synthetic {rec:.3f}, "
+            f"{close} of {len(c.nn)} sampled DB rows ({close / len(c.nn):.1%}) have a neighbour within it"
+        )
+    if c.suggested is None:
+        lines.append(f"no threshold reaches precision {c.precision:g} on these samples")
+    else:
+        lines.append(f"suggested threshold for precision >= {c.precision:g}: -th {c.suggested:.4f}")
+    lines.append(
+        "(precision weighs a synthetic near-duplicate and a DB nearest neighbour equally and counts "
+        "every nearest neighbour as a distinct image; duplicates already in the DB make it pessimistic)"
+    )
+    return "\n".join(lines)
+
+
+def to_dict(c: Calibration) -> dict:
+    q = {f"{v:g}": None for v in QUANTILES}
+    return {
+        "model": c.model_id,
+        "db_rows": c.n_db,
+        "dim": c.dim,
+        "default_threshold": c.default_threshold,
+        "precision_target": c.precision,
+        "suggested_threshold": c.suggested,
+        "images": c.images,
+        "quantiles": list(q),
+        "nearest_neighbour": np.quantile(c.nn, QUANTILES).tolist() if len(c.nn) else [],
+        "synthetic": {
+            k: np.quantile(v, QUANTILES).tolist() if len(v) else [] for k, v in c.synthetic.items()
+        },
+        "skipped": [{"path": p, "reason": r} for p, r in c.skipped],
+    }

@@ -1,0 +1,114 @@
+"""Threshold help: nearest neighbours and the suggestion against plain references; the command's
+mechanics on the tiny random model (its distances mean nothing) and on builtin:dct."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipdedup import calibrate as cal
+from clipdedup.cli import dedup_cmd, run_cli
+from clipdedup.encode import ENCODERS
+from clipdedup.update import update_db
+
+
+@pytest.mark.parametrize(("n", "d"), [(2, 3), (3, 1), (63, 32), (65, 100), (300, 17)])
+def test_nn_distances_match_reference(n: int, d: int) -> None:
+    rng = np.random.default_rng(n * 1000 + d)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[n // 2] = x[0]  # an exact duplicate: distance 0
+    if n > 4:
+        x[-1] = x[1] + 1e-4  # a very close pair
+    rows = np.sort(rng.choice(n, size=min(n, 40), replace=False))
+    want = cal.nn_distances_ref(x, rows)
+    np.testing.assert_allclose(cal.nn_distances(x, rows, chunk=7), want, rtol=1e-6, atol=1e-7)
+
+
+def test_nn_distances_all_identical_rows() -> None:
+    x = np.ones((10, 5), np.float32)
+    rows = np.arange(10)
+    assert np.array_equal(cal.nn_distances(x, rows), np.zeros(10))
+    assert np.array_equal(cal.nn_distances_ref(x, rows), np.zeros(10))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_suggest_threshold_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pos = np.round(rng.gamma(2.0, 0.02, int(rng.integers(1, 60))), 3)  # rounding makes ties
+    neg = np.round(0.15 + rng.standard_normal(int(rng.integers(0, 200))) * 0.05, 3)
+    for target in (0.5, 0.9, 0.99, 0.999):
+        got = cal.suggest_threshold(pos, neg, target)
+        assert got == cal.suggest_threshold_ref(pos, neg, target)
+        if got is not None:
+            prec, rec = cal.precision_curve_ref(pos, neg, got)
+            assert prec >= target and rec > 0
+
+
+def test_suggest_threshold_edges() -> None:
+    assert cal.suggest_threshold(np.zeros(0), np.array([0.1]), 0.9) is None
+    # Perfectly separated: the largest positive is the answer.
+    assert cal.suggest_threshold(np.array([0.01, 0.02]), np.array([0.5, 0.6]), 0.99) == 0.02
+    # A negative below every positive: no threshold reaches 0.99.
+    assert cal.suggest_threshold(np.array([0.2, 0.3]), np.array([0.0, 0.9]), 0.99) is None
+
+
+def test_transforms_keep_images_close_in_size(testdata: Path) -> None:
+    from PIL import Image
+
+    with Image.open(testdata / "base_images/ukbench01380.jpg") as im:
+        im = im.convert("RGB")
+        for name, fn in cal.TRANSFORMS.items():
+            out = fn(im)
+            assert out.mode == "RGB" and min(out.size) >= min(im.size) // 2, name
+
+
+def _db(pics: Path, tmp_path: Path, model: str) -> Path:
+    db = tmp_path / "db"
+    update_db(pics, db, model, log=lambda line: None)
+    return db
+
+
+def test_calibrate_command_tiny_model(pics: Path, tmp_path: Path, tiny_model: str, capsys) -> None:
+    db = _db(pics, tmp_path, tiny_model)
+    args = ["calibrate", "-d", str(db), "-i", str(pics), "--samples", "6", "--precision", "0.9", "-q"]
+    assert run_cli(dedup_cmd, "test", args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    # The two corrupt files may be among the samples: they are skipped, never counted.
+    assert d["db_rows"] == 32 and d["images"] + len(d["skipped"]) == 6 and d["images"] >= 4
+    assert sorted(d["synthetic"]) == sorted(cal.TRANSFORMS)
+    assert len(d["nearest_neighbour"]) == len(cal.QUANTILES)
+    assert d["nearest_neighbour"][0] <= 1e-4  # the test images hold exact copies
+
+    assert run_cli(dedup_cmd, "test", args) == 0
+    text = capsys.readouterr().out
+    assert "nearest neighbour (32 rows)" in text and "synthetic jpeg-q70" in text
+    assert "suggested threshold" in text or "no threshold reaches" in text
+
+    # Without images: the nearest-neighbour part only.
+    assert run_cli(dedup_cmd, "test", ["calibrate", "-d", str(db), "-q"]) == 0
+    assert "no -i IMAGES given" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_wrong_model(pics: Path, tmp_path: Path, tiny_model: str, capsys) -> None:
+    db = _db(pics, tmp_path, tiny_model)
+    code = run_cli(dedup_cmd, "test", ["calibrate", "-d", str(db), "-m", "builtin:nope", "-q"])
+    assert code == 2 and "DB holds" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(dedup_cmd, "test", ["calibrate", "-d", str(empty), "-q"]) == 2
+
+
+@pytest.mark.skipif("builtin:dct" not in ENCODERS.entries, reason="builtin:dct not registered")
+def test_calibrate_builtin_dct(pics: Path, tmp_path: Path) -> None:
+    db = _db(pics, tmp_path, "builtin:dct")
+    c = cal.calibrate(str(db), str(pics), samples=12, precision=0.9)
+    assert c.model_id == "builtin:dct" and c.images + len(c.skipped) == 12
+    assert all(len(v) == c.images for v in c.synthetic.values())
+    # A real (if simple) encoder: re-encoding and resizing barely move the vector.
+    assert np.median(c.synthetic["jpeg-q70"]) < np.median(c.nn[c.nn > 1e-6])
+    if c.suggested is not None:
+        prec, _ = cal.precision_curve_ref(c.positives(), c.nn, c.suggested)
+        assert prec >= 0.9
