@@ -147,7 +147,9 @@ def test_never_moves_the_target_of_a_kept_symlink(tmp_path: Path) -> None:
     os.symlink("link.jpg", img / "link2.jpg")
     real = entry_of(img, "real.jpg")
     for kept in ("link.jpg", "link2.jpg"):
-        r = move_duplicate(str(img), str(tmp_path / "t"), real, str(img / kept), kept_entry=entry_of(img, kept))
+        r = move_duplicate(
+            str(img), str(tmp_path / "t"), real, str(img / kept), kept_entry=entry_of(img, kept)
+        )
         assert r.dest is None and "symlink to it" in r.reason
     # link2 -> link -> real: moving link would break link2.
     r = move_duplicate(str(img), str(tmp_path / "t"), entry_of(img, "link.jpg"), str(img / "link2.jpg"))
@@ -175,9 +177,9 @@ def test_choose_keep_never_picks_a_symlink_over_its_target(tmp_path: Path) -> No
     os.symlink("z_real.jpg", tmp_path / "a_link.jpg")  # sorts first: plain tie-breaking would keep it
     os.symlink("a_link.jpg", tmp_path / "a_link2.jpg")
     write(tmp_path / "other.jpg", b"y" * 5)
-    cands = [
-        Candidate(n, str(tmp_path / n), 10, 7) for n in ("a_link.jpg", "a_link2.jpg", "z_real.jpg")
-    ] + [Candidate("other.jpg", str(tmp_path / "other.jpg"), 5, 7)]
+    cands = [Candidate(n, str(tmp_path / n), 10, 7) for n in ("a_link.jpg", "a_link2.jpg", "z_real.jpg")] + [
+        Candidate("other.jpg", str(tmp_path / "other.jpg"), 5, 7)
+    ]
     for strategy in ("largest", "newest"):
         assert cands[_choose_keep(cands, strategy)].rel == "z_real.jpg"
     # A symlink whose target is outside the group may be kept.
