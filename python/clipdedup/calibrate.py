@@ -8,8 +8,10 @@ Two distributions are measured:
     small crop), encoded by the DB's model: how far *duplicates* drift.
 The suggested threshold is the largest distance at which the estimated precision still reaches the
 target, where precision(t) = P(t) / (P(t) + N(t)), P and N the fractions of synthetic pairs and of
-nearest neighbours within t (equal weight on both). Every nearest neighbour is counted as a distinct
-image, so real duplicates in the DB make the estimate pessimistic, never optimistic.
+nearest neighbours within t (equal weight on both). Rows whose nearest neighbour has the very same
+embedding (byte-identical copies share one, see clipdedup.prepass) are left out of N; every other
+nearest neighbour is counted as a distinct image, so near-duplicates already in the DB make the
+estimate pessimistic, never optimistic.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from PIL import Image
 from clipdedup.errors import UserError
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+IDENTICAL = 1e-6  # a nearest neighbour this close holds the same embedding: an exact copy
 
 
 def _jpeg(im: Image.Image, quality: int = 70) -> Image.Image:
@@ -140,6 +143,10 @@ class Calibration:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     suggested: float | None = None
 
+    def negatives(self) -> np.ndarray:
+        """Nearest-neighbour distances that are not exact copies."""
+        return self.nn[self.nn > IDENTICAL]
+
     def positives(self) -> np.ndarray:
         vals = list(self.synthetic.values())
         return np.concatenate(vals) if vals else np.zeros(0)
@@ -243,7 +250,7 @@ def calibrate(
     say(f"encoding {len(pick)} images and {len(pick) * len(TRANSFORMS)} synthetic near-duplicates")
     picked = [os.path.join(image_dir, e.rel) for e in sorted(pick, key=lambda e: e.rel)]
     c.synthetic, c.images, c.skipped = synthetic_distances(enc, picked)
-    c.suggested = suggest_threshold(c.positives(), c.nn, precision)
+    c.suggested = suggest_threshold(c.positives(), c.negatives(), precision)
     return c
 
 
@@ -261,6 +268,9 @@ def format_text(c: Calibration) -> str:
         f"{'distance quantiles':<32} {head}",
         f"{f'nearest neighbour ({len(c.nn)} rows)':<32} {_quantiles(c.nn)}",
     ]
+    same = len(c.nn) - len(c.negatives())
+    if same:
+        lines.append(f"{f'  of which not exact copies ({len(c.nn) - same})':<32} {_quantiles(c.negatives())}")
     for name, v in c.synthetic.items():
         lines.append(f"{f'synthetic {name} ({len(v)})':<32} {_quantiles(v)}")
     if c.synthetic:
@@ -273,11 +283,12 @@ def format_text(c: Calibration) -> str:
     for label, t in (("default", c.default_threshold), ("suggested", c.suggested)):
         if t is None or not np.isfinite(t):
             continue
-        prec, rec = precision_curve_ref(c.positives(), c.nn, t)
+        prec, rec = precision_curve_ref(c.positives(), c.negatives(), t)
         close = int(np.sum(c.nn <= t))
         lines.append(
             f"at the {label} threshold {t:.4f}: est. precision {prec:.3f}, recall on synthetic {rec:.3f}, "
             f"{close} of {len(c.nn)} sampled DB rows ({close / len(c.nn):.1%}) have a neighbour within it"
+            f" ({same} of them exact copies)"
         )
     if c.suggested is None:
         lines.append(f"no threshold reaches precision {c.precision:g} on these samples")
@@ -285,7 +296,8 @@ def format_text(c: Calibration) -> str:
         lines.append(f"suggested threshold for precision >= {c.precision:g}: -th {c.suggested:.4f}")
     lines.append(
         "(precision weighs a synthetic near-duplicate and a DB nearest neighbour equally and counts "
-        "every nearest neighbour as a distinct image; duplicates already in the DB make it pessimistic)"
+        "every nearest neighbour but exact copies as a distinct image; near-duplicates already in the DB "
+        "make it pessimistic)"
     )
     return "\n".join(lines)
 
@@ -302,6 +314,7 @@ def to_dict(c: Calibration) -> dict:
         "images": c.images,
         "quantiles": list(q),
         "nearest_neighbour": np.quantile(c.nn, QUANTILES).tolist() if len(c.nn) else [],
+        "exact_copies": int(len(c.nn) - len(c.negatives())),
         "synthetic": {
             k: np.quantile(v, QUANTILES).tolist() if len(v) else [] for k, v in c.synthetic.items()
         },
