@@ -1,0 +1,104 @@
+"""bench/run.py plumbing with stand-in stage modules (nothing is timed here): wrong results get no
+speedup, a missing or failing module is reported and the rest still run, JSON and plot are written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import run as bench_run  # noqa: E402
+from common import Row, write_json  # noqa: E402
+
+
+def _good(quick: bool) -> list[Row]:
+    rows = []
+    for n in (10, 100):
+        rows.append(Row("match", "baseline: cdist loop", n, 2.0, n / 2.0, "rows/s"))
+        rows.append(
+            Row("match", "fast", n, 0.5, n / 0.5, "rows/s", correct=True, baseline="baseline: cdist loop")
+        )
+        rows.append(
+            Row("match", "broken", n, 0.1, n / 0.1, "rows/s", correct=False, baseline="baseline: cdist loop")
+        )
+    rows.append(Row("quality", "dct", 34, 0.0, 0.9, "precision"))  # not a rate: table only, no plot
+    return rows
+
+
+def _boom(quick: bool) -> list[Row]:
+    raise RuntimeError("stage blew up")
+
+
+def _loader(name: str):
+    table = {"bench_good": _good, "bench_boom": _boom}
+    if name == "bench_missing":
+        raise ModuleNotFoundError(f"No module named {name!r}")
+    if name == "bench_badimport":
+        raise SyntaxError("bad module")
+    return table[name]
+
+
+STAGES = [
+    ("good", "bench_good"),
+    ("boom", "bench_boom"),
+    ("missing", "bench_missing"),
+    ("bad", "bench_badimport"),
+]
+
+
+def test_run_all_reports_problems_and_refuses_wrong_speedups() -> None:
+    seen: list[bool] = []
+
+    def loader(name: str):
+        fn = _loader(name)
+        return lambda quick: seen.append(quick) or fn(quick)
+
+    o = bench_run.run_all(True, STAGES, loader=loader, log=lambda line: None)
+    assert seen == [True, True]  # both importable stages ran, in quick mode
+    assert len(o.rows) == 7 and len(o.wrong) == 2
+    assert [m for m, _ in o.problems] == ["bench_boom", "bench_missing", "bench_badimport"]
+    assert "stage blew up" in o.problems[0][1] and "not available" in o.problems[1][1]
+    text = bench_run.report_text(o)
+    assert text.count("WRONG RESULT") >= 4  # in the table's speedup column and in the summary lines
+    assert "x4.0 vs baseline" in text  # 2.0 s / 0.5 s
+    broken_lines = [line for line in text.splitlines() if " broken " in line]
+    assert broken_lines and not any(" x" in line for line in broken_lines)
+    assert "PROBLEM: bench_boom" in text
+
+
+def test_only_filters_stages() -> None:
+    o = bench_run.run_all(False, STAGES, only={"good"}, loader=_loader, log=lambda line: None)
+    assert not o.problems and len(o.rows) == 7
+
+
+def test_json_and_series(tmp_path: Path) -> None:
+    rows = _good(True)
+    write_json(rows, tmp_path / "r.json")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    by_impl = {(r["impl"], r["n"]): r for r in doc["rows"]}
+    assert by_impl[("broken", 10)]["speedup"].startswith("WRONG RESULT")
+    assert by_impl[("fast", 100)]["speedup"] == "x4.0"
+    series = bench_run.throughput_series(rows)
+    assert set(series) == {"match"}  # the precision row is not a throughput
+    assert series["match"]["fast"] == [(10, 20.0, True), (100, 200.0, True)]
+    assert all(not ok for _, _, ok in series["match"]["broken"])
+
+
+def test_plot_is_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = bench_run.plot(_good(True), tmp_path / "p.png", "test")
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench_run.plot([Row("q", "x", 1, 0, 0.5, "precision")], tmp_path / "none.png") is None
+
+
+def test_main_exit_code(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench_run, "STAGES", [("good", "bench_good")])
+    monkeypatch.setattr(bench_run, "_load", _loader)
+    code = bench_run.main(["--quick", "--json", str(tmp_path / "o.json"), "--plot", ""])
+    assert code == 1  # the wrong rows make the run fail
+    assert (tmp_path / "o.json").exists() and "WRONG RESULT" in capsys.readouterr().out
