@@ -58,7 +58,7 @@ def test_dry_run_report_files(testdata: Path, tmp_path: Path, tiny_model: str, c
         if not m["kept"]:
             assert m["status"] == "would move"
             assert m["dest"] == str(trash / m["path"])
-            assert m["exact_of"] is not None and m["to_kept"] is not None
+            assert m["exact_of"] == g["kept"] and m["to_kept"] is not None
 
     with open(rep / "groups.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -197,3 +197,22 @@ def test_summary_functions_still_work() -> None:
     assert d["copied"] == 0 and d["groups"] == []
     assert "exact copies 0" in report.summary_text(d)
     assert report.move_lines(s, dry_run=True) == []
+
+
+def test_non_utf8_names_are_written(tmp_path: Path, testdata: Path) -> None:
+    """A file name that is not UTF-8 survives JSON (escaped), CSV (its bytes) and HTML (\\xNN)."""
+    root = tmp_path / "pics"
+    root.mkdir()
+    odd = os.fsdecode(b"caf\xe9 <1>.jpg")
+    shutil.copy2(testdata / SRC, os.path.join(root, odd))
+    shutil.copy2(testdata / SRC, root / "plain.jpg")
+    s = RunSummary(threshold=0.1)
+    s.groups.append(Group([odd, "plain.jpg"], "plain.jpg", [], [(odd, "plain.jpg", 0.0)]))
+    rep = tmp_path / "rep"
+    (g,) = report.write_report(s, str(rep), {"": str(root)}, strategy="largest", dry_run=True)
+    assert g.exact and g.members[0].exact_of == "plain.jpg"
+    doc = json.loads((rep / "report.json").read_text(encoding="ascii"))
+    assert doc["groups"][0]["members"][0]["path"] == odd
+    assert b"caf\xe9 <1>.jpg" in (rep / "groups.csv").read_bytes()
+    page = (rep / "index.html").read_text(encoding="utf-8")
+    assert "caf\\xe9 &lt;1&gt;.jpg" in page and page.count("<img ") == 2

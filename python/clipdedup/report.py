@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import time
 from collections.abc import Mapping
@@ -78,8 +79,14 @@ def summary_text(d: dict[str, Any]) -> str:
     )
 
 
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def dumps(d: dict[str, Any]) -> str:
-    return json.dumps(d, indent=2, ensure_ascii=False, default=str)
+    """JSON text. A non-UTF-8 file name (held as surrogate escapes) is written as `\\udcXX`, which
+    keeps the output valid UTF-8 and loads back (json.loads + os.fsencode) to the original bytes."""
+    text = json.dumps(d, indent=2, ensure_ascii=False, default=str)
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 BASE_PREFIX = "base:"  # how run_import names base-dir members of a group
@@ -168,9 +175,12 @@ def build_review(
             cands.append(Candidate(p, now, -1 if size is None else size, mtime or 0))
         _distances(members, g.distances, g.kept)
         labels = identical_classes([m.file for m in members], [m.size or -1 for m in members])
-        for m, lab in zip(members, labels):
-            if lab is not None and members[lab] is not m:
-                m.exact_of = members[lab].path
+        # Name the kept file as the twin where it is one, else the class's first member.
+        rep = {lab: k for k, lab in enumerate(labels) if lab is not None and members[k].kept}
+        for k, (m, lab) in enumerate(zip(members, labels)):
+            twin = rep.get(lab, lab) if lab is not None else None
+            if twin is not None and twin != k:
+                m.exact_of = members[twin].path
         kept_lab = labels[g.members.index(g.kept)] if g.kept in g.members else None
         exact = kept_lab is not None and all(lab == kept_lab for lab in labels)
         best = g.members.index(g.kept) if g.kept in g.members else 0
