@@ -60,6 +60,11 @@ def run_cli(cmd: click.Command, prog: str, args: list[str] | None = None) -> int
 
 def _entry(cmd: click.Command, prog: str) -> Callable[[], None]:
     def main() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            # A file name that is not UTF-8 prints as its original bytes (as ls prints it), not as
+            # a UnicodeEncodeError; JSON output escapes such names instead (report.dumps).
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="surrogateescape")
         sys.exit(run_cli(cmd, prog))
 
     return main

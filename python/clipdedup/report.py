@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
