@@ -1,10 +1,14 @@
 // pybind11 bindings of clipdedup._native. Only python/clipdedup/native.py imports this module.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <thread>
 
 #include "npy_reader.hpp"
+#include "scanner.hpp"
+#include "snapshot.hpp"
 
 namespace py = pybind11;
 
@@ -18,26 +22,148 @@ py::tuple npy_header(const std::string& path) {
 }
 
 std::vector<std::pair<std::size_t, std::string>> read_npy_into(
-    const std::vector<std::string>& paths, py::buffer out, int threads) {
+    const std::vector<std::string>& paths, py::buffer out, int threads,
+    std::optional<py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>> rows) {
     py::buffer_info info = out.request(/*writable=*/true);
     if (info.format != py::format_descriptor<float>::format() || info.itemsize != 4)
         throw py::type_error("out must be a float32 buffer");
     if (info.ndim != 2) throw py::value_error("out must be 2-D (N, D)");
-    const auto rows = static_cast<std::size_t>(info.shape[0]);
+    const auto nrows = static_cast<std::size_t>(info.shape[0]);
     const auto dim = static_cast<std::size_t>(info.shape[1]);
-    if (rows != paths.size()) throw py::value_error("out has a row count different from len(paths)");
-    if (rows > 0 && (info.strides[1] != 4 || info.strides[0] != static_cast<py::ssize_t>(dim * 4)))
+    const std::int64_t* row_of = nullptr;
+    if (rows) {
+        if (static_cast<std::size_t>(rows->size()) != paths.size())
+            throw py::value_error("rows and paths differ in length");
+        row_of = rows->data();
+        for (std::size_t i = 0; i < paths.size(); ++i)
+            if (row_of[i] < 0 || static_cast<std::size_t>(row_of[i]) >= nrows)
+                throw py::index_error("row index out of range");
+    } else if (nrows != paths.size()) {
+        throw py::value_error("out has a row count different from len(paths)");
+    }
+    if (nrows > 0 && (info.strides[1] != 4 || info.strides[0] != static_cast<py::ssize_t>(dim * 4)))
         throw py::value_error("out must be C-contiguous");
     if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     std::vector<clipdedup::RowError> errors;
     {
         py::gil_scoped_release release;
-        errors = clipdedup::read_npy_rows(paths, static_cast<float*>(info.ptr), dim, threads);
+        errors = clipdedup::read_npy_rows(paths, static_cast<float*>(info.ptr), dim, threads, row_of);
     }
     std::vector<std::pair<std::size_t, std::string>> result;
     result.reserve(errors.size());
     for (auto& e : errors) result.emplace_back(e.index, std::move(e.reason));
     return result;
+}
+
+// os.fsdecode of raw name bytes: UTF-8 with surrogateescape, so any name round-trips to bytes.
+py::str fsdecode(const std::string& b) {
+    PyObject* s = PyUnicode_DecodeFSDefaultAndSize(b.data(), static_cast<Py_ssize_t>(b.size()));
+    if (s == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::str>(s);
+}
+
+template <typename T, typename F>
+py::array_t<T> column(const clipdedup::ScanOutput& o, F get) {
+    py::array_t<T> a(static_cast<py::ssize_t>(o.records.size()));
+    T* p = a.mutable_data();
+    for (std::size_t i = 0; i < o.records.size(); ++i) p[i] = get(o.records[i]);
+    return a;
+}
+
+clipdedup::ScanOutput scan(const std::string& root, std::optional<std::vector<std::string>> suffixes,
+                           const std::vector<std::string>& exclude, bool follow_symlinks, int threads) {
+    clipdedup::ScanOptions opt;
+    opt.root = root;
+    opt.all_files = !suffixes.has_value();
+    if (suffixes) opt.suffixes = *suffixes;
+    opt.exclude = exclude;
+    opt.follow_symlinks = follow_symlinks;
+    opt.threads = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    py::gil_scoped_release release;
+    return clipdedup::scan_tree(opt);
+}
+
+// Instances of a plain (frozen) dataclass without running its __init__: object.__new__ plus
+// object.__setattr__ per field, which is all a frozen dataclass's __init__ does, minus the
+// interpreter overhead that dominates a million-file scan.
+py::list construct(py::handle cls, const std::vector<py::str>& names, const std::vector<py::sequence>& columns) {
+    if (!PyType_Check(cls.ptr())) throw py::type_error("cls must be a class");
+    if (names.size() != columns.size()) throw py::value_error("one column per name");
+    const py::ssize_t n = columns.empty() ? 0 : py::len(columns[0]);
+    std::vector<py::object> fast;
+    for (const auto& c : columns) {
+        if (static_cast<py::ssize_t>(py::len(c)) != n) throw py::value_error("columns differ in length");
+        fast.push_back(py::reinterpret_steal<py::object>(PySequence_Fast(c.ptr(), "column must be a sequence")));
+        if (!fast.back()) throw py::error_already_set();
+    }
+    auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+    py::tuple no_args;
+    // The new objects hold no cycles, but creating a million of them would trigger a dozen full
+    // collections that each walk every object alive: 10x the cost of the construction itself.
+    struct GcPause {
+        int was = PyGC_Disable();
+        ~GcPause() {
+            if (was) PyGC_Enable();
+        }
+    } pause;
+    py::list out(n);
+    for (py::ssize_t i = 0; i < n; ++i) {
+        PyObject* obj = PyBaseObject_Type.tp_new(type, no_args.ptr(), nullptr);
+        if (obj == nullptr) throw py::error_already_set();
+        py::object holder = py::reinterpret_steal<py::object>(obj);
+        for (std::size_t j = 0; j < names.size(); ++j) {
+            PyObject* v = PySequence_Fast_GET_ITEM(fast[j].ptr(), i);
+            if (PyObject_GenericSetAttr(obj, names[j].ptr(), v) != 0) throw py::error_already_set();
+        }
+        PyList_SET_ITEM(out.ptr(), i, holder.release().ptr());
+    }
+    return out;
+}
+
+py::buffer_info matrix_info(py::buffer b, bool writable) {
+    py::buffer_info info = b.request(writable);
+    if (info.format != py::format_descriptor<float>::format() || info.itemsize != 4 || info.ndim != 2)
+        throw py::type_error("expected a float32 (N, D) buffer");
+    if (info.shape[0] > 0 && (info.strides[1] != 4 || info.strides[0] != info.shape[1] * 4))
+        throw py::value_error("expected a C-contiguous buffer");
+    return info;
+}
+
+py::array_t<std::uint64_t> row_hashes(py::buffer mat, int threads) {
+    py::buffer_info info = matrix_info(mat, false);
+    const auto rows = static_cast<std::size_t>(info.shape[0]);
+    py::array_t<std::uint64_t> out(static_cast<py::ssize_t>(rows));
+    std::uint64_t* p = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        clipdedup::row_hashes(static_cast<const float*>(info.ptr), rows, static_cast<std::size_t>(info.shape[1]), p,
+                              std::max(1, threads));
+    }
+    return out;
+}
+
+py::tuple gather_rows(const std::string& path, std::uint64_t data_offset,
+                      py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> src,
+                      py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> dst,
+                      py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast> expect, py::buffer out,
+                      int threads) {
+    py::buffer_info info = matrix_info(out, true);
+    const auto pairs = static_cast<std::size_t>(src.size());
+    if (static_cast<std::size_t>(dst.size()) != pairs || static_cast<std::size_t>(expect.size()) != pairs)
+        throw py::value_error("src, dst and expect differ in length");
+    const auto rows = info.shape[0];
+    const std::int64_t* d = dst.data();
+    const std::int64_t* s = src.data();
+    for (std::size_t k = 0; k < pairs; ++k)
+        if (d[k] < 0 || d[k] >= rows || s[k] < 0) throw py::index_error("row index out of range");
+    clipdedup::GatherResult res;
+    {
+        py::gil_scoped_release release;
+        res = clipdedup::gather_rows(path, data_offset, static_cast<std::size_t>(info.shape[1]), s, d,
+                                     expect.data(), pairs, static_cast<float*>(info.ptr), std::max(1, threads));
+    }
+    py::object fatal = res.fatal.empty() ? py::object(py::none()) : py::object(py::str(res.fatal));
+    return py::make_tuple(fatal, res.bad);
 }
 
 }  // namespace
@@ -47,6 +173,44 @@ PYBIND11_MODULE(_native, m) {
     m.def("npy_header", &npy_header, py::arg("path"),
           "(dim, data_offset, None) for a valid one-vector float32 .npy, else (None, None, reason).");
     m.def("read_npy_into", &read_npy_into, py::arg("paths"), py::arg("out"), py::arg("threads") = 0,
-          "Reads each .npy of paths into the matching row of out (float32, (N, D), C order) with the "
-          "GIL released. Returns [(row, reason)] for the files that could not be read.");
+          py::arg("rows") = py::none(),
+          "Reads .npy paths[i] into row rows[i] (default i) of out (float32, (M, D), C order) with the "
+          "GIL released. Returns [(i, reason)] for the files that could not be read.");
+
+    py::class_<clipdedup::ScanOutput>(m, "ScanOutput", "Result of scan_tree, sorted by path bytes.")
+        .def("__len__", [](const clipdedup::ScanOutput& o) { return o.records.size(); })
+        .def("rels",
+             [](const clipdedup::ScanOutput& o) {
+                 py::list out(o.records.size());
+                 for (std::size_t i = 0; i < o.records.size(); ++i)
+                     PyList_SET_ITEM(out.ptr(), static_cast<py::ssize_t>(i), fsdecode(o.records[i].rel).release().ptr());
+                 return out;
+             })
+        .def("mtime_ns", [](const clipdedup::ScanOutput& o) { return column<std::int64_t>(o, [](auto& r) { return r.mtime_ns; }); })
+        .def("ctime_ns", [](const clipdedup::ScanOutput& o) { return column<std::int64_t>(o, [](auto& r) { return r.ctime_ns; }); })
+        .def("size", [](const clipdedup::ScanOutput& o) { return column<std::int64_t>(o, [](auto& r) { return r.size; }); })
+        .def("ino", [](const clipdedup::ScanOutput& o) { return column<std::uint64_t>(o, [](auto& r) { return r.ino; }); })
+        .def("unsure",
+             [](const clipdedup::ScanOutput& o) {
+                 std::vector<std::size_t> idx;
+                 for (std::size_t i = 0; i < o.records.size(); ++i)
+                     if (o.records[i].suffix_unsure) idx.push_back(i);
+                 return idx;
+             })
+        .def("errors", [](const clipdedup::ScanOutput& o) {
+            py::list out;
+            for (const auto& e : o.errors) out.append(py::make_tuple(fsdecode(e.rel), e.reason));
+            return out;
+        });
+    m.def("scan_tree", &scan, py::arg("root"), py::arg("suffixes"), py::arg("exclude"), py::arg("follow_symlinks"),
+          py::arg("threads") = 0,
+          "Walks root with threads (GIL released); suffixes: lowercase ASCII with the dot, or None for all.");
+    m.def("construct", &construct, py::arg("cls"), py::arg("names"), py::arg("columns"),
+          "[cls instances] with attribute names[j] = columns[j][i], built without calling __init__.");
+    m.def("row_hashes", &row_hashes, py::arg("mat"), py::arg("threads") = 1,
+          "uint64 checksum of each row of a float32 (N, D) C-contiguous matrix.");
+    m.def("gather_rows", &gather_rows, py::arg("path"), py::arg("data_offset"), py::arg("src"), py::arg("dst"),
+          py::arg("expect"), py::arg("out"), py::arg("threads") = 1,
+          "Reads matrix rows src[k] of the file into out[dst[k]], checking each against expect[k]. Returns "
+          "(fatal reason or None, [k of the pairs that were short or failed the check]).");
 }

@@ -184,7 +184,7 @@ std::string read_one(const std::string& path, float* row, std::size_t dim) {
 }  // namespace
 
 std::vector<RowError> read_npy_rows(const std::vector<std::string>& paths, float* out,
-                                    std::size_t dim, int threads) {
+                                    std::size_t dim, int threads, const std::int64_t* rows) {
     const std::size_t n = paths.size();
     if (n == 0) return {};
     const std::size_t nthreads = std::max<std::size_t>(1, std::min<std::size_t>(threads, n));
@@ -200,7 +200,8 @@ std::vector<RowError> read_npy_rows(const std::vector<std::string>& paths, float
             if (begin >= n) break;
             const std::size_t end = std::min(n, begin + kChunk);
             for (std::size_t i = begin; i < end; ++i) {
-                std::string err = read_one(paths[i], out + i * dim, dim);
+                const std::size_t r = rows ? static_cast<std::size_t>(rows[i]) : i;
+                std::string err = read_one(paths[i], out + r * dim, dim);
                 if (!err.empty()) local.push_back({i, std::move(err)});
             }
         }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -25,10 +26,10 @@ struct RowError {
     std::string reason;
 };
 
-// Reads paths[i] into out[i * dim, (i + 1) * dim) using `threads` threads.
-// A file whose header or size does not match is reported in the result and
-// its row is left untouched; nothing is allocated on the caller's behalf.
+// Reads paths[i] into row r = rows ? rows[i] : i of out, i.e. out[r * dim, (r + 1) * dim), using
+// `threads` threads. A file whose header or size does not match is reported in the result (by i)
+// and its row is left untouched; nothing is allocated on the caller's behalf.
 std::vector<RowError> read_npy_rows(const std::vector<std::string>& paths, float* out,
-                                    std::size_t dim, int threads);
+                                    std::size_t dim, int threads, const std::int64_t* rows = nullptr);
 
 }  // namespace clipdedup

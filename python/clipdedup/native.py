@@ -1,16 +1,20 @@
 """The only importer of the compiled clipdedup._native module.
 
-Paths cross into C++ as bytes (os.fsencode), so names that are not valid UTF-8 round-trip.
+Paths cross into C++ as bytes (os.fsencode), so names that are not valid UTF-8 round-trip. Every
+function here fills or returns memory that Python owns; the C++ side releases the GIL while it works.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from clipdedup import _native
+
+ScanOutput = _native.ScanOutput
 
 
 def default_threads() -> int:
@@ -24,20 +28,120 @@ def npy_dim(path: str | os.PathLike[str]) -> tuple[int | None, str | None]:
 
 
 def read_npy_into(
-    paths: Sequence[str | os.PathLike[str]], out: np.ndarray, threads: int | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    out: np.ndarray,
+    threads: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> list[tuple[int, str]]:
-    """Reads each one-vector .npy file into the matching row of `out`.
+    """Reads each one-vector .npy file into its row of `out`.
+
+    Each file must hold dtype '<f4' and shape (D,) (or (1, D)) with D = out.shape[1], and nothing
+    after the vector; anything else is a per-file reason, never an exception.
 
     Args:
-        paths: N file paths.
-        out: float32 array of shape (N, D), C-contiguous and writable; owned by the caller (a
-            numpy array, or the `.numpy()` view of a pinned torch tensor).
+        paths: K file paths.
+        out: float32 array of shape (M, D), C-contiguous and writable; owned by the caller (a
+            numpy array, or the `.numpy()` view of a pinned torch tensor, see `alloc_rows`).
         threads: reader threads; default twice the core count (I/O bound), at most 16.
+        rows: int64 (K,) row of `out` for each path; default row k for path k (then M == K).
 
     Returns:
-        (row, reason) for each file that could not be read; those rows are left untouched.
+        (k, reason) for each path k that could not be read; its row is left untouched.
     """
-    if out.dtype != np.float32 or out.ndim != 2 or not out.flags.c_contiguous:
-        raise ValueError("out must be a C-contiguous float32 (N, D) array")
+    _check_matrix(out)
     encoded = [os.fsencode(p) for p in paths]
-    return list(_native.read_npy_into(encoded, out, threads or default_threads()))
+    return list(_native.read_npy_into(encoded, out, threads or default_threads(), rows))
+
+
+def scan_tree(
+    root: bytes, suffixes: list[bytes] | None, exclude: list[bytes], follow_symlinks: bool, threads: int
+) -> ScanOutput:
+    """The native walk; use `clipdedup.scan.scan_tree`, which wraps this."""
+    return _native.scan_tree(root, suffixes, exclude, follow_symlinks, threads)
+
+
+def construct(cls: type, names: Sequence[str], columns: Sequence[Sequence]) -> list:
+    """[cls instances] with attribute names[j] = columns[j][i], built without running __init__.
+
+    Only for plain dataclasses whose __init__ does nothing but set its fields (no __post_init__,
+    no __slots__); it is what a frozen dataclass's __init__ does, at a fraction of the cost.
+    Reference: `[cls(*row) for row in zip(*columns)]`.
+    """
+    return _native.construct(cls, list(names), list(columns))
+
+
+def row_hashes(mat: np.ndarray, threads: int = 1) -> np.ndarray:
+    """uint64 (N,) checksum of each row of a float32 (N, D) C-contiguous matrix."""
+    _check_matrix(mat, writable=False)
+    return _native.row_hashes(mat, threads)
+
+
+def gather_rows(
+    path: str | os.PathLike[str],
+    data_offset: int,
+    src: np.ndarray,
+    dst: np.ndarray,
+    expect: np.ndarray,
+    out: np.ndarray,
+    threads: int | None = None,
+) -> tuple[str | None, list[int]]:
+    """Reads rows `src[k]` of the float32 matrix stored at `data_offset` of `path` into `out[dst[k]]`.
+
+    Args:
+        path: the file.
+        data_offset: byte offset of row 0 in the file; rows are `out.shape[1]` float32 each.
+        src, dst: int64 (K,) row indices in the file and in `out`.
+        expect: uint64 (K,) checksum (`row_hashes`) each copied row must have.
+        out: float32 (M, D) C-contiguous, writable.
+        threads: reader threads.
+
+    Returns:
+        (fatal, bad): fatal is a reason when the file cannot be opened (nothing was read), else
+        None; bad lists the k whose row was short or failed its checksum.
+    """
+    _check_matrix(out)
+    return _native.gather_rows(
+        os.fsencode(path), data_offset, src, dst, expect, out, threads or default_threads()
+    )
+
+
+def _check_matrix(a: np.ndarray, writable: bool = True) -> None:
+    if (
+        a.dtype != np.float32
+        or a.ndim != 2
+        or not a.flags.c_contiguous
+        or (writable and not a.flags.writeable)
+    ):
+        raise ValueError("expected a C-contiguous float32 (N, D) array" + (", writable" if writable else ""))
+
+
+def cuda_present() -> bool:
+    """Whether torch sees a CUDA device, without importing torch on a machine with no NVIDIA driver."""
+    if "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia/version"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def alloc_rows(n: int, dim: int, *, pinned: bool | None = None) -> np.ndarray:
+    """An uninitialised float32 (n, dim) C-contiguous matrix for the readers to fill.
+
+    Args:
+        n, dim: the shape.
+        pinned: True: page-locked memory from torch (`pin_memory=True`), so the copy to the GPU
+            is a direct DMA; False: a plain numpy array; None: pinned when CUDA is present.
+
+    Returns:
+        The array. When pinned it is the `.numpy()` view of the torch tensor, which it keeps alive.
+        Note that torch's pinned allocator rounds a block up to a power of two by default.
+    """
+    if pinned is None:
+        pinned = cuda_present()
+    if not pinned or n * dim == 0:
+        return np.empty((n, dim), np.float32)
+    import torch
+
+    return torch.empty((n, dim), dtype=torch.float32, pin_memory=True).numpy()

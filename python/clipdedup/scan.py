@@ -1,21 +1,41 @@
 """Walk an image tree: relative path, mtime (ns) and size of every image file.
 
-Symlinks are not followed. Paths are relative, '/'-separated, and sorted, so everything built on a
-scan (DB plan, matrix row order, groups, kept files) is independent of the file system's listing
-order. Non-UTF-8 names survive as surrogate-escaped str (os.fsdecode), round-tripping to bytes.
+`scan_tree` runs the native multithreaded walker (csrc/scanner.cpp); `scan_tree_ref` is the plain
+Python walker it must match, entry for entry and error for error. Paths are relative,
+'/'-separated, and sorted by their bytes, so everything built on a scan (DB plan, matrix row order,
+groups, kept files) is independent of the file system's listing order. Non-UTF-8 names survive as
+surrogate-escaped str (os.fsdecode), round-tripping to bytes.
+
+Semantics shared by both walkers:
+- a file matches when `os.path.splitext(name)[1].lower()` is in `suffixes` (None: every file);
+- symlinks are skipped, unless `follow_symlinks`: then a link to a file is listed with its target's
+  mtime and size, a link to a directory is entered, and a dangling link is an error;
+- a directory that is its own ancestor (a symlink or bind-mount loop) is reported, not entered, so a
+  walk always ends;
+- directories in `exclude` (same device and inode) are skipped;
+- a directory that cannot be listed, or a file that cannot be stat'ed, becomes an error
+  (path, one-line reason), never an exception.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+import numpy as np
+
+from clipdedup import native
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm "
     ".heic .heif .avif .svg".split()
 )
+LOOP_REASON = "directory loop (it is its own ancestor), not entered"
+
+PathArg = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -28,50 +48,162 @@ class FileEntry:
 @dataclass
 class ScanResult:
     entries: list[FileEntry]
-    errors: list[tuple[str, str]]  # (path, one-line reason)
+    errors: list[tuple[str, str]]  # (path, one-line reason), sorted
+
+
+@dataclass
+class ScanTable:
+    """A scan as columns, with what a DB index needs beyond FileEntry.
+
+    Attributes:
+        rels: N relative paths, sorted by bytes.
+        mtime_ns, ctime_ns, size: int64 (N,). ino: uint64 (N,).
+        errors: (path, reason), sorted.
+    """
+
+    rels: list[str]
+    mtime_ns: np.ndarray
+    ctime_ns: np.ndarray
+    size: np.ndarray
+    ino: np.ndarray
+    errors: list[tuple[str, str]]
+
+
+_ENTRY_FIELDS = [f.name for f in fields(FileEntry)]
 
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def scan_tree(
-    root: str | os.PathLike[str],
+def _suffix_ok(name: str, suffixes: frozenset[str] | None) -> bool:
+    return suffixes is None or os.path.splitext(name)[1].lower() in suffixes
+
+
+def scan_table(
+    root: PathArg,
     *,
     suffixes: frozenset[str] | None = IMAGE_EXTENSIONS,
-    exclude: list[str | os.PathLike[str]] | None = None,
+    exclude: Sequence[PathArg] | None = None,
+    follow_symlinks: bool = False,
+    threads: int | None = None,
+) -> ScanTable:
+    """The native walk as columns (see the module docstring for what is listed)."""
+    root_s = str(Path(root))
+    # Suffixes that are not lowercase never match (the name's suffix is lowercased first); the
+    # native side compares ASCII only and flags non-ASCII suffixes for the check below.
+    ascii_suffixes = (
+        None if suffixes is None else [s.encode() for s in suffixes if s.isascii() and s == s.lower()]
+    )
+    out = native.scan_tree(
+        os.fsencode(root_s),
+        ascii_suffixes,
+        [os.fsencode(p) for p in (exclude or [])],
+        follow_symlinks,
+        native.default_threads() if threads is None else threads,
+    )
+    rels = out.rels()
+    cols = [out.mtime_ns(), out.ctime_ns(), out.size(), out.ino()]
+    unsure = out.unsure()
+    drop = [i for i in unsure if not _suffix_ok(rels[i].rsplit("/", 1)[-1], suffixes)]
+    if drop:
+        keep = np.ones(len(rels), bool)
+        keep[drop] = False
+        rels = [r for r, k in zip(rels, keep) if k]
+        cols = [c[keep] for c in cols]
+    errors = [(os.path.join(root_s, rel) if rel else root_s, reason) for rel, reason in out.errors()]
+    return ScanTable(rels, cols[0], cols[1], cols[2], cols[3], errors)
+
+
+def scan_tree(
+    root: PathArg,
+    *,
+    suffixes: frozenset[str] | None = IMAGE_EXTENSIONS,
+    exclude: Sequence[PathArg] | None = None,
+    follow_symlinks: bool = False,
+    threads: int | None = None,
 ) -> ScanResult:
     """Lists the regular files under `root` whose lowercase suffix is in `suffixes` (None: all).
 
-    Directories in `exclude` (for example a trash or DB dir nested in the image dir) are skipped.
-    Unreadable directories become errors, never exceptions.
+    Args:
+        root: the tree to walk.
+        suffixes: lowercase suffixes with their dot; None lists every regular file.
+        exclude: directories to skip (for example a trash or DB dir nested in the image dir).
+        follow_symlinks: list linked files and enter linked directories (loops are detected).
+        threads: walker threads; default `native.default_threads()`.
+
+    Returns:
+        Entries sorted by path bytes, and errors (unreadable directories, dangling links, loops).
     """
-    root = Path(root)
-    excluded = {os.path.realpath(p) for p in (exclude or [])}
+    t = scan_table(root, suffixes=suffixes, exclude=exclude, follow_symlinks=follow_symlinks, threads=threads)
+    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist()]
+    return ScanResult(native.construct(FileEntry, _ENTRY_FIELDS, cols), t.errors)
+
+
+def scan_tree_ref(
+    root: PathArg,
+    *,
+    suffixes: frozenset[str] | None = IMAGE_EXTENSIONS,
+    exclude: Sequence[PathArg] | None = None,
+    follow_symlinks: bool = False,
+) -> ScanResult:
+    """The plain Python walker that defines what `scan_tree` returns (one thread, os.scandir)."""
+    root_s = str(Path(root))
+    excluded = set()
+    for p in exclude or []:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            excluded.add((st.st_dev, st.st_ino))
     entries: list[FileEntry] = []
     errors: list[tuple[str, str]] = []
-    stack = [""]
+    stack: list[tuple[str, frozenset]] = [("", frozenset())]
     while stack:
-        rel_dir = stack.pop()
-        abs_dir = os.path.join(root, rel_dir) if rel_dir else str(root)
+        rel_dir, ancestors = stack.pop()
+        abs_dir = os.path.join(root_s, rel_dir) if rel_dir else root_s
         try:
+            st = os.stat(abs_dir, follow_symlinks=follow_symlinks or not rel_dir)
             it = os.scandir(abs_dir)
         except OSError as e:
             errors.append((abs_dir, f"cannot list directory: {e.strerror or e}"))
             continue
+        me = (st.st_dev, st.st_ino)
+        if rel_dir and me in excluded:
+            it.close()
+            continue
+        if rel_dir and me in ancestors:
+            it.close()
+            errors.append((abs_dir, LOOP_REASON))
+            continue
+        below = ancestors | {me}
         with it:
             for de in it:
                 rel = f"{rel_dir}/{de.name}" if rel_dir else de.name
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except OSError as e:
-                    errors.append((de.path, f"cannot stat: {e.strerror or e}"))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    if not excluded or os.path.realpath(de.path) not in excluded:
-                        stack.append(rel)
-                elif stat.S_ISREG(st.st_mode):
-                    if suffixes is None or os.path.splitext(de.name)[1].lower() in suffixes:
-                        entries.append(FileEntry(rel, st.st_mtime_ns, st.st_size))
+                _ref_entry(de, rel, below, suffixes, follow_symlinks, stack, entries, errors)
     entries.sort(key=lambda e: os.fsencode(e.rel))
+    errors.sort(key=lambda e: (os.fsencode(e[0]), e[1]))
     return ScanResult(entries, errors)
+
+
+def _ref_entry(de, rel, below, suffixes, follow_symlinks, stack, entries, errors) -> None:
+    # Only directories, symlinks (when followed) and files that could match are stat'ed, as in
+    # the native walker, so both report the same errors.
+    if de.is_symlink():
+        if not follow_symlinks:
+            return
+    elif de.is_dir(follow_symlinks=False):
+        stack.append((rel, below))
+        return
+    elif not de.is_file(follow_symlinks=False) or not _suffix_ok(de.name, suffixes):
+        return
+    try:
+        st = de.stat(follow_symlinks=follow_symlinks)
+    except OSError as e:
+        errors.append((de.path, f"cannot stat: {e.strerror or e}"))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        stack.append((rel, below))
+    elif stat.S_ISREG(st.st_mode) and _suffix_ok(de.name, suffixes):
+        entries.append(FileEntry(rel, st.st_mtime_ns, st.st_size))
