@@ -6,6 +6,7 @@ open_clip (`hf-hub:org/name`, `local-dir:/path`, `ARCH/TAG` or `ARCH/path/to/che
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from clipdedup.errors import ModelError
+from clipdedup.prep import PrepSpec, prepare_pil
 from clipdedup.registry import Registry
 
 DEFAULT_MODEL = "hf-hub:timm/PE-Core-bigG-14-448"
@@ -25,20 +27,35 @@ CLIP_DEFAULT_THRESHOLD = 0.1
 ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder")
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# NHWC input on CPU: measured by bench/bench_encode.py (see README, Numbers / Ingest).
+CPU_CHANNELS_LAST = True
 
 
 @dataclass
 class Encoder:
-    """A loaded model. `prepare` runs in decoder threads; `encode` on the consumer thread."""
+    """A loaded model. `prepare` runs in decoder threads; `encode_batch` on the consumer thread.
+
+    Attributes:
+        prepare: RGB PIL image -> one model input (for open_clip: (H, W, 3) uint8, resized and
+            cropped; normalisation happens batched inside `encode_batch`).
+        encode_batch: list of inputs -> (B, D) float32, L2-normalised rows.
+        spec: open_clip preprocessing as data, for decoders that resize themselves (DALI);
+            None when only `prepare` knows how (builtin encoders).
+        submit: optional asynchronous `encode_batch`: returns an object whose `result()` gives the
+            (B, D) array, so the caller can stage the next batch while this one runs.
+    """
 
     model_id: str
     dim: int
     input_size: int  # shorter side the decoder must deliver at least
-    prepare: Callable[[Any], Any]  # RGB PIL image -> one model input
-    encode_batch: Callable[[list[Any]], np.ndarray]  # items -> (B, D) float32, L2-normalised
+    prepare: Callable[[Any], Any]
+    encode_batch: Callable[[list[Any]], np.ndarray]
     preprocess: dict = field(default_factory=dict)  # recorded in the DB metadata
     default_threshold: float = CLIP_DEFAULT_THRESHOLD
     device: str = "cpu"
+    spec: PrepSpec | None = None
+    submit: Callable[[list[Any]], Any] | None = None
+    runner: Any = None  # the BatchRunner, for its `mode` (graph / eager) in reports
 
 
 def default_device() -> str:
@@ -50,23 +67,37 @@ def default_device() -> str:
         return "cpu"
 
 
-def load_encoder(model_id: str, *, device: str | None = None, dtype: str | None = None) -> Encoder:
-    """Loads the encoder for `model_id` (see module docstring). Raises ModelError on failure."""
+def load_encoder(
+    model_id: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 32,
+    log: Callable[[str], None] | None = None,
+) -> Encoder:
+    """Loads the encoder for `model_id` (see module docstring). Raises ModelError on failure.
+
+    `batch_size` is the fixed batch shape a CUDA graph is captured at (it grows if a larger batch
+    comes); `log` receives one-line notices (a graph capture that failed).
+    """
     device = device or default_device()
-    for name in ENCODERS.names():
-        if name != "open_clip" and model_id.startswith(name):
-            return ENCODERS.get(name).fn(model_id, device=device, dtype=dtype)
+    kw = {"device": device, "dtype": dtype, "batch_size": batch_size, "log": log}
     if model_id.startswith("builtin:"):
-        known = ", ".join(n for n in ENCODERS.names() if n.startswith("builtin:"))
-        raise ModelError(f"unknown built-in encoder {model_id!r}; known: {known or 'none'}")
-    return ENCODERS.get("open_clip").fn(model_id, device=device, dtype=dtype)
+        if model_id not in ENCODERS.entries:
+            known = ", ".join(n for n in ENCODERS.names() if n.startswith("builtin:"))
+            raise ModelError(f"unknown built-in encoder {model_id!r}; known: {known or 'none'}")
+        return ENCODERS.get(model_id).fn(model_id, **kw)
+    return ENCODERS.get("open_clip").fn(model_id, **kw)
 
 
 def default_threshold(model_id: str) -> float:
-    """The euclidean threshold a model's embeddings are matched with when -th is not given."""
-    for name in ENCODERS.names():
-        if name != "open_clip" and model_id.startswith(name):
-            return float(getattr(ENCODERS.get(name).fn, "default_threshold", CLIP_DEFAULT_THRESHOLD))
+    """The euclidean threshold a model's embeddings are matched with when -th is not given.
+
+    0.1 for CLIP models (the original tool's default); a built-in encoder's own measured default.
+    """
+    entry = ENCODERS.entries.get(model_id)
+    if entry is not None and model_id.startswith("builtin:"):
+        return float(getattr(entry.fn, "default_threshold", CLIP_DEFAULT_THRESHOLD))
     return CLIP_DEFAULT_THRESHOLD
 
 
@@ -162,17 +193,26 @@ def _resolve_open_clip(model_id: str) -> tuple[str, str | None]:
 
 
 @ENCODERS.register("open_clip", doc="open_clip model (hf-hub:, local-dir:, ARCH/TAG)")
-def load_open_clip(model_id: str, *, device: str = "cpu", dtype: str | None = None) -> Encoder:
+def load_open_clip(
+    model_id: str,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    batch_size: int = 32,
+    log: Callable[[str], None] | None = None,
+) -> Encoder:
     import open_clip
     import torch
+
+    from clipdedup.batchrun import BatchRunner
 
     name, pretrained = _resolve_open_clip(model_id)
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     try:
-        model, preprocess = open_clip.create_model_from_pretrained(
-            name, pretrained=pretrained, device=device, return_transform=True
+        model = open_clip.create_model_from_pretrained(
+            name, pretrained=pretrained, device=device, return_transform=False
         )
     except ModelError:
         raise
@@ -183,39 +223,33 @@ def load_open_clip(model_id: str, *, device: str = "cpu", dtype: str | None = No
     tdtype = getattr(torch, DTYPES[dtype])
     visual = model.visual.to(dtype=tdtype)
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
-    size = cfg.get("size", 224)
-    min_side = int(min(size) if isinstance(size, (tuple, list)) else size)
-    with torch.inference_mode():
-        probe = visual(torch.zeros(1, 3, *_hw(size), device=device, dtype=tdtype))
-    dim = int(probe.shape[-1])
-    channels_last = device == "cpu"
-    if channels_last:
+    spec = PrepSpec.from_open_clip(cfg)
+    on_cpu = device == "cpu"
+    if on_cpu and CPU_CHANNELS_LAST:
         visual = visual.to(memory_format=torch.channels_last)
-
-    def encode_batch(items: list[Any]) -> np.ndarray:
-        x = torch.stack(items).to(device=device, dtype=tdtype, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            f = visual(x).float()
-            f = torch.nn.functional.normalize(f, dim=-1)
-        return f.cpu().numpy().astype(np.float32, copy=False)
-
+    runner = BatchRunner(
+        visual,
+        spec,
+        batch_size=batch_size,
+        device=device,
+        dtype=tdtype,
+        channels_last=on_cpu and CPU_CHANNELS_LAST,
+        log=log,
+    )
+    with torch.inference_mode():
+        dim = int(visual(torch.zeros(1, 3, *spec.size, device=device, dtype=tdtype)).shape[-1])
     return Encoder(
         model_id=canonical_model_id(model_id),
         dim=dim,
-        input_size=min_side,
-        prepare=preprocess,
-        encode_batch=encode_batch,
+        input_size=spec.min_side,
+        prepare=functools.partial(prepare_pil, spec=spec),
+        encode_batch=runner.encode,
         preprocess={k: _jsonable(v) for k, v in cfg.items()},
         device=device,
+        spec=spec,
+        submit=runner.submit,
+        runner=runner,
     )
-
-
-def _hw(size: Any) -> tuple[int, int]:
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
 
 
 def _jsonable(v: Any) -> Any:
@@ -224,3 +258,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
     return str(v)
+
+
+from clipdedup import dct as _dct  # noqa: E402,F401  (registers builtin:dct)

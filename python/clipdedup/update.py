@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -17,6 +19,8 @@ from clipdedup.decode import iter_batches
 from clipdedup.encode import DEFAULT_MODEL, Encoder, canonical_model_id, load_encoder
 from clipdedup.errors import DBMismatchError, UserError
 from clipdedup.scan import FileEntry, ScanResult, scan_tree
+from clipdedup.threads import thread_split, torch_threads
+from clipdedup.writer import AsyncWriter
 
 
 @dataclass
@@ -152,23 +156,63 @@ def _encode_into_db(
     progress: bool,
     log,
 ) -> None:
+    """Decode -> encode -> write, each overlapping the others.
+
+    Decoder threads (or DALI) run `prefetch` batches ahead; batch k+1 is submitted to the encoder
+    before batch k's vectors are collected (on CUDA the two overlap); a writer thread writes the
+    .npy files. In a dry run the vectors go to `s.in_memory` and nothing is written.
+    """
     paths = [os.path.join(image_dir, e.rel) for e in todo]
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not progress, file=sys.stderr)
-    batches = iter_batches(paths, enc.prepare, batch_size=batch_size, min_size=enc.input_size)
-    for batch in batches:
-        for i, reason in batch.failures:
-            s.failed.append((paths[i], reason))
-            log(f"{paths[i]}: skipped: {reason}")
-        if batch.items:
-            vecs = enc.encode_batch(batch.items)
-            for i, v in zip(batch.indices, vecs):
-                if dry_run:
-                    s.in_memory[todo[i].rel] = v.copy()
+    n_torch, n_decode = thread_split(enc.device)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch_threads(n_torch))
+        writer = None if dry_run else stack.enter_context(AsyncWriter(db_dir))
+        batches = iter_batches(
+            paths,
+            enc.prepare,
+            batch_size=batch_size,
+            min_size=enc.input_size,
+            workers=n_decode,
+            spec=enc.spec,
+            device=enc.device,
+            log=log,
+        )
+
+        def collect(indices: list[int], vecs: np.ndarray) -> None:
+            for i, v in zip(indices, vecs):
+                if writer is None:
+                    s.in_memory[todo[i].rel] = np.array(v, np.float32)
                 else:
-                    dbmod.write_embedding(db_dir, todo[i].rel, v, todo[i].mtime_ns)
-            s.encoded += len(batch.items)
-        bar.update(len(batch.indices) + len(batch.failures))
+                    writer.put(todo[i].rel, v, todo[i].mtime_ns)
+            s.encoded += len(indices)
+            bar.update(len(indices))
+
+        in_flight: tuple[list[int], Any] | None = None
+        for batch in batches:
+            for i, reason in batch.failures:
+                s.failed.append((paths[i], reason))
+                log(f"{paths[i]}: skipped: {reason}")
+            bar.update(len(batch.failures))
+            if not batch.items:
+                continue
+            job = enc.submit(batch.items) if enc.submit else _Done(enc.encode_batch(batch.items))
+            if in_flight is not None:
+                collect(in_flight[0], in_flight[1].result())
+            in_flight = (batch.indices, job)
+        if in_flight is not None:
+            collect(in_flight[0], in_flight[1].result())
     bar.close()
+
+
+class _Done:
+    """An encoder result that is already there (encoders without `submit`)."""
+
+    def __init__(self, vecs: np.ndarray) -> None:
+        self.vecs = vecs
+
+    def result(self) -> np.ndarray:
+        return self.vecs
 
 
 def load_embeddings(
@@ -177,14 +221,19 @@ def load_embeddings(
     *,
     dim: int | None,
     in_memory: dict[str, np.ndarray] | None = None,
+    dry_run: bool = False,
+    info: dbmod.LoadInfo | None = None,
 ) -> tuple[list[FileEntry], np.ndarray, list[tuple[str, str]], int]:
     """The embeddings of `entries` that the DB (or `in_memory`) holds, in entry order.
+
+    Reads through the DB's packed snapshot and refreshes it afterwards (see `db.load_files`),
+    except in a dry run (`dry_run`, or any `in_memory` vectors), which writes nothing.
 
     Returns:
         (entries with an embedding, float32 (N, D) matrix, DB read errors, count not in the DB).
     """
     in_memory = in_memory or {}
-    index = dbmod.index_db(db_dir) if os.path.isdir(db_dir) else dbmod.DBIndex({}, [], [])
+    index = dbmod.index_db(db_dir)
     on_disk: list[tuple[FileEntry, dbmod.DBFile]] = []
     missing = 0
     for e in entries:
@@ -195,11 +244,19 @@ def load_embeddings(
             missing += 1
     if dim is None and in_memory:
         dim = next(iter(in_memory.values())).shape[0]
-    mat, ok, errors = dbmod.load_rows([f for _, f in on_disk], dim)
+    mat, ok, errors = dbmod.load_files(
+        db_dir,
+        [f for _, f in on_disk],
+        dim,
+        started_ns=index.started_ns,
+        write_snapshot=not (dry_run or in_memory),
+        info=info,
+    )
+    kept = [e for (e, _), good in zip(on_disk, ok) if good]
     if not in_memory:
-        return [e for (e, _), good in zip(on_disk, ok) if good], mat[ok], errors, missing
+        return kept, mat, errors, missing
     # Dry run: merge the in-memory vectors, keeping scan order.
-    by_rel = {e.rel: mat[k] for k, (e, _) in enumerate(on_disk) if ok[k]}
+    by_rel = {e.rel: mat[k] for k, e in enumerate(kept)}
     by_rel.update(in_memory)
     kept = [e for e in entries if e.rel in by_rel]
     out = np.zeros((len(kept), mat.shape[1] if dim is None else dim), np.float32)
