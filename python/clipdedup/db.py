@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.errors import DBMismatchError, UserError
-from clipdedup.scan import FileEntry, scan_tree
+from clipdedup.scan import FileEntry, scan_table
 
 META_NAME = "clipdedup-db.json"
 FORMAT_VERSION = 1
@@ -133,6 +134,16 @@ class DBFile:
     mtime_ns: int
     size: int
     legacy: bool  # an original-tool .npz
+    ctime_ns: int = 0  # with ino: tells a rewritten file from an unchanged one (see snapshot.py)
+    ino: int = 0
+
+    @property
+    def key(self) -> str:
+        """The file's path relative to the DB root."""
+        return self.rel + (NPZ_SUFFIX if self.legacy else NPY_SUFFIX)
+
+
+_DBFILE_FIELDS = ["rel", "path", "mtime_ns", "size", "legacy", "ctime_ns", "ino"]
 
 
 @dataclass
@@ -140,33 +151,48 @@ class DBIndex:
     files: dict[str, DBFile]  # by image rel path; a .npy shadows a .npz of the same image
     temp_files: list[str]
     shadowed: list[str]  # .npz files that have a .npy beside them
+    started_ns: int = 0  # time.time_ns() before the files were stat'ed
 
 
 def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
-    files: dict[str, DBFile] = {}
+    """Every embedding file under `db_dir` (native scan), by image path; the snapshot is not one."""
+    started = time.time_ns()
+    if not os.path.isdir(db_dir):
+        return DBIndex({}, [], [], started)
+    t = scan_table(db_dir, suffixes=None)
     temps: list[str] = []
     shadowed: list[str] = []
-    if not os.path.isdir(db_dir):
-        return DBIndex(files, temps, shadowed)
-    res = scan_tree(db_dir, suffixes=None)
-    for e in res.entries:
-        full = os.path.join(db_dir, e.rel)
-        if e.rel.endswith(TMP_MARK):
-            temps.append(full)
+    picked: dict[str, int] = {}  # image rel -> row of t
+    for i, name in enumerate(t.rels):
+        if name.endswith(TMP_MARK):
+            temps.append(os.path.join(db_dir, name))
             continue
-        for suffix, legacy in ((NPY_SUFFIX, False), (NPZ_SUFFIX, True)):
-            if e.rel.endswith(suffix):
-                rel = e.rel[: -len(suffix)]
-                prev = files.get(rel)
-                f = DBFile(rel, full, e.mtime_ns, e.size, legacy)
-                if prev is None:
-                    files[rel] = f
-                elif prev.legacy and not legacy:
-                    files[rel] = f
-                    shadowed.append(prev.path)
-                elif legacy:
-                    shadowed.append(full)
-    return DBIndex(files, temps, shadowed)
+        legacy = name.endswith(NPZ_SUFFIX)
+        if not legacy and not name.endswith(NPY_SUFFIX):
+            continue
+        rel = name[: -len(NPZ_SUFFIX if legacy else NPY_SUFFIX)]
+        prev = picked.get(rel)
+        if prev is None:
+            picked[rel] = i
+        elif not legacy:  # the .npy shadows the .npz of the same image
+            shadowed.append(os.path.join(db_dir, t.rels[prev]))
+            picked[rel] = i
+        else:
+            shadowed.append(os.path.join(db_dir, name))
+    rows = np.fromiter(picked.values(), np.int64, len(picked))
+    rels = list(picked)
+    legacy_of = [t.rels[i].endswith(NPZ_SUFFIX) for i in rows.tolist()]
+    cols = [
+        rels,
+        [os.path.join(db_dir, t.rels[i]) for i in rows.tolist()],
+        t.mtime_ns[rows].tolist(),
+        t.size[rows].tolist(),
+        legacy_of,
+        t.ctime_ns[rows].tolist(),
+        t.ino[rows].tolist(),
+    ]
+    files = dict(zip(rels, native.construct(DBFile, _DBFILE_FIELDS, cols)))
+    return DBIndex(files, temps, shadowed, started)
 
 
 @dataclass
@@ -226,89 +252,28 @@ def remove_orphans(db_dir: str | os.PathLike[str], paths: Sequence[str]) -> list
     return removed
 
 
-def _read_legacy(path: str) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as z:
-        if NPZ_KEY not in z:
-            raise ValueError(f"no key {NPZ_KEY!r}")
-        return np.asarray(z[NPZ_KEY], dtype=np.float32).reshape(-1)
+# Loading lives in load.py; these names are re-exported so that `db` stays the one DB API.
+from clipdedup.load import LoadInfo, load_db, load_files, load_rows  # noqa: E402
 
-
-def load_rows(
-    files: Sequence[DBFile], dim: int | None = None, threads: int | None = None
-) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Loads the embeddings of `files` into one (N, D) float32 matrix.
-
-    Returns:
-        (matrix, ok, errors): matrix (N, D) float32; ok (N,) bool, false for a row that failed;
-        errors as (path, reason). D is `dim`, else taken from the first readable file.
-    """
-    if dim is None:
-        dim = _probe_dim(files)
-    if dim is None:
-        return (
-            np.zeros((len(files), 0), np.float32),
-            np.zeros(len(files), bool),
-            [(f.path, "unreadable embedding") for f in files],
-        )
-    out = np.zeros((len(files), dim), np.float32)
-    ok = np.ones(len(files), bool)
-    errors: list[tuple[str, str]] = []
-    npy_rows = [i for i, f in enumerate(files) if not f.legacy]
-    if npy_rows:
-        sub = out if len(npy_rows) == len(files) else np.zeros((len(npy_rows), dim), np.float32)
-        for r, reason in native.read_npy_into([files[i].path for i in npy_rows], sub, threads):
-            ok[npy_rows[r]] = False
-            errors.append((files[npy_rows[r]].path, reason))
-        if sub is not out:
-            out[npy_rows] = sub
-    for i, f in enumerate(files):
-        if not f.legacy:
-            continue
-        try:
-            v = _read_legacy(f.path)
-            if v.shape[0] != dim:
-                raise ValueError(f"dim {v.shape[0]}, DB holds dim {dim}")
-            out[i] = v
-        except Exception as e:  # a bad legacy file is a reason, not a crash
-            ok[i] = False
-            errors.append((f.path, f"{type(e).__name__}: {e}"))
-    errors.sort()
-    return out, ok, errors
-
-
-def _probe_dim(files: Sequence[DBFile]) -> int | None:
-    for f in files[:64]:
-        if f.legacy:
-            try:
-                return int(_read_legacy(f.path).shape[0])
-            except Exception:
-                continue
-        d, _ = native.npy_dim(f.path)
-        if d:
-            return d
-    return None
-
-
-def load_db(
-    db_dir: str | os.PathLike[str], *, errors: list[tuple[str, str]] | None = None
-) -> tuple[list[str], np.ndarray]:
-    """Loads a whole DB.
-
-    Args:
-        db_dir: the DB directory.
-        errors: if given, (path, reason) of each unreadable DB file is appended here.
-
-    Returns:
-        (paths, embeddings): relative image paths, sorted, and their float32 (N, D) matrix. Files
-        that cannot be read are left out.
-    """
-    if not os.path.isdir(db_dir):
-        raise UserError(f"{db_dir}: DB directory does not exist")
-    meta = read_meta(db_dir)
-    index = index_db(db_dir)
-    files = [index.files[r] for r in sorted(index.files, key=os.fsencode)]
-    mat, ok, errs = load_rows(files, meta.dim if meta else None)
-    if errors is not None:
-        errors.extend(errs)
-    paths = [f.rel for f, good in zip(files, ok) if good]
-    return paths, np.ascontiguousarray(mat[ok])
+__all__ = [
+    "DBFile",
+    "DBIndex",
+    "DBMeta",
+    "LoadInfo",
+    "UpdatePlan",
+    "atomic_write",
+    "check_meta",
+    "index_db",
+    "load_db",
+    "load_files",
+    "load_rows",
+    "meta_path",
+    "npy_bytes",
+    "npy_file_size",
+    "npy_path",
+    "plan_update",
+    "read_meta",
+    "remove_orphans",
+    "write_embedding",
+    "write_meta",
+]

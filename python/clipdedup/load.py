@@ -1,0 +1,257 @@
+"""Loading a DB's embeddings into one float32 matrix: native reader, packed snapshot, legacy .npz.
+
+`load_db` / `load_files` go through the snapshot (snapshot.py) and read only what changed from the
+`.npy` mirror; `load_rows` reads the files alone. The caller's matrix comes from
+`native.alloc_rows` (pinned when CUDA is present) and is never copied: failed rows are squeezed
+out in place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipdedup import native
+from clipdedup import snapshot as snap_mod
+from clipdedup.db import NPZ_KEY, DBFile, index_db, read_meta
+from clipdedup.errors import UserError
+
+
+def _read_legacy(path: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        if NPZ_KEY not in z:
+            raise ValueError(f"no key {NPZ_KEY!r}")
+        return np.asarray(z[NPZ_KEY], dtype=np.float32).reshape(-1)
+
+
+@dataclass
+class LoadInfo:
+    """How a load went, for logs and tests."""
+
+    snapshot: str = "not used"  # "used", "missing", "corrupt: ...", "dim ...", "not used"
+    from_snapshot: int = 0  # rows taken from the snapshot
+    from_files: int = 0  # rows read from .npy / .npz files
+    written: bool = False  # a new snapshot was written
+    write_error: str = ""
+
+
+def load_rows(
+    files: Sequence[DBFile], dim: int | None = None, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Loads the embeddings of `files` into one (N, D) float32 matrix, from the files alone.
+
+    Returns:
+        (matrix, ok, errors): matrix (N, D) float32, zero in a row that failed; ok (N,) bool;
+        errors as (path, reason). D is `dim`, else taken from the first readable file.
+    """
+    r = _fill(files, dim, None, threads, False)
+    r.mat[~r.ok] = 0
+    return r.mat, r.ok, r.errors
+
+
+def load_files(
+    db_dir: str | os.PathLike[str],
+    files: Sequence[DBFile],
+    dim: int | None = None,
+    *,
+    started_ns: int | None = None,
+    use_snapshot: bool = True,
+    write_snapshot: bool = True,
+    threads: int | None = None,
+    pinned: bool | None = None,
+    info: LoadInfo | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Loads the embeddings of `files` (from `index_db(db_dir)`) via the DB's packed snapshot.
+
+    Rows of unchanged files come from the snapshot, the rest from their files (see snapshot.py).
+    Afterwards, when anything was read from the files or the snapshot was missing, stale or
+    damaged, a new snapshot of the readable rows is written (never when `write_snapshot` is false,
+    as in a dry run); failing to write it is noted in `info`, not raised.
+
+    Args:
+        db_dir: the DB root.
+        files: N DB files, in the row order wanted.
+        dim: D; default the snapshot's, else the first readable file's.
+        started_ns: the index's `started_ns`; without it no snapshot is written.
+        threads: reader threads.
+        pinned: see `native.alloc_rows` (None: pinned when CUDA is present).
+        info: filled with what happened.
+
+    Returns:
+        (matrix, ok, errors): matrix float32 (K, D) of the readable rows in file order (a view of
+        the buffer from `native.alloc_rows`); ok (N,) bool; errors as (path, reason).
+    """
+    r = _fill(files, dim, db_dir if use_snapshot else None, threads, pinned)
+    if info is not None:
+        info.snapshot, info.from_snapshot = r.snapshot, int(r.from_snap.sum())
+        info.from_files = len(files) - info.from_snapshot
+    k = _compact(r.mat, r.ok)
+    mat = r.mat[:k]
+    if not (write_snapshot and started_ns is not None and k and os.path.isdir(db_dir)):
+        return mat, r.ok, r.errors
+    # Rewrite only for news: rows read from files that the new snapshot can vouch for, stale or
+    # unused rows in the old one, or no usable old one.
+    fresh = r.ok & ~r.from_snap
+    ctime = np.fromiter((f.ctime_ns for f in files), np.int64, len(files))
+    news = bool(np.any(ctime[fresh] <= started_ns - snap_mod.RACY_NS))
+    if r.snapshot == "used" and not news and not r.stale:
+        return mat, r.ok, r.errors
+    keep = [f for f, good in zip(files, r.ok) if good]
+    try:
+        snap_mod.write_snapshot(
+            db_dir, [f.key for f in keep], _stats(keep), mat, native.row_hashes(mat, 2), started_ns
+        )
+        if info is not None:
+            info.written = True
+    except OSError as e:
+        if info is not None:
+            info.write_error = f"{snap_mod.snapshot_path(db_dir)}: not written: {e.strerror or e}"
+    return mat, r.ok, r.errors
+
+
+@dataclass
+class _Filled:
+    mat: np.ndarray  # (N, D), rows not ok are garbage
+    ok: np.ndarray  # (N,) bool
+    errors: list[tuple[str, str]]
+    from_snap: np.ndarray  # (N,) bool: row came from the snapshot
+    snapshot: str  # LoadInfo.snapshot
+    stale: int  # snapshot rows not reused (changed, gone, unwanted, damaged)
+
+
+def _stats(files: Sequence[DBFile]) -> dict[str, np.ndarray]:
+    n = len(files)
+    return {
+        "mtime_ns": np.fromiter((f.mtime_ns for f in files), np.int64, n),
+        "size": np.fromiter((f.size for f in files), np.int64, n),
+        "ctime_ns": np.fromiter((f.ctime_ns for f in files), np.int64, n),
+        "ino": np.fromiter((f.ino for f in files), np.uint64, n),
+    }
+
+
+def _fill(files, dim, db_dir, threads, pinned) -> _Filled:
+    n = len(files)
+    snap, status = (None, "not used") if db_dir is None else snap_mod.read_snapshot(db_dir)
+    if snap is not None and dim is not None and snap.dim != dim:
+        snap, status = None, f"dim {snap.dim}, DB holds dim {dim}"
+    status = status or "used"
+    if dim is None:
+        dim = snap.dim if snap is not None else _probe_dim(files)
+    if dim is None:
+        errors = [(f.path, "unreadable embedding") for f in files]
+        return _Filled(np.zeros((n, 0), np.float32), np.zeros(n, bool), errors, np.zeros(n, bool), status, 0)
+    mat = native.alloc_rows(n, dim, pinned=pinned)
+    from_snap = np.zeros(n, bool)
+    stale = 0
+    if snap is not None and n:
+        src, dst, stale = snap_mod.reusable_rows(snap, [f.key for f in files], _stats(files))
+        fatal, bad = native.gather_rows(
+            snap.path, snap_mod.DATA_OFFSET, src, dst, snap.hashes[src], mat, threads
+        )
+        if fatal is not None:
+            status, stale = f"unreadable: {fatal}", len(snap.keys)
+        else:
+            from_snap[dst] = True
+            from_snap[dst[bad]] = False
+            stale += len(bad)
+    ok, errors = _read_from_files(files, np.flatnonzero(~from_snap), mat, threads)
+    return _Filled(mat, ok, errors, from_snap, status, stale)
+
+
+def _read_from_files(files, rows: np.ndarray, mat: np.ndarray, threads) -> tuple[np.ndarray, list]:
+    """Reads files[i] into mat[i] for i in rows: .npy natively, legacy .npz in Python."""
+    ok = np.ones(len(files), bool)
+    errors: list[tuple[str, str]] = []
+    dim = mat.shape[1]
+    npy = np.array([i for i in rows.tolist() if not files[i].legacy], np.int64)
+    if len(npy):
+        for k, reason in native.read_npy_into([files[i].path for i in npy.tolist()], mat, threads, npy):
+            ok[npy[k]] = False
+            errors.append((files[npy[k]].path, reason))
+    for i in rows.tolist():
+        f = files[i]
+        if not f.legacy:
+            continue
+        try:
+            v = _read_legacy(f.path)
+            if v.shape[0] != dim:
+                raise ValueError(f"dim {v.shape[0]}, DB holds dim {dim}")
+            mat[i] = v
+        except Exception as e:  # a bad legacy file is a reason, not a crash
+            ok[i] = False
+            errors.append((f.path, f"{type(e).__name__}: {e}"))
+    errors.sort()
+    return ok, errors
+
+
+def _compact(mat: np.ndarray, ok: np.ndarray, chunk: int = 4096) -> int:
+    """Moves the ok rows of `mat` to its front, in order, in place; returns how many.
+
+    Rows only move towards the front, so copying runs front to back in chunks never reads a row
+    that was already overwritten, and no second (N, D) buffer is needed.
+    """
+    k = int(ok.sum())
+    if k == len(ok):
+        return k
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], ok.astype(np.int8), [0]))))
+    dst = 0
+    for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist()):  # runs [start, stop) of ok rows
+        if start != dst:
+            for a in range(start, stop, chunk):
+                b = min(stop, a + chunk)
+                mat[dst + a - start : dst + b - start] = mat[a:b]  # numpy buffers an overlap
+        dst += stop - start
+    return k
+
+
+def _probe_dim(files: Sequence[DBFile]) -> int | None:
+    for f in files[:64]:
+        if f.legacy:
+            try:
+                return int(_read_legacy(f.path).shape[0])
+            except Exception:
+                continue
+        d, _ = native.npy_dim(f.path)
+        if d:
+            return d
+    return None
+
+
+def load_db(
+    db_dir: str | os.PathLike[str],
+    *,
+    errors: list[tuple[str, str]] | None = None,
+    write_snapshot: bool = True,
+    info: LoadInfo | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """Loads a whole DB, via its packed snapshot (see `load_files`).
+
+    Args:
+        db_dir: the DB directory.
+        errors: if given, (path, reason) of each unreadable DB file is appended here.
+        write_snapshot: write a fresh snapshot when the old one is missing or out of date.
+        info: if given, filled with how the load went.
+
+    Returns:
+        (paths, embeddings): relative image paths, sorted, and their float32 (N, D) matrix. Files
+        that cannot be read are left out.
+    """
+    if not os.path.isdir(db_dir):
+        raise UserError(f"{db_dir}: DB directory does not exist")
+    meta = read_meta(db_dir)
+    index = index_db(db_dir)
+    files = [index.files[r] for r in sorted(index.files, key=os.fsencode)]
+    mat, ok, errs = load_files(
+        db_dir,
+        files,
+        meta.dim if meta else None,
+        started_ns=index.started_ns,
+        write_snapshot=write_snapshot,
+        info=info,
+    )
+    if errors is not None:
+        errors.extend(errs)
+    return [f.rel for f, good in zip(files, ok) if good], mat
