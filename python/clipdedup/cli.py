@@ -52,6 +52,12 @@ def run_cli(cmd: click.Command, prog: str, args: list[str] | None = None) -> int
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # An I/O failure that no stage turned into a UserError (a full disk, a file size limit):
+        # still one line. Every write is atomic, so nothing half-written is left behind.
+        where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -463,17 +469,21 @@ def db_test_cmd(
     from clipdedup.update import update_db
 
     if not skip_update:
-        u = update_db(
-            image_dir,
-            db_dir,
-            model_id,
-            device=_check_device(device),
-            batch_size=batch_size,
-            force=force_update,
-            clean_orphans=clean_orphans,
-            progress=not quiet,
-            log=(lambda s: None) if quiet else None,
-        )
+        from clipdedup.lock import db_lock
+
+        log = (lambda s: None) if quiet else None
+        with db_lock(db_dir, log):
+            u = update_db(
+                image_dir,
+                db_dir,
+                model_id,
+                device=_check_device(device),
+                batch_size=batch_size,
+                force=force_update,
+                clean_orphans=clean_orphans,
+                progress=not quiet,
+                log=log,
+            )
         enc_s = u.seconds.get("encode", 0.0)
         rate = f"{u.encoded / enc_s:.1f} img/s" if enc_s > 0 and u.encoded else "n/a"
         click.echo(

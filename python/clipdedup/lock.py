@@ -91,7 +91,7 @@ class DirLock:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "cmd": " ".join(os.path.basename(a) if k == 0 else a for k, a in enumerate(sys.argv))[:200],
+                "cmd": " ".join(os.path.basename(a) if k == 0 else a for k, a in enumerate(sys.argv))[:100],
             }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
