@@ -248,7 +248,9 @@ def _run_dedup_locked(
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
-    kept, x, s.load_errors, s.not_in_db = load_embeddings(db_dir, entries, dim=dim, in_memory=u.in_memory)
+    kept, x, s.load_errors, s.not_in_db = load_embeddings(
+        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run
+    )
     s.loaded = len(kept)
     s.seconds["load"] = time.perf_counter() - t
     for path, reason in s.load_errors:
@@ -354,8 +356,13 @@ def _run_import_locked(
         )
     t = time.perf_counter()
     dim = (ub.meta or ui.meta).dim if (ub.meta or ui.meta) else None
-    bkept, xb, eb, nb = load_embeddings(base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory)
-    ikept, xi, ei, ni = load_embeddings(import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory)
+    # The base DB is only read: no cache (packed snapshot) is refreshed there either.
+    bkept, xb, eb, nb = load_embeddings(
+        base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True
+    )
+    ikept, xi, ei, ni = load_embeddings(
+        import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run
+    )
     s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
     s.seconds["load"] = time.perf_counter() - t
     for path, reason in s.load_errors:
