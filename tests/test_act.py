@@ -170,6 +170,7 @@ def test_link_chain_and_depends_on(tmp_path: Path) -> None:
     assert depends_on(str(tmp_path / "l2.jpg"), str(tmp_path / "l1.jpg"))
     assert not depends_on(str(tmp_path / "l1.jpg"), str(tmp_path / "l2.jpg"))
     assert not depends_on(str(tmp_path / "t.jpg"), str(tmp_path / "l1.jpg"))
+    assert not depends_on(str(tmp_path / "t.jpg"), str(tmp_path / "t.jpg"))
 
 
 def test_choose_keep_never_picks_a_symlink_over_its_target(tmp_path: Path) -> None:
@@ -177,14 +178,39 @@ def test_choose_keep_never_picks_a_symlink_over_its_target(tmp_path: Path) -> No
     os.symlink("z_real.jpg", tmp_path / "a_link.jpg")  # sorts first: plain tie-breaking would keep it
     os.symlink("a_link.jpg", tmp_path / "a_link2.jpg")
     write(tmp_path / "other.jpg", b"y" * 5)
-    cands = [Candidate(n, str(tmp_path / n), 10, 7) for n in ("a_link.jpg", "a_link2.jpg", "z_real.jpg")] + [
-        Candidate("other.jpg", str(tmp_path / "other.jpg"), 5, 7)
-    ]
+    names = ("a_link.jpg", "a_link2.jpg", "z_real.jpg")
+    cands = [Candidate(n, str(tmp_path / n), 10, 7) for n in names]
+    cands.append(Candidate("other.jpg", str(tmp_path / "other.jpg"), 5, 5))
+    root = str(tmp_path)
     for strategy in ("largest", "newest"):
-        assert cands[_choose_keep(cands, strategy)].rel == "z_real.jpg"
-    # A symlink whose target is outside the group may be kept.
-    only_links = [cands[0], cands[3]]
-    assert only_links[_choose_keep(only_links, "largest")].rel == "a_link.jpg"
+        assert cands[_choose_keep(root, cands, strategy)].rel == "z_real.jpg"
+    # Without its target in the group, a symlink may be kept, but a direct file comes first.
+    pair = [cands[0], cands[3]]
+    assert pair[_choose_keep(root, pair, "largest")].rel == "other.jpg"
+    # Only links: the one that the other passes through is kept (a_link2 -> a_link -> z_real).
+    links = [cands[1], cands[0]]
+    assert links[_choose_keep(root, links, "newest")].rel == "a_link.jpg"
+
+
+def test_same_file_through_a_symlinked_dir_is_never_moved(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    write(img / "a" / "x.jpg", b"the only copy")
+    os.symlink("a", img / "b")  # img/b/x.jpg is img/a/x.jpg by another route
+    cands = [Candidate(r, str(img / r), 13, 7) for r in ("b/x.jpg", "a/x.jpg")]
+    assert cands[_choose_keep(str(img), cands, "largest")].rel == "a/x.jpg"  # b/x.jpg sorts first
+    for src, kept in (("a/x.jpg", "b/x.jpg"), ("b/x.jpg", "a/x.jpg")):
+        r = move_duplicate(str(img), str(tmp_path / "t"), entry_of(img, src), str(img / kept))
+        assert r.dest is None and "this very file" in r.reason
+    assert (img / "a" / "x.jpg").read_bytes() == b"the only copy"
+
+
+def test_hard_links_are_separate_copies(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    write(img / "x.jpg", b"data")
+    os.link(img / "x.jpg", img / "y.jpg")
+    assert not depends_on(str(img / "x.jpg"), str(img / "y.jpg"))
+    r = move_duplicate(str(img), str(tmp_path / "t"), entry_of(img, "y.jpg"), str(img / "x.jpg"))
+    assert r.dest is not None and (img / "x.jpg").read_bytes() == b"data"
 
 
 def test_moved_symlink_stays_a_symlink(tmp_path: Path) -> None:
@@ -226,3 +252,77 @@ def test_dry_run_touches_nothing(pair, tmp_path: Path) -> None:
     r = move_duplicate(str(img), str(tmp_path / "trash"), dup, str(img / "keep.jpg"), dry_run=True)
     assert r.dest == str(tmp_path / "trash" / "dup.jpg")
     assert (img / "dup.jpg").exists() and not (tmp_path / "trash").exists()
+
+
+def _symlink_tree(testdata: Path, tmp_path: Path) -> tuple[Path, Path]:
+    img, outside = tmp_path / "img", tmp_path / "outside"
+    src = (testdata / "base_images" / "ukbench00120.jpg").read_bytes()
+    write(img / "real.jpg", src)
+    write(img / "sub" / "copy.jpg", src)
+    write(outside / "x.jpg", src)
+    write(img / "other.jpg", (testdata / "base_images" / "ukbench09380.jpg").read_bytes())
+    for k, p in enumerate((img / "real.jpg", img / "sub" / "copy.jpg", outside / "x.jpg")):
+        os.utime(p, ns=(10**18, 10**18 + k * 10**9))  # the file outside is the newest
+    os.symlink("real.jpg", img / "link.jpg")
+    os.symlink("..", img / "sub" / "loop")  # a directory loop
+    os.symlink(outside, img / "outside_link")
+    return img, outside
+
+
+def test_symlinks_not_followed_by_default(testdata: Path, tmp_path: Path, tiny_model: str) -> None:
+    from clipdedup.dedup import RunOptions, run_dedup
+
+    img, outside = _symlink_tree(testdata, tmp_path)
+    opts = RunOptions(model_id=tiny_model, threshold=1e-4, log=lambda line: None)
+    s = run_dedup(str(img), str(tmp_path / "db"), str(tmp_path / "trash"), opts)
+    assert [g.members for g in s.groups] == [["real.jpg", "sub/copy.jpg"]]
+    assert [m.rel for m in s.moved] == ["real.jpg"]
+    assert os.path.islink(img / "link.jpg") and (outside / "x.jpg").exists()
+
+
+def test_follow_symlinks_loops_links_and_outside_dirs(
+    testdata: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    from clipdedup import journal
+    from clipdedup.dedup import RunOptions, run_dedup
+
+    img, outside = _symlink_tree(testdata, tmp_path)
+    before = {p: (img / p).read_bytes() for p in ("real.jpg", "sub/copy.jpg", "other.jpg")}
+    opts = RunOptions(model_id=tiny_model, threshold=1e-4, log=lambda line: None, follow_symlinks=True)
+    s = run_dedup(str(img), str(tmp_path / "db"), str(tmp_path / "trash"), opts)  # returns: no hang
+    (g,) = s.groups
+    assert set(g.members) >= {"real.jpg", "link.jpg", "sub/copy.jpg", "outside_link/x.jpg"}
+    # Kept: the newest file reached directly (not the newer one outside, not the link).
+    assert g.kept == "sub/copy.jpg"
+    moves = {m.rel: m for m in g.moved}
+    assert (
+        moves["outside_link/x.jpg"].dest is None
+        and "outside the image dir" in moves["outside_link/x.jpg"].reason
+    )
+    assert moves["real.jpg"].dest is not None and moves["link.jpg"].dest is not None
+    assert os.path.islink(moves["link.jpg"].dest)  # the link moved as a link
+    assert (outside / "x.jpg").exists() and (img / "sub" / "copy.jpg").exists()
+    res = journal.undo(str(tmp_path / "trash"))
+    assert {r.status for r in res} == {"restored"}
+    assert {p: (img / p).read_bytes() for p in before} == before and os.path.islink(img / "link.jpg")
+
+
+def test_follow_symlinks_cli_flag(tmp_path: Path, monkeypatch) -> None:
+    from clipdedup import dedup
+    from clipdedup.cli import dedup_cmd, import_cmd, run_cli
+
+    seen = []
+    monkeypatch.setattr(
+        dedup, "run_dedup", lambda i, d, t, opts: seen.append(opts.follow_symlinks) or dedup.RunSummary()
+    )
+    monkeypatch.setattr(
+        dedup, "run_import", lambda *a: seen.append(a[-1].follow_symlinks) or dedup.RunSummary()
+    )
+    (tmp_path / "i").mkdir()
+    base = ["-i", str(tmp_path / "i"), "-d", str(tmp_path / "d"), "-q", "-m", "builtin:x"]
+    assert run_cli(dedup_cmd, "t", base) == 0
+    assert run_cli(dedup_cmd, "t", base + ["--follow-symlinks"]) == 0
+    imp = ["-bi", str(tmp_path / "i"), "-bd", str(tmp_path / "a"), "-ii", str(tmp_path / "i")]
+    imp += ["-id", str(tmp_path / "b"), "-q", "--follow-symlinks", "-m", "builtin:x"]
+    assert run_cli(import_cmd, "t", imp) == 0
+    assert seen == [False, True, True]

@@ -119,15 +119,26 @@ def link_chain(path: str, limit: int = 40) -> list[str]:
     return chain
 
 
-def depends_on(link: str, other: str) -> bool:
-    """Whether moving `other` away would break `link`: `other` lies on `link`'s symlink chain, or
-    is the regular file at its end."""
-    if not os.path.islink(link):
+def depends_on(path: str, other: str) -> bool:
+    """Whether moving `other` away would break `path`.
+
+    True when `other` is a symlink on `path`'s chain of links, or when `other` is not a symlink
+    and `path` resolves to the very same directory entry by another route (`path` is a symlink to
+    it, or lies in a symlinked directory). Hard links are separate entries: moving one leaves the
+    other whole, so they do not depend on each other.
+    """
+    if os.path.abspath(path) == os.path.abspath(other):
         return False
-    other_abs = os.path.abspath(other)
-    if other_abs in link_chain(link)[1:]:
-        return True
-    return not os.path.islink(other) and os.path.realpath(link) == os.path.realpath(other)
+    if os.path.islink(other):
+        return os.path.abspath(other) in link_chain(path)
+    return os.path.realpath(path) == os.path.realpath(other)
+
+
+def is_direct(path: str, image_dir: str, rel: str) -> bool:
+    """Whether image_dir/rel is the file's own entry, reached through no symlink below image_dir."""
+    return not os.path.islink(path) and os.path.realpath(path) == os.path.join(
+        os.path.realpath(image_dir), *rel.split("/")
+    )
 
 
 def check_before_move(
@@ -145,7 +156,7 @@ def check_before_move(
     if kept_entry is not None and verify_unchanged(kept_path, kept_entry) is not None:
         return f"its kept copy {kept_path} changed since the scan"
     if depends_on(kept_path, src):
-        return f"its kept copy {kept_path} is a symlink to it"
+        return f"its kept copy {kept_path} is this very file, or a symlink to it"
     return None
 
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from clipdedup import db as dbmod
 from clipdedup import journal as journalmod
-from clipdedup.act import MoveResult, depends_on, is_inside, move_duplicate
+from clipdedup.act import MoveResult, depends_on, is_direct, is_inside, move_duplicate
 from clipdedup.encode import DEFAULT_MODEL, default_threshold, load_encoder
 from clipdedup.errors import UserError
 from clipdedup.group import group_pairs
@@ -170,12 +170,18 @@ def _candidate(image_dir: str, e: FileEntry) -> Candidate:
     return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
 
 
-def _choose_keep(cands: list[Candidate], strategy: str) -> int:
-    """`choose_keep`, except that a symlink that depends on another member (points to it, or
-    through it) is never kept: moving that member would break the kept link."""
-    eligible = [
+def _choose_keep(image_dir: str, cands: list[Candidate], strategy: str) -> int:
+    """`choose_keep`, restricted to the members that are safe to keep.
+
+    A member that depends on another (a symlink to it or through it, or the same file reached
+    through a symlinked directory) is never kept, since moving that other would break it; and a
+    file reached through a symlink is kept only when no member is reached directly.
+    """
+    safe = [
         k for k, c in enumerate(cands) if not any(depends_on(c.path, o.path) for o in cands if o is not c)
-    ] or list(range(len(cands)))
+    ]
+    direct = [k for k in safe if is_direct(cands[k].path, image_dir, cands[k].rel)]
+    eligible = direct or safe or list(range(len(cands)))
     return eligible[choose_keep([cands[k] for k in eligible], strategy)]
 
 
@@ -267,7 +273,7 @@ def _run_dedup_locked(
     try:
         for gid, (members, dl) in enumerate(zip(groups, dists_by_group)):
             cands = [_candidate(image_dir, kept[k]) for k in members]
-            best = _choose_keep(cands, opts.keeping_logic)
+            best = _choose_keep(image_dir, cands, opts.keeping_logic)
             moved = []
             if trash_dir is not None:
                 for k, c in zip(members, cands):
