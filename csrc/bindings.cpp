@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "npy_reader.hpp"
+#include "npz_reader.hpp"
 #include "scanner.hpp"
 #include "snapshot.hpp"
 
@@ -21,9 +22,12 @@ py::tuple npy_header(const std::string& path) {
     return py::make_tuple(h.dim, h.data_offset, py::none());
 }
 
-std::vector<std::pair<std::size_t, std::string>> read_npy_into(
-    const std::vector<std::string>& paths, py::buffer out, int threads,
-    std::optional<py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>> rows) {
+using RowsArg = std::optional<py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>>;
+using RowReader = std::vector<clipdedup::RowError> (*)(const std::vector<std::string>&, float*, std::size_t, int,
+                                                       const std::int64_t*);
+
+std::vector<std::pair<std::size_t, std::string>> read_rows_into(RowReader reader, const std::vector<std::string>& paths,
+                                                                py::buffer out, int threads, RowsArg rows) {
     py::buffer_info info = out.request(/*writable=*/true);
     if (info.format != py::format_descriptor<float>::format() || info.itemsize != 4)
         throw py::type_error("out must be a float32 buffer");
@@ -47,7 +51,7 @@ std::vector<std::pair<std::size_t, std::string>> read_npy_into(
     std::vector<clipdedup::RowError> errors;
     {
         py::gil_scoped_release release;
-        errors = clipdedup::read_npy_rows(paths, static_cast<float*>(info.ptr), dim, threads, row_of);
+        errors = reader(paths, static_cast<float*>(info.ptr), dim, threads, row_of);
     }
     std::vector<std::pair<std::size_t, std::string>> result;
     result.reserve(errors.size());
@@ -172,10 +176,23 @@ PYBIND11_MODULE(_native, m) {
     m.doc() = "Native I/O of clip-image-deduper (private; use clipdedup.native).";
     m.def("npy_header", &npy_header, py::arg("path"),
           "(dim, data_offset, None) for a valid one-vector float32 .npy, else (None, None, reason).");
-    m.def("read_npy_into", &read_npy_into, py::arg("paths"), py::arg("out"), py::arg("threads") = 0,
-          py::arg("rows") = py::none(),
+    m.def(
+        "read_npy_into",
+        [](const std::vector<std::string>& paths, py::buffer out, int threads, RowsArg rows) {
+            return read_rows_into(&clipdedup::read_npy_rows, paths, out, threads, rows);
+        },
+        py::arg("paths"), py::arg("out"), py::arg("threads") = 0, py::arg("rows") = py::none(),
           "Reads .npy paths[i] into row rows[i] (default i) of out (float32, (M, D), C order) with the "
           "GIL released. Returns [(i, reason)] for the files that could not be read.");
+
+    m.def(
+        "read_npz_into",
+        [](const std::vector<std::string>& paths, py::buffer out, int threads, RowsArg rows) {
+            return read_rows_into(&clipdedup::read_npz_rows, paths, out, threads, rows);
+        },
+        py::arg("paths"), py::arg("out"), py::arg("threads") = 0, py::arg("rows") = py::none(),
+        "As read_npy_into, for the original tool's .npz files (member clip_embedding.npy).");
+    m.def("npz_supported", &clipdedup::npz_supported, "Whether this build reads .npz natively (zlib).");
 
     py::class_<clipdedup::ScanOutput>(m, "ScanOutput", "Result of scan_tree, sorted by path bytes.")
         .def("__len__", [](const clipdedup::ScanOutput& o) { return o.records.size(); })

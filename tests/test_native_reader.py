@@ -161,9 +161,12 @@ def test_load_rows_mixes_npy_and_legacy_npz(tmp_path: Path) -> None:
         files.append(dbmod.DBFile(f"{k}.jpg", path, 0, 0, bool(k % 2)))
     np.savez(tmp_path / "bad.npz", other=vs[0])
     files.append(dbmod.DBFile("bad", str(tmp_path / "bad.npz"), 0, 0, True))
+    np.savez(tmp_path / "f64.npz", clip_embedding=vs[1].astype(np.float64))  # native refuses, np.load reads
+    files.append(dbmod.DBFile("f64", str(tmp_path / "f64.npz"), 0, 0, True))
     mat, ok, errors = dbmod.load_rows(files, None, threads=3)
-    assert ok.tolist() == [True] * 4 + [False]
+    assert ok.tolist() == [True] * 4 + [False, True]
     np.testing.assert_array_equal(mat[:4], vs)
+    np.testing.assert_array_equal(mat[5], vs[1])
     assert not mat[4].any()
     assert errors == [(files[4].path, "ValueError: no key 'clip_embedding'")]
 
@@ -196,3 +199,59 @@ def test_alloc_rows_pinned_is_torch_pinned_and_readable_into(tmp_path: Path) -> 
     v = np.arange(9, dtype=np.float32)
     assert native.read_npy_into([_save(tmp_path / "a.npy", v)], a[:1]) == []
     np.testing.assert_array_equal(torch.from_numpy(a[:1]).cuda().cpu().numpy()[0], v)
+
+
+needs_npz = pytest.mark.skipif(not native.npz_supported(), reason="built without zlib: .npz read in Python")
+
+
+@needs_npz
+@pytest.mark.parametrize("dim", [1, 3, 511, 1280])
+@pytest.mark.parametrize("threads", [1, 2, 5, 8])
+def test_npz_matches_np_load(tmp_path: Path, dim: int, threads: int) -> None:
+    from clipdedup.load import read_legacy_ref
+
+    rng = np.random.default_rng(dim + threads)
+    paths = []
+    for k in range(int(rng.integers(1, 40))):
+        p = tmp_path / f"{k} ü.npz"
+        v = rng.standard_normal(dim).astype(np.float32)
+        # the original wrote savez_compressed; plain savez (stored members) is read too
+        (np.savez_compressed if k % 3 else np.savez)(p, clip_embedding=v, other=v[:1])
+        paths.append(str(p))
+    out = _poisoned(len(paths), dim)
+    assert native.read_npz_into(paths, out, threads) == []
+    np.testing.assert_array_equal(out, np.stack([read_legacy_ref(p) for p in paths]))
+
+
+@needs_npz
+def test_npz_refusals(tmp_path: Path) -> None:
+    dim = 8
+    v = np.arange(dim, dtype=np.float32)
+    np.savez_compressed(tmp_path / "good.npz", clip_embedding=v)
+    good = (tmp_path / "good.npz").read_bytes()
+    cases = {
+        "nokey.npz": "no key 'clip_embedding'",
+        "f64.npz": "dtype '<f8'",
+        "dim.npz": "dim 9, DB holds dim 8",
+        "cut.npz": "not a zip archive",
+        "flipped.npz": "",  # a flipped byte in the deflate stream: damaged data or CRC
+        "text.npz": "not a zip archive",
+        "missing.npz": "open: No such file or directory",
+    }
+    np.savez_compressed(tmp_path / "nokey.npz", embedding=v)
+    np.savez_compressed(tmp_path / "f64.npz", clip_embedding=v.astype(np.float64))
+    np.savez_compressed(tmp_path / "dim.npz", clip_embedding=np.ones(dim + 1, np.float32))
+    (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])
+    flipped = bytearray(good)
+    data = 30 + int.from_bytes(good[26:28], "little") + int.from_bytes(good[28:30], "little")
+    flipped[data + 5] ^= 0xFF  # inside the deflate stream
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    (tmp_path / "text.npz").write_text("hello")
+    names = sorted(cases)
+    out = _poisoned(len(names) + 1, dim)
+    errors = dict(native.read_npz_into([tmp_path / n for n in [*names, "good.npz"]], out, 3))
+    assert sorted(errors) == list(range(len(names)))
+    for k, n in enumerate(names):
+        assert errors[k].startswith(cases[n]), (n, errors[k])
+        assert np.isnan(out[k]).all()
+    np.testing.assert_array_equal(out[-1], v)

@@ -251,3 +251,14 @@ def test_unreadable_directory_is_reported_not_fatal() -> None:
     assert got == ref
     assert [e.rel for e in got.entries] == ["c.png", "ok/a.jpg"]
     assert got.errors == [(os.path.join(base, "locked"), "cannot list directory: Permission denied")]
+
+
+def test_sorted_by_bytes_equals_fsencode_order() -> None:
+    from clipdedup.scan import sorted_by_bytes
+
+    rng = random.Random(7)
+    alphabet = ["a", "B", "/", ".", " ", "é", "\ue000", "\U0001f600", "\udcff", "\udc80", "z", "\x7f"]
+    for with_escapes in (False, True):
+        pool = alphabet if with_escapes else [c for c in alphabet if not 0xDC80 <= ord(c) <= 0xDCFF]
+        names = ["".join(rng.choice(pool) for _ in range(rng.randrange(1, 6))) for _ in range(300)]
+        assert sorted_by_bytes(names) == sorted(names, key=os.fsencode)

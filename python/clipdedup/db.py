@@ -160,34 +160,29 @@ def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
     if not os.path.isdir(db_dir):
         return DBIndex({}, [], [], started)
     t = scan_table(db_dir, suffixes=None)
+    prefix = os.path.join(db_dir, "")
+    names = t.rels
     temps: list[str] = []
     shadowed: list[str] = []
     picked: dict[str, int] = {}  # image rel -> row of t
-    for i, name in enumerate(t.rels):
-        if name.endswith(TMP_MARK):
-            temps.append(os.path.join(db_dir, name))
-            continue
-        legacy = name.endswith(NPZ_SUFFIX)
-        if not legacy and not name.endswith(NPY_SUFFIX):
-            continue
-        rel = name[: -len(NPZ_SUFFIX if legacy else NPY_SUFFIX)]
-        prev = picked.get(rel)
-        if prev is None:
-            picked[rel] = i
-        elif not legacy:  # the .npy shadows the .npz of the same image
-            shadowed.append(os.path.join(db_dir, t.rels[prev]))
-            picked[rel] = i
-        else:
-            shadowed.append(os.path.join(db_dir, name))
+    for i, name in enumerate(names):
+        ext = name[-4:]  # NPY_SUFFIX and NPZ_SUFFIX are both 4 characters
+        if ext == NPY_SUFFIX or ext == NPZ_SUFFIX:
+            prev = picked.setdefault(name[:-4], i)
+            if prev != i:  # a .npy and a .npz for one image: the .npy wins
+                npz, npy = (prev, i) if ext == NPY_SUFFIX else (i, prev)
+                picked[name[:-4]] = npy
+                shadowed.append(prefix + names[npz])
+        elif name.endswith(TMP_MARK):
+            temps.append(prefix + name)
     rows = np.fromiter(picked.values(), np.int64, len(picked))
     rels = list(picked)
-    legacy_of = [t.rels[i].endswith(NPZ_SUFFIX) for i in rows.tolist()]
     cols = [
         rels,
-        [os.path.join(db_dir, t.rels[i]) for i in rows.tolist()],
+        [prefix + names[i] for i in rows.tolist()],
         t.mtime_ns[rows].tolist(),
         t.size[rows].tolist(),
-        legacy_of,
+        [names[i].endswith(NPZ_SUFFIX) for i in rows.tolist()],
         t.ctime_ns[rows].tolist(),
         t.ino[rows].tolist(),
     ]

@@ -18,9 +18,11 @@ from clipdedup import native
 from clipdedup import snapshot as snap_mod
 from clipdedup.db import NPZ_KEY, DBFile, index_db, read_meta
 from clipdedup.errors import UserError
+from clipdedup.scan import sorted_by_bytes
 
 
-def _read_legacy(path: str) -> np.ndarray:
+def read_legacy_ref(path: str) -> np.ndarray:
+    """One original-tool .npz embedding, read with np.load (the reference of the native reader)."""
     with np.load(path, allow_pickle=False) as z:
         if NPZ_KEY not in z:
             raise ValueError(f"no key {NPZ_KEY!r}")
@@ -162,27 +164,28 @@ def _fill(files, dim, db_dir, threads, pinned) -> _Filled:
 
 
 def _read_from_files(files, rows: np.ndarray, mat: np.ndarray, threads) -> tuple[np.ndarray, list]:
-    """Reads files[i] into mat[i] for i in rows: .npy natively, legacy .npz in Python."""
+    """Reads files[i] into mat[i] for i in rows: .npy and .npz natively, what the native .npz
+    reader refuses again with np.load (`read_legacy_ref`, which also converts other dtypes)."""
     ok = np.ones(len(files), bool)
     errors: list[tuple[str, str]] = []
-    dim = mat.shape[1]
-    npy = np.array([i for i in rows.tolist() if not files[i].legacy], np.int64)
-    if len(npy):
-        for k, reason in native.read_npy_into([files[i].path for i in npy.tolist()], mat, threads, npy):
-            ok[npy[k]] = False
-            errors.append((files[npy[k]].path, reason))
-    for i in rows.tolist():
-        f = files[i]
-        if not f.legacy:
+    for legacy, reader in ((False, native.read_npy_into), (True, native.read_npz_into)):
+        which = np.array([i for i in rows.tolist() if files[i].legacy == legacy], np.int64)
+        if not len(which):
             continue
-        try:
-            v = _read_legacy(f.path)
-            if v.shape[0] != dim:
-                raise ValueError(f"dim {v.shape[0]}, DB holds dim {dim}")
-            mat[i] = v
-        except Exception as e:  # a bad legacy file is a reason, not a crash
-            ok[i] = False
-            errors.append((f.path, f"{type(e).__name__}: {e}"))
+        for k, reason in reader([files[i].path for i in which.tolist()], mat, threads, which):
+            i = int(which[k])
+            if not legacy:
+                ok[i] = False
+                errors.append((files[i].path, reason))
+                continue
+            try:
+                v = read_legacy_ref(files[i].path)
+                if v.shape[0] != mat.shape[1]:
+                    raise ValueError(f"dim {v.shape[0]}, DB holds dim {mat.shape[1]}")
+                mat[i] = v
+            except Exception as e:  # a bad legacy file is a reason, not a crash
+                ok[i] = False
+                errors.append((files[i].path, f"{type(e).__name__}: {e}"))
     errors.sort()
     return ok, errors
 
@@ -211,7 +214,7 @@ def _probe_dim(files: Sequence[DBFile]) -> int | None:
     for f in files[:64]:
         if f.legacy:
             try:
-                return int(_read_legacy(f.path).shape[0])
+                return int(read_legacy_ref(f.path).shape[0])
             except Exception:
                 continue
         d, _ = native.npy_dim(f.path)
@@ -243,7 +246,7 @@ def load_db(
         raise UserError(f"{db_dir}: DB directory does not exist")
     meta = read_meta(db_dir)
     index = index_db(db_dir)
-    files = [index.files[r] for r in sorted(index.files, key=os.fsencode)]
+    files = [index.files[r] for r in sorted_by_bytes(list(index.files))]
     mat, ok, errs = load_files(
         db_dir,
         files,

@@ -53,6 +53,27 @@ def read_npy_into(
     return list(_native.read_npy_into(encoded, out, threads or default_threads(), rows))
 
 
+def read_npz_into(
+    paths: Sequence[str | os.PathLike[str]],
+    out: np.ndarray,
+    threads: int | None = None,
+    rows: np.ndarray | None = None,
+) -> list[tuple[int, str]]:
+    """As `read_npy_into`, for the original tool's `.npz` files (array `clip_embedding`, '<f4').
+
+    Stored and deflated members are read natively when the build has zlib (`npz_supported()`);
+    every file it cannot read is reported, so the caller can retry it with np.load.
+    """
+    _check_matrix(out)
+    encoded = [os.fsencode(p) for p in paths]
+    return list(_native.read_npz_into(encoded, out, threads or default_threads(), rows))
+
+
+def npz_supported() -> bool:
+    """Whether this build reads `.npz` files natively."""
+    return bool(_native.npz_supported())
+
+
 def scan_tree(
     root: bytes, suffixes: list[bytes] | None, exclude: list[bytes], follow_symlinks: bool, threads: int
 ) -> ScanOutput:

@@ -72,6 +72,19 @@ class ScanTable:
 _ENTRY_FIELDS = [f.name for f in fields(FileEntry)]
 
 
+def sorted_by_bytes(names: Sequence[str]) -> list[str]:
+    """`sorted(names, key=os.fsencode)`, without encoding each name when none holds an escape.
+
+    UTF-8 orders like code points, so plain str order is byte order unless a name carries a
+    surrogate escape (a non-UTF-8 byte), which strict encoding refuses.
+    """
+    try:
+        "".join(names).encode("utf-8")
+    except UnicodeEncodeError:
+        return sorted(names, key=os.fsencode)
+    return sorted(names)
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
