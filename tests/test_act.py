@@ -326,3 +326,29 @@ def test_follow_symlinks_cli_flag(tmp_path: Path, monkeypatch) -> None:
     imp += ["-id", str(tmp_path / "b"), "-q", "--follow-symlinks", "-m", "builtin:x"]
     assert run_cli(import_cmd, "t", imp) == 0
     assert seen == [False, True, True]
+
+
+def test_kept_file_gone_mid_run_leaves_the_whole_group(
+    testdata: Path, tmp_path: Path, tiny_model: str, monkeypatch
+) -> None:
+    from clipdedup import dedup
+    from clipdedup.dedup import RunOptions, run_dedup
+
+    img, outside = _symlink_tree(testdata, tmp_path)
+    write(img / "third.jpg", (img / "real.jpg").read_bytes())
+    os.utime(img / "third.jpg", ns=(10**18, 10**18 - 10**9))  # older than sub/copy.jpg, which is kept
+    real_choose = dedup._choose_keep
+
+    def choose_then_lose(image_dir, cands, strategy):
+        best = real_choose(image_dir, cands, strategy)
+        os.unlink(cands[best].path)  # the kept file vanishes right after the decision
+        return best
+
+    monkeypatch.setattr(dedup, "_choose_keep", choose_then_lose)
+    before = {p.name: p.read_bytes() for p in (img / "real.jpg", img / "third.jpg")}
+    opts = RunOptions(model_id=tiny_model, threshold=1e-4, log=lambda line: None)
+    s = run_dedup(str(img), str(tmp_path / "db"), str(tmp_path / "trash"), opts)
+    (g,) = s.groups
+    assert g.kept == "sub/copy.jpg" and s.moved == []
+    assert all("is gone" in m.reason for m in g.moved) and len(g.moved) == 2
+    assert {n: (img / n).read_bytes() for n in before} == before  # the last copies stay
