@@ -3,7 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <optional>
+#include <string_view>
+#include <unordered_map>
 #include <thread>
 
 #include "npy_reader.hpp"
@@ -72,6 +75,55 @@ py::array_t<T> column(const clipdedup::ScanOutput& o, F get) {
     T* p = a.mutable_data();
     for (std::size_t i = 0; i < o.records.size(); ++i) p[i] = get(o.records[i]);
     return a;
+}
+
+// The DB-index view of a scan of a DB dir: which records are embedding files (a .npy shadows the
+// .npz of the same image), which are stale temp files. Indices are into o.records, ascending.
+py::tuple classify_db(const clipdedup::ScanOutput& o, const std::string& tmp_mark) {
+    auto ends = [](const std::string& s, const char* suf, std::size_t n) {
+        return s.size() >= n && std::memcmp(s.data() + s.size() - n, suf, n) == 0;
+    };
+    std::unordered_map<std::string_view, std::size_t> by_image;
+    std::vector<std::size_t> temps, shadowed;
+    for (std::size_t i = 0; i < o.records.size(); ++i) {
+        const std::string& rel = o.records[i].rel;
+        const bool npy = ends(rel, ".npy", 4);
+        if (npy || ends(rel, ".npz", 4)) {
+            auto [it, fresh] = by_image.emplace(std::string_view(rel.data(), rel.size() - 4), i);
+            if (!fresh) {
+                const std::size_t loser = npy ? it->second : i;
+                if (npy) it->second = i;
+                shadowed.push_back(loser);
+            }
+        } else if (ends(rel, tmp_mark.data(), tmp_mark.size())) {
+            temps.push_back(i);
+        }
+    }
+    std::vector<std::size_t> picked;
+    picked.reserve(by_image.size());
+    for (const auto& kv : by_image) picked.push_back(kv.second);
+    std::sort(picked.begin(), picked.end());
+    std::sort(shadowed.begin(), shadowed.end());
+    return py::make_tuple(py::array_t<std::int64_t>(picked.size(), reinterpret_cast<const std::int64_t*>(picked.data())),
+                          temps, shadowed);
+}
+
+// fsdecode(prefix + rel minus its last `drop` bytes) of the records at `idx`.
+py::list names_of(const clipdedup::ScanOutput& o,
+                  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> idx,
+                  const std::string& prefix, std::size_t drop) {
+    const std::int64_t* p = idx.data();
+    const auto n = static_cast<std::size_t>(idx.size());
+    py::list out(n);
+    std::string buf;
+    for (std::size_t k = 0; k < n; ++k) {
+        if (p[k] < 0 || static_cast<std::size_t>(p[k]) >= o.records.size()) throw py::index_error("record index");
+        const std::string& rel = o.records[static_cast<std::size_t>(p[k])].rel;
+        buf.assign(prefix);
+        buf.append(rel, 0, rel.size() - std::min(drop, rel.size()));
+        PyList_SET_ITEM(out.ptr(), static_cast<py::ssize_t>(k), fsdecode(buf).release().ptr());
+    }
+    return out;
 }
 
 clipdedup::ScanOutput scan(const std::string& root, std::optional<std::vector<std::string>> suffixes,
@@ -214,6 +266,11 @@ PYBIND11_MODULE(_native, m) {
                      if (o.records[i].suffix_unsure) idx.push_back(i);
                  return idx;
              })
+        .def("classify_db", &classify_db, py::arg("tmp_mark"),
+             "(picked int64 array, temps, shadowed): record indices of the embedding files, the temp "
+             "files and the .npz files a .npy shadows.")
+        .def("names", &names_of, py::arg("idx"), py::arg("prefix") = "", py::arg("drop") = 0,
+             "[fsdecode(prefix + rel[:-drop])] of the records at idx.")
         .def("errors", [](const clipdedup::ScanOutput& o) {
             py::list out;
             for (const auto& e : o.errors) out.append(py::make_tuple(fsdecode(e.rel), e.reason));

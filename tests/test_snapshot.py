@@ -13,7 +13,7 @@ import pytest
 from clipdedup import db as dbmod
 from clipdedup import snapshot as snap_mod
 from clipdedup.load import _compact
-from clipdedup.scan import FileEntry, scan_tree
+from clipdedup.scan import FileEntry, scan_tree, scan_tree_ref
 from clipdedup.update import load_embeddings, update_db
 
 DIM = 37  # odd on purpose: rows are not a multiple of 8 bytes
@@ -301,3 +301,42 @@ def test_dry_run_update_and_load_change_nothing(pics: Path, tmp_path: Path) -> N
     kept, x, _, _ = load_embeddings(db, entries, dim=None, in_memory=u.in_memory, dry_run=True)
     assert victim.rel in {e.rel for e in kept} and len(kept) == len(x) > 10
     assert _disk_state(db) == before
+
+
+def _index_ref(db: Path) -> dbmod.DBIndex:
+    """index_db the plain way: the reference walker, then suffix rules per file."""
+    files: dict[str, dbmod.DBFile] = {}
+    temps, shadowed = [], []
+    for e in scan_tree_ref(db, suffixes=None).entries:
+        full = os.path.join(db, e.rel)
+        st = os.stat(full)
+        if e.rel.endswith(dbmod.TMP_MARK):
+            temps.append(full)
+        elif e.rel.endswith((".npy", ".npz")):
+            legacy = e.rel.endswith(".npz")
+            f = dbmod.DBFile(e.rel[:-4], full, e.mtime_ns, e.size, legacy, st.st_ctime_ns, st.st_ino)
+            prev = files.get(f.rel)
+            if prev is None or (prev.legacy and not legacy):
+                files[f.rel] = f
+                if prev is not None:
+                    shadowed.append(prev.path)
+            else:
+                shadowed.append(full)
+    return dbmod.DBIndex(files, sorted(temps, key=os.fsencode), sorted(shadowed, key=os.fsencode))
+
+
+def test_index_db_matches_reference(tmp_path: Path) -> None:
+    v = np.ones(3, np.float32)
+    for rel in ["a.jpg", "b/c d.png", "ü/x.jpg", "x.npy", "x.npy.jpg", "n\nl.jpg", "dup.jpg", "z/dup.jpg"]:
+        dbmod.write_embedding(tmp_path, rel, v)
+    for rel in ["dup.jpg", "only_legacy.jpg", "z/dup.jpg", "z/y.jpg"]:
+        np.savez(tmp_path / (rel + ".npz"), clip_embedding=v)
+    (tmp_path / ".x.npy.123.clipdedup-tmp").write_bytes(b"")
+    (tmp_path / "b" / "notes.txt").write_bytes(b"")
+    (tmp_path / "upper.NPY").write_bytes(b"")
+    os.mkdir(os.fsencode(tmp_path) + b"/\xff")
+    dbmod.write_embedding(tmp_path, os.fsdecode(b"\xff/raw.jpg"), v)
+    got, want = dbmod.index_db(tmp_path), _index_ref(tmp_path)
+    assert list(got.files.items()) == list(want.files.items())
+    assert got.temp_files == want.temp_files and got.shadowed == want.shadowed
+    assert len(got.shadowed) == 2 and len(got.temp_files) == 1

@@ -20,7 +20,7 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.errors import DBMismatchError, UserError
-from clipdedup.scan import FileEntry, scan_table
+from clipdedup.scan import FileEntry, scan_native
 
 META_NAME = "clipdedup-db.json"
 FORMAT_VERSION = 1
@@ -159,34 +159,23 @@ def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
     started = time.time_ns()
     if not os.path.isdir(db_dir):
         return DBIndex({}, [], [], started)
-    t = scan_table(db_dir, suffixes=None)
-    prefix = os.path.join(db_dir, "")
-    names = t.rels
-    temps: list[str] = []
-    shadowed: list[str] = []
-    picked: dict[str, int] = {}  # image rel -> row of t
-    for i, name in enumerate(names):
-        ext = name[-4:]  # NPY_SUFFIX and NPZ_SUFFIX are both 4 characters
-        if ext == NPY_SUFFIX or ext == NPZ_SUFFIX:
-            prev = picked.setdefault(name[:-4], i)
-            if prev != i:  # a .npy and a .npz for one image: the .npy wins
-                npz, npy = (prev, i) if ext == NPY_SUFFIX else (i, prev)
-                picked[name[:-4]] = npy
-                shadowed.append(prefix + names[npz])
-        elif name.endswith(TMP_MARK):
-            temps.append(prefix + name)
-    rows = np.fromiter(picked.values(), np.int64, len(picked))
-    rels = list(picked)
+    out, _errors = scan_native(db_dir, suffixes=None)
+    picked, temps, shadowed = out.classify_db(TMP_MARK)
+    prefix = os.fsencode(os.path.join(db_dir, ""))
+    rels = out.names(picked, b"", len(NPY_SUFFIX))  # NPY_SUFFIX and NPZ_SUFFIX: 4 bytes each
+    full = out.names(picked, prefix)
     cols = [
         rels,
-        [prefix + names[i] for i in rows.tolist()],
-        t.mtime_ns[rows].tolist(),
-        t.size[rows].tolist(),
-        [names[i].endswith(NPZ_SUFFIX) for i in rows.tolist()],
-        t.ctime_ns[rows].tolist(),
-        t.ino[rows].tolist(),
+        full,
+        out.mtime_ns()[picked].tolist(),
+        out.size()[picked].tolist(),
+        [p.endswith(NPZ_SUFFIX) for p in full],
+        out.ctime_ns()[picked].tolist(),
+        out.ino()[picked].tolist(),
     ]
     files = dict(zip(rels, native.construct(DBFile, _DBFILE_FIELDS, cols)))
+    temps = out.names(np.array(temps, np.int64), prefix)
+    shadowed = out.names(np.array(shadowed, np.int64), prefix)
     return DBIndex(files, temps, shadowed, started)
 
 

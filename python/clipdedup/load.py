@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
 from clipdedup import native
 from clipdedup import snapshot as snap_mod
-from clipdedup.db import NPZ_KEY, DBFile, index_db, read_meta
+from clipdedup.db import NPY_SUFFIX, NPZ_KEY, NPZ_SUFFIX, DBFile, index_db, read_meta
 from clipdedup.errors import UserError
 from clipdedup.scan import sorted_by_bytes
 
@@ -86,7 +87,8 @@ def load_files(
         (matrix, ok, errors): matrix float32 (K, D) of the readable rows in file order (a view of
         the buffer from `native.alloc_rows`); ok (N,) bool; errors as (path, reason).
     """
-    r = _fill(files, dim, db_dir if use_snapshot else None, threads, pinned)
+    keys, stats = _keys(files), _stats(files)
+    r = _fill(files, dim, db_dir if use_snapshot else None, threads, pinned, keys, stats)
     if info is not None:
         info.snapshot, info.from_snapshot = r.snapshot, int(r.from_snap.sum())
         info.from_files = len(files) - info.from_snapshot
@@ -97,15 +99,13 @@ def load_files(
     # Rewrite only for news: rows read from files that the new snapshot can vouch for, stale or
     # unused rows in the old one, or no usable old one.
     fresh = r.ok & ~r.from_snap
-    ctime = np.fromiter((f.ctime_ns for f in files), np.int64, len(files))
-    news = bool(np.any(ctime[fresh] <= started_ns - snap_mod.RACY_NS))
+    news = bool(np.any(stats["ctime_ns"][fresh] <= started_ns - snap_mod.RACY_NS))
     if r.snapshot == "used" and not news and not r.stale:
         return mat, r.ok, r.errors
-    keep = [f for f, good in zip(files, r.ok) if good]
+    keys = [key for key, good in zip(keys, r.ok.tolist()) if good]
+    stats = {name: col[r.ok] for name, col in stats.items()}
     try:
-        snap_mod.write_snapshot(
-            db_dir, [f.key for f in keep], _stats(keep), mat, native.row_hashes(mat, 2), started_ns
-        )
+        snap_mod.write_snapshot(db_dir, keys, stats, mat, native.row_hashes(mat, 2), started_ns)
         if info is not None:
             info.written = True
     except OSError as e:
@@ -124,17 +124,19 @@ class _Filled:
     stale: int  # snapshot rows not reused (changed, gone, unwanted, damaged)
 
 
+def _keys(files: Sequence[DBFile]) -> list[str]:
+    return [f.rel + (NPZ_SUFFIX if f.legacy else NPY_SUFFIX) for f in files]  # DBFile.key, inlined
+
+
 def _stats(files: Sequence[DBFile]) -> dict[str, np.ndarray]:
     n = len(files)
     return {
-        "mtime_ns": np.fromiter((f.mtime_ns for f in files), np.int64, n),
-        "size": np.fromiter((f.size for f in files), np.int64, n),
-        "ctime_ns": np.fromiter((f.ctime_ns for f in files), np.int64, n),
-        "ino": np.fromiter((f.ino for f in files), np.uint64, n),
+        name: np.fromiter(map(attrgetter(name), files), np.uint64 if name == "ino" else np.int64, n)
+        for name in ("mtime_ns", "size", "ctime_ns", "ino")
     }
 
 
-def _fill(files, dim, db_dir, threads, pinned) -> _Filled:
+def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None) -> _Filled:
     n = len(files)
     snap, status = (None, "not used") if db_dir is None else snap_mod.read_snapshot(db_dir)
     if snap is not None and dim is not None and snap.dim != dim:
@@ -149,7 +151,7 @@ def _fill(files, dim, db_dir, threads, pinned) -> _Filled:
     from_snap = np.zeros(n, bool)
     stale = 0
     if snap is not None and n:
-        src, dst, stale = snap_mod.reusable_rows(snap, [f.key for f in files], _stats(files))
+        src, dst, stale = snap_mod.reusable_rows(snap, keys, stats)
         fatal, bad = native.gather_rows(
             snap.path, snap_mod.DATA_OFFSET, src, dst, snap.hashes[src], mat, threads
         )

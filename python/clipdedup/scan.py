@@ -93,6 +93,36 @@ def _suffix_ok(name: str, suffixes: frozenset[str] | None) -> bool:
     return suffixes is None or os.path.splitext(name)[1].lower() in suffixes
 
 
+def scan_native(
+    root: PathArg,
+    *,
+    suffixes: frozenset[str] | None = IMAGE_EXTENSIONS,
+    exclude: Sequence[PathArg] | None = None,
+    follow_symlinks: bool = False,
+    threads: int | None = None,
+) -> tuple[native.ScanOutput, list[tuple[str, str]]]:
+    """The native walk's raw output, and its errors as (path, reason).
+
+    With `suffixes`, records flagged `unsure()` (a non-ASCII suffix) still need the str.lower()
+    check that `scan_table` applies; with suffixes=None there are none.
+    """
+    root_s = str(Path(root))
+    # Suffixes that are not lowercase never match (the name's suffix is lowercased first); the
+    # native side compares ASCII only and flags non-ASCII suffixes for the caller.
+    ascii_suffixes = None
+    if suffixes is not None:
+        ascii_suffixes = [s.encode() for s in suffixes if s.isascii() and s == s.lower()]
+    out = native.scan_tree(
+        os.fsencode(root_s),
+        ascii_suffixes,
+        [os.fsencode(p) for p in (exclude or [])],
+        follow_symlinks,
+        native.default_threads() if threads is None else threads,
+    )
+    errors = [(os.path.join(root_s, rel) if rel else root_s, reason) for rel, reason in out.errors()]
+    return out, errors
+
+
 def scan_table(
     root: PathArg,
     *,
@@ -102,29 +132,17 @@ def scan_table(
     threads: int | None = None,
 ) -> ScanTable:
     """The native walk as columns (see the module docstring for what is listed)."""
-    root_s = str(Path(root))
-    # Suffixes that are not lowercase never match (the name's suffix is lowercased first); the
-    # native side compares ASCII only and flags non-ASCII suffixes for the check below.
-    ascii_suffixes = (
-        None if suffixes is None else [s.encode() for s in suffixes if s.isascii() and s == s.lower()]
-    )
-    out = native.scan_tree(
-        os.fsencode(root_s),
-        ascii_suffixes,
-        [os.fsencode(p) for p in (exclude or [])],
-        follow_symlinks,
-        native.default_threads() if threads is None else threads,
+    out, errors = scan_native(
+        root, suffixes=suffixes, exclude=exclude, follow_symlinks=follow_symlinks, threads=threads
     )
     rels = out.rels()
     cols = [out.mtime_ns(), out.ctime_ns(), out.size(), out.ino()]
-    unsure = out.unsure()
-    drop = [i for i in unsure if not _suffix_ok(rels[i].rsplit("/", 1)[-1], suffixes)]
+    drop = [i for i in out.unsure() if not _suffix_ok(rels[i].rsplit("/", 1)[-1], suffixes)]
     if drop:
         keep = np.ones(len(rels), bool)
         keep[drop] = False
         rels = [r for r, k in zip(rels, keep) if k]
         cols = [c[keep] for c in cols]
-    errors = [(os.path.join(root_s, rel) if rel else root_s, reason) for rel, reason in out.errors()]
     return ScanTable(rels, cols[0], cols[1], cols[2], cols[3], errors)
 
 
