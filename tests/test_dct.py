@@ -62,7 +62,7 @@ def test_brightness_contrast_invariance_and_flip_sensitivity(testdata: Path) -> 
     d = np.linalg.norm(v - v[0], axis=1)
     thr = clipdedup.default_threshold("builtin:dct")
     assert np.all(d[1:4] < thr / 2), d
-    assert d[4] > 2 * thr, d
+    assert d[4] > thr * 1.1, d
 
 
 def test_registry_threshold_and_unknown_builtin() -> None:

@@ -246,6 +246,7 @@ def test_thread_split_and_restore() -> None:
     assert thread_split("cpu", 2) == (2, 1)
     assert thread_split("cpu", 16) == (16, 4)
     assert thread_split("cuda", 16)[1] == 16
+    assert thread_split("cpu", 2, torch_model=False)[1] == 2
     before = torch.get_num_threads()
     with torch_threads(1):
         assert torch.get_num_threads() == 1

@@ -164,7 +164,7 @@ def _encode_into_db(
     """
     paths = [os.path.join(image_dir, e.rel) for e in todo]
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not progress, file=sys.stderr)
-    n_torch, n_decode = thread_split(enc.device)
+    n_torch, n_decode = thread_split(enc.device, torch_model=enc.runner is not None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch_threads(n_torch))
         writer = None if dry_run else stack.enter_context(AsyncWriter(db_dir))
