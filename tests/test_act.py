@@ -352,3 +352,25 @@ def test_kept_file_gone_mid_run_leaves_the_whole_group(
     assert g.kept == "sub/copy.jpg" and s.moved == []
     assert all("is gone" in m.reason for m in g.moved) and len(g.moved) == 2
     assert {n: (img / n).read_bytes() for n in before} == before  # the last copies stay
+
+
+def test_skip_update_never_acts_on_a_stale_embedding(testdata: Path, tmp_path: Path, tiny_model: str) -> None:
+    from clipdedup.dedup import RunOptions, run_dedup
+
+    img, db = tmp_path / "img", tmp_path / "db"
+    src = (testdata / "base_images" / "ukbench00120.jpg").read_bytes()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        write(img / name, src)
+    opts = RunOptions(model_id=tiny_model, threshold=1e-4, log=lambda line: None)
+    run_dedup(str(img), str(db), None, opts)  # the DB now holds all three
+    # b.jpg becomes another picture after it was encoded; the DB is not updated.
+    write(img / "b.jpg", (testdata / "base_images" / "ukbench09380.jpg").read_bytes())
+    st = (img / "b.jpg").stat()
+    os.utime(img / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    opts.skip_update = True
+    s = run_dedup(str(img), str(db), str(tmp_path / "trash"), opts)
+    assert [g.members for g in s.groups] == [["a.jpg", "c.jpg"]]
+    assert s.updates["images"].failed == [
+        (str(img / "b.jpg"), "changed since it was encoded; left out (--skip-update)")
+    ]
+    assert (img / "b.jpg").exists() and len(s.moved) == 1

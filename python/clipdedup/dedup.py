@@ -111,9 +111,11 @@ def _update_or_read(
     missing from the DB or newer than their entry are encoded in memory only, and nothing is
     written to or removed from the DB."""
     scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks)
+    entries = scan.entries
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = dbmod.read_meta(db_dir)
+        entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
     else:
         enc = encoder_cache.get("enc")
         u = update_db(
@@ -131,7 +133,22 @@ def _update_or_read(
             encoder=enc or _lazy_encoder(opts, encoder_cache, scan, db_dir),
         )
     s.updates[label] = u
-    return u, scan.entries
+    return u, entries
+
+
+def _encoded_as_scanned(
+    image_dir: str, db_dir: str, entries: list[FileEntry], u: UpdateSummary, opts: RunOptions
+) -> list[FileEntry]:
+    """With --skip-update, the images whose embedding no longer matches them (changed since it was
+    made) are left out, with a reason: a run never acts on a stale embedding."""
+    index = dbmod.index_db(db_dir)
+    plan = dbmod.plan_update(entries, index, dim=u.meta.dim if u.meta else None)
+    stale = {e.rel for e in plan.to_encode if e.rel in index.files}
+    for rel in sorted(stale, key=os.fsencode):
+        path = os.path.join(image_dir, rel)
+        u.failed.append((path, "changed since it was encoded; left out (--skip-update)"))
+        opts.say(f"{path}: skipped: changed since it was encoded (--skip-update)")
+    return [e for e in entries if e.rel not in stale]
 
 
 def _lazy_encoder(opts: RunOptions, cache: dict, scan, db_dir: str):
