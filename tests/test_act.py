@@ -11,6 +11,7 @@ import pytest
 from clipdedup import act
 from clipdedup.act import (
     check_before_move,
+    choose_keep_safe,
     depends_on,
     free_destination,
     is_inside,
@@ -19,7 +20,6 @@ from clipdedup.act import (
     move_exact,
     move_no_replace,
 )
-from clipdedup.dedup import _choose_keep
 from clipdedup.keep import Candidate
 from clipdedup.scan import FileEntry
 
@@ -183,13 +183,13 @@ def test_choose_keep_never_picks_a_symlink_over_its_target(tmp_path: Path) -> No
     cands.append(Candidate("other.jpg", str(tmp_path / "other.jpg"), 5, 5))
     root = str(tmp_path)
     for strategy in ("largest", "newest"):
-        assert cands[_choose_keep(root, cands, strategy)].rel == "z_real.jpg"
+        assert cands[choose_keep_safe(root, cands, strategy)].rel == "z_real.jpg"
     # Without its target in the group, a symlink may be kept, but a direct file comes first.
     pair = [cands[0], cands[3]]
-    assert pair[_choose_keep(root, pair, "largest")].rel == "other.jpg"
+    assert pair[choose_keep_safe(root, pair, "largest")].rel == "other.jpg"
     # Only links: the one that the other passes through is kept (a_link2 -> a_link -> z_real).
     links = [cands[1], cands[0]]
-    assert links[_choose_keep(root, links, "newest")].rel == "a_link.jpg"
+    assert links[choose_keep_safe(root, links, "newest")].rel == "a_link.jpg"
 
 
 def test_same_file_through_a_symlinked_dir_is_never_moved(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_same_file_through_a_symlinked_dir_is_never_moved(tmp_path: Path) -> Non
     write(img / "a" / "x.jpg", b"the only copy")
     os.symlink("a", img / "b")  # img/b/x.jpg is img/a/x.jpg by another route
     cands = [Candidate(r, str(img / r), 13, 7) for r in ("b/x.jpg", "a/x.jpg")]
-    assert cands[_choose_keep(str(img), cands, "largest")].rel == "a/x.jpg"  # b/x.jpg sorts first
+    assert cands[choose_keep_safe(str(img), cands, "largest")].rel == "a/x.jpg"  # b/x.jpg sorts first
     for src, kept in (("a/x.jpg", "b/x.jpg"), ("b/x.jpg", "a/x.jpg")):
         r = move_duplicate(str(img), str(tmp_path / "t"), entry_of(img, src), str(img / kept))
         assert r.dest is None and "this very file" in r.reason
@@ -283,8 +283,8 @@ def test_symlinks_not_followed_by_default(testdata: Path, tmp_path: Path, tiny_m
 def test_follow_symlinks_loops_links_and_outside_dirs(
     testdata: Path, tmp_path: Path, tiny_model: str
 ) -> None:
-    from clipdedup import journal
     from clipdedup.dedup import RunOptions, run_dedup
+    from clipdedup.undo import undo
 
     img, outside = _symlink_tree(testdata, tmp_path)
     before = {p: (img / p).read_bytes() for p in ("real.jpg", "sub/copy.jpg", "other.jpg")}
@@ -302,7 +302,7 @@ def test_follow_symlinks_loops_links_and_outside_dirs(
     assert moves["real.jpg"].dest is not None and moves["link.jpg"].dest is not None
     assert os.path.islink(moves["link.jpg"].dest)  # the link moved as a link
     assert (outside / "x.jpg").exists() and (img / "sub" / "copy.jpg").exists()
-    res = journal.undo(str(tmp_path / "trash"))
+    res = undo(str(tmp_path / "trash"))
     assert {r.status for r in res} == {"restored"}
     assert {p: (img / p).read_bytes() for p in before} == before and os.path.islink(img / "link.jpg")
 
@@ -337,14 +337,14 @@ def test_kept_file_gone_mid_run_leaves_the_whole_group(
     img, outside = _symlink_tree(testdata, tmp_path)
     write(img / "third.jpg", (img / "real.jpg").read_bytes())
     os.utime(img / "third.jpg", ns=(10**18, 10**18 - 10**9))  # older than sub/copy.jpg, which is kept
-    real_choose = dedup._choose_keep
+    real_choose = dedup.choose_keep_safe
 
     def choose_then_lose(image_dir, cands, strategy):
         best = real_choose(image_dir, cands, strategy)
         os.unlink(cands[best].path)  # the kept file vanishes right after the decision
         return best
 
-    monkeypatch.setattr(dedup, "_choose_keep", choose_then_lose)
+    monkeypatch.setattr(dedup, "choose_keep_safe", choose_then_lose)
     before = {p.name: p.read_bytes() for p in (img / "real.jpg", img / "third.jpg")}
     opts = RunOptions(model_id=tiny_model, threshold=1e-4, log=lambda line: None)
     s = run_dedup(str(img), str(tmp_path / "db"), str(tmp_path / "trash"), opts)

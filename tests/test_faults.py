@@ -26,6 +26,7 @@ from PIL import Image
 
 from clipdedup import journal as jm
 from clipdedup.db import TMP_MARK, load_db, npy_file_size
+from clipdedup.undo import undo
 from clipdedup.update import update_db
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"
@@ -160,7 +161,7 @@ def _kill_during_moves(testdata: Path, tmp_path: Path, model: str, rounds: int) 
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             if kill_when(proc, lambda t=trash, k=k: journal_moves(t) >= k, 0.0):
                 break
-            jm.undo(str(trash))  # finished before the kill: put back and try again
+            undo(str(trash))  # finished before the kill: put back and try again
             k = max(1, k // 2)
         else:
             raise AssertionError(f"{why}: the run always finished before the kill")
@@ -171,7 +172,7 @@ def _kill_during_moves(testdata: Path, tmp_path: Path, model: str, rounds: int) 
             n = journal_moves(trash)
             proc = subprocess.Popen(ucmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             kill_when(proc, lambda t=trash, n=n: _undone(t) >= max(1, n // 3), 0.0)
-        res = jm.undo(str(trash))
+        res = undo(str(trash))
         assert all(x.status in ("restored", "nothing-to-do") for x in res), (why, [x.line() for x in res])
         assert tree_hashes(img) == before, why
         assert tree_hashes(trash) == {}, why

@@ -15,6 +15,7 @@ from clipdedup.cli import dedup_cmd, run_cli
 from clipdedup.errors import UserError
 from clipdedup.lock import trash_lock
 from clipdedup.scan import FileEntry
+from clipdedup.undo import undo
 
 
 def sha(p: Path) -> str:
@@ -95,23 +96,23 @@ def test_undo_restores_byte_identical_and_is_idempotent(setup) -> None:
     before = tree(img)
     move_all(img, trash)
     assert set(tree(img)) == {"keep.jpg"}
-    res = jm.undo(str(trash))
+    res = undo(str(trash))
     assert [r.status for r in res] == ["restored"] * 4
     assert tree(img) == before and tree(trash) == {}
-    assert jm.undo(str(trash)) == []  # everything already undone
+    assert undo(str(trash)) == []  # everything already undone
 
 
 def test_undo_never_overwrites_a_file_that_reappeared(setup) -> None:
     img, trash = setup
     move_all(img, trash)
     (img / "sub" / "d1.jpg").write_bytes(b"new file")
-    res = {Path(r.source).name: r for r in jm.undo(str(trash))}
+    res = {Path(r.source).name: r for r in undo(str(trash))}
     assert res["d1.jpg"].status == "refused" and "reappeared" in res["d1.jpg"].message
     assert (img / "sub" / "d1.jpg").read_bytes() == b"new file"
     assert (trash / "sub" / "d1.jpg").exists()
     assert all(res[f"d{k}.jpg"].status == "restored" for k in (0, 2, 3))
     # A second undo reports the same refusal (the move stays open) and still overwrites nothing.
-    again = jm.undo(str(trash))
+    again = undo(str(trash))
     assert [r.status for r in again] == ["refused"]
 
 
@@ -119,7 +120,7 @@ def test_undo_checks_the_content_hash(setup) -> None:
     img, trash = setup
     move_all(img, trash)
     (trash / "sub" / "d2.jpg").write_bytes(b"edited in the trash")
-    res = {Path(r.source).name: r for r in jm.undo(str(trash))}
+    res = {Path(r.source).name: r for r in undo(str(trash))}
     assert res["d2.jpg"].status == "refused" and "content" in res["d2.jpg"].message
     assert not (img / "sub" / "d2.jpg").exists()
 
@@ -166,14 +167,14 @@ def test_undo_after_a_crash_mid_move(setup, state: str, status: str) -> None:
         f["dst"].write_bytes(f["data"])
     elif state == "partial-copy":
         f["dst"].write_bytes(f["data"][:100])
-    (r,) = jm.undo(str(trash))
+    (r,) = undo(str(trash))
     assert r.status == status, r.message
     assert tree(img) == before
     if state == "partial-copy":
         assert "incomplete copy" in r.message and f["dst"].exists()  # reported, never deleted
     else:
         assert not f["dst"].exists()
-    assert jm.undo(str(trash)) == []
+    assert undo(str(trash)) == []
 
 
 def test_undo_after_a_crash_mid_undo(setup, monkeypatch) -> None:
@@ -195,13 +196,13 @@ def test_undo_after_a_crash_mid_undo(setup, monkeypatch) -> None:
 
     monkeypatch.setattr(act.os, "unlink", crash_on_second_unlink)
     with pytest.raises(KeyboardInterrupt):
-        jm.undo(str(trash))
+        undo(str(trash))
     monkeypatch.setattr(act.os, "unlink", real_unlink)
     half = [p for p in (img / "sub").iterdir()]
     assert any(
         (trash / "sub" / p.name).exists() and os.path.samefile(p, trash / "sub" / p.name) for p in half
     )
-    res = jm.undo(str(trash))
+    res = undo(str(trash))
     assert all(r.status == "restored" for r in res) and len(res) == 3
     assert tree(img) == before and tree(trash) == {}
 
@@ -215,12 +216,12 @@ def test_undo_one_run_only(setup) -> None:
     assert r.dest == str(trash / "sub" / "d0 (1).jpg")
     infos, _ = jm.runs(trash)
     assert [(i.run, i.count("done")) for i in infos] == [("r1", 4), ("r2", 1)]
-    res = jm.undo(str(trash), "r2")
+    res = undo(str(trash), "r2")
     assert [x.status for x in res] == ["restored"]
     assert (img / "sub" / "d0.jpg").read_bytes() == b"a new d0, moved by the second run"
     assert not (img / "sub" / "d1.jpg").exists()
     with pytest.raises(UserError, match="no run 'r3'"):
-        jm.undo(str(trash), "r3")
+        undo(str(trash), "r3")
 
 
 def test_torn_last_line_is_skipped_and_not_glued(setup) -> None:
@@ -234,7 +235,7 @@ def test_torn_last_line_is_skipped_and_not_glued(setup) -> None:
     recs, bad = jm.read_records(trash)
     assert len(bad) == 1 and "unreadable journal line" in bad[0]
     assert [r["t"] for r in recs if r["run"] == "r2"] == ["run", "move", "done"]
-    assert sorted(r.status for r in jm.undo(str(trash))) == ["restored"] * 5
+    assert sorted(r.status for r in undo(str(trash))) == ["restored"] * 5
 
 
 def test_non_utf8_names_round_trip(tmp_path: Path) -> None:
@@ -249,7 +250,7 @@ def test_non_utf8_names_round_trip(tmp_path: Path) -> None:
         r = move_duplicate(str(img), str(trash), entry(img, name), str(img / "keep.jpg"), journal=j)
     assert r.dest is not None and not os.path.exists(raw)
     json.loads(Path(jm.journal_path(trash)).read_text("ascii").splitlines()[1])  # plain ASCII JSON
-    (res,) = jm.undo(str(trash))
+    (res,) = undo(str(trash))
     assert res.status == "restored"
     with open(raw, "rb") as f:
         assert f.read() == b"bytes"
@@ -260,8 +261,8 @@ def test_undo_waits_for_no_one_and_refuses_during_a_run(setup) -> None:
     move_all(img, trash)
     with trash_lock(str(trash)):
         with pytest.raises(UserError, match="in use by another run"):
-            jm.undo(str(trash))
-    assert len(jm.undo(str(trash))) == 4
+            undo(str(trash))
+    assert len(undo(str(trash))) == 4
 
 
 def test_undo_cli(setup, capsys) -> None:

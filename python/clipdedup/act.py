@@ -1,5 +1,5 @@
 """Moving duplicates to the trash dir: verified right before, journaled, never overwriting, never
-deleting; and putting them back (`restore_one`, used by `journal.undo`).
+deleting (`undo.py` puts them back).
 
 A move is a hard link to the destination (which fails rather than replace anything) followed by
 unlinking the source, so at every instant at least one name holds the content. Across file systems
@@ -14,7 +14,8 @@ import shutil
 import stat
 from dataclasses import dataclass
 
-from clipdedup.journal import Journal, MoveEntry, UndoResult, content_hash
+from clipdedup.journal import Journal, content_hash
+from clipdedup.keep import Candidate, choose_keep
 from clipdedup.scan import FileEntry
 
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES)
@@ -237,60 +238,56 @@ def _journaled_move(
     return MoveResult(entry.rel, src, None, f"cannot move: no free name beside {dst}")
 
 
-def _same_inode(a: str, b: str) -> bool:
-    sa, sb = os.lstat(a), os.lstat(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+def choose_keep_safe(image_dir: str, cands: list[Candidate], strategy: str) -> int:
+    """`keep.choose_keep`, restricted to the members that are safe to keep.
 
-
-def _hash_or_none(path: str) -> str | None:
-    try:
-        return content_hash(path)
-    except OSError:
-        return None
-
-
-def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoResult:
-    """Puts one journaled file back at its source, whatever state a crash left the move in.
-
-    Never overwrites: if something else sits at the source, the trashed file stays where it is.
+    A member that depends on another (a symlink to it or through it, or the same file reached
+    through a symlinked directory) is never kept, since moving that other would break it; and a
+    file reached through a symlink is kept only when no member is reached directly.
     """
-    src = m.rec["source"]
-    dst = os.path.join(trash_dir, m.rec["dest"])
-    want = m.rec["hash"]
-    at_src, at_dst = os.path.lexists(src), os.path.lexists(dst)
+    safe = [
+        k for k, c in enumerate(cands) if not any(depends_on(c.path, o.path) for o in cands if o is not c)
+    ]
+    direct = [k for k in safe if is_direct(cands[k].path, image_dir, cands[k].rel)]
+    eligible = direct or safe or list(range(len(cands)))
+    return eligible[choose_keep([cands[k] for k in eligible], strategy)]
 
-    def res(status: str, msg: str) -> UndoResult:
-        return UndoResult(src, dst, status, msg)
 
-    if not at_dst:
-        if not at_src:
-            return res("missing", f"neither here nor at {dst} in the trash")
-        if m.state == "pending" or _hash_or_none(src) == want:
-            return res("nothing-to-do", "already in place")
-        return res("refused", f"not in the trash ({dst} is gone) and a different file is here")
-    if at_src and _same_inode(src, dst):
-        # Killed between link and unlink (of the move, or of an earlier undo): one file, two names.
+class Mover:
+    """Moves one run's duplicates from `image_dir` to `trash_dir` through one journal.
+
+    The journal opens at the first real move, so a run that moves nothing writes none. After
+    `close()`, `journal_path` names the journal if anything was moved through it.
+    """
+
+    def __init__(self, image_dir: str, trash_dir: str, *, dry_run: bool, strategy: str, mode: str):
+        self.image_dir, self.trash_dir, self.dry_run, self.strategy = image_dir, trash_dir, dry_run, strategy
+        self.run_id: str | None = None
+        self.journal_path: str | None = None
+        self._journal: Journal | None = None
         if not dry_run:
-            os.unlink(dst)
-        return res("restored", f"was at both names; dropped the trash name {dst}")
-    got = _hash_or_none(dst)
-    if at_src:
-        if m.state == "pending" and _hash_or_none(src) == want:
-            if got == want:
-                if not dry_run:
-                    os.unlink(dst)  # a complete copy made by a cross-device move cut short
-                return res("restored", f"the move had not finished; dropped the copy {dst}")
-            return res("nothing-to-do", f"the move had not finished; incomplete copy left at {dst}")
-        return res("refused", f"a file has reappeared here; left {dst} in the trash")
-    if got != want:
-        return res("refused", f"{dst} no longer has the content that was moved; left in the trash")
-    if dry_run:
-        return res("restored", f"would move back from {dst}")
-    try:
-        os.makedirs(os.path.dirname(src) or ".", exist_ok=True)
-        move_exact(dst, src)
-    except FileExistsError:
-        return res("refused", f"a file has reappeared here; left {dst} in the trash")
-    except OSError as e:
-        return res("refused", f"cannot move back from {dst}: {e.strerror or e}")
-    return res("restored", f"moved back from {dst}")
+            from clipdedup.journal import new_run_id, run_header
+
+            self.run_id = new_run_id()
+            self._journal = Journal(trash_dir, self.run_id, run_header(image_dir, trash_dir, strategy, mode))
+
+    def move(self, entry: FileEntry, kept_path: str, kept_entry: FileEntry, group: int) -> MoveResult:
+        """`move_duplicate` of image_dir/entry.rel, its kept twin checked against `kept_entry`."""
+        r = move_duplicate(
+            self.image_dir,
+            self.trash_dir,
+            entry,
+            kept_path,
+            dry_run=self.dry_run,
+            kept_entry=kept_entry,
+            journal=self._journal,
+            group=group,
+            strategy=self.strategy,
+        )
+        if r.dest is not None and self._journal is not None:
+            self.journal_path = self._journal.path
+        return r
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()

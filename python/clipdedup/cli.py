@@ -378,9 +378,9 @@ def undo_cmd(trash_dir: str, run_id: str | None, list_runs: bool, dry_run: bool,
                 f"rolled back {i.count('failed')}"
             )
         return 0
-    results = journal.undo(
-        trash_dir, run_id, dry_run=dry_run, log=(lambda line: None) if quiet else click.echo
-    )
+    from clipdedup.undo import undo
+
+    results = undo(trash_dir, run_id, dry_run=dry_run, log=(lambda line: None) if quiet else click.echo)
     counts = {
         k: sum(1 for r in results if r.status == k)
         for k in ("restored", "nothing-to-do", "refused", "missing")

@@ -16,13 +16,12 @@ import numpy as np
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
-from clipdedup import journal as journalmod
-from clipdedup.act import MoveResult, depends_on, is_direct, is_inside, move_duplicate
+from clipdedup.act import Mover, MoveResult, choose_keep_safe, is_inside
 from clipdedup.encode import DEFAULT_MODEL, default_threshold, load_encoder
 from clipdedup.errors import UserError
 from clipdedup.group import group_pairs
-from clipdedup.keep import STRATEGIES, Candidate, choose_keep
-from clipdedup.lock import db_lock, trash_lock
+from clipdedup.keep import STRATEGIES, Candidate
+from clipdedup.lock import run_locks
 from clipdedup.match import MATCHERS, find_pairs
 from clipdedup.scan import FileEntry
 from clipdedup.update import UpdateSummary, load_embeddings, resolve_model_id, scan_images, update_db
@@ -187,67 +186,16 @@ def _candidate(image_dir: str, e: FileEntry) -> Candidate:
     return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
 
 
-def _choose_keep(image_dir: str, cands: list[Candidate], strategy: str) -> int:
-    """`choose_keep`, restricted to the members that are safe to keep.
-
-    A member that depends on another (a symlink to it or through it, or the same file reached
-    through a symlinked directory) is never kept, since moving that other would break it; and a
-    file reached through a symlink is kept only when no member is reached directly.
-    """
-    safe = [
-        k for k, c in enumerate(cands) if not any(depends_on(c.path, o.path) for o in cands if o is not c)
-    ]
-    direct = [k for k in safe if is_direct(cands[k].path, image_dir, cands[k].rel)]
-    eligible = direct or safe or list(range(len(cands)))
-    return eligible[choose_keep([cands[k] for k in eligible], strategy)]
+def _mover(image_dir: str, trash_dir: str | None, opts: RunOptions, mode: str) -> Mover | None:
+    if trash_dir is None:
+        return None
+    return Mover(image_dir, trash_dir, dry_run=opts.dry_run, strategy=opts.keeping_logic, mode=mode)
 
 
-def _take_locks(
-    stack: contextlib.ExitStack, opts: RunOptions, db_dirs: list[str], trash_dir: str | None
-) -> None:
-    """Locks the DB dirs this run writes and its trash dir; a dry run writes nothing and locks nothing."""
-    if opts.dry_run:
-        return
-    taken: set[str] = set()
-    for d in db_dirs:
-        if os.path.realpath(d) not in taken:
-            taken.add(os.path.realpath(d))
-            stack.enter_context(db_lock(d, opts.say))
-    if trash_dir is not None:
-        stack.enter_context(trash_lock(trash_dir, opts.say))
-
-
-class _Mover:
-    """Moves a run's duplicates through one journal (opened at the first move)."""
-
-    def __init__(self, image_dir: str, trash_dir: str | None, opts: RunOptions, mode: str, s: RunSummary):
-        self.image_dir, self.trash_dir, self.opts, self.s = image_dir, trash_dir, opts, s
-        self.journal = None
-        if trash_dir is not None and not opts.dry_run:
-            s.run_id = journalmod.new_run_id()
-            header = journalmod.run_header(image_dir, trash_dir, opts.keeping_logic, mode)
-            self.journal = journalmod.Journal(trash_dir, s.run_id, header)
-
-    def move(self, entry: FileEntry, kept_path: str, kept_entry: FileEntry, group: int) -> MoveResult:
-        assert self.trash_dir is not None
-        r = move_duplicate(
-            self.image_dir,
-            self.trash_dir,
-            entry,
-            kept_path,
-            dry_run=self.opts.dry_run,
-            kept_entry=kept_entry,
-            journal=self.journal,
-            group=group,
-            strategy=self.opts.keeping_logic,
-        )
-        if r.dest is not None and self.journal is not None:
-            self.s.journal = self.journal.path
-        return r
-
-    def close(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
+def _close_mover(mover: Mover | None, s: RunSummary) -> None:
+    if mover is not None:
+        mover.close()
+        s.run_id, s.journal = mover.run_id, mover.journal_path
 
 
 def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions) -> RunSummary:
@@ -258,7 +206,8 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
     STRATEGIES.get(opts.keeping_logic)
     exclude = _check_dirs(image_dir, db_dir, trash_dir)
     with contextlib.ExitStack() as locks:
-        _take_locks(locks, opts, [db_dir], trash_dir)
+        if not opts.dry_run:  # a dry run writes nothing, so it locks nothing
+            run_locks(locks, [db_dir], trash_dir, opts.say)
         return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)
 
 
@@ -286,19 +235,19 @@ def _run_dedup_locked(
     dists_by_group: list[list[tuple[str, str, float]]] = [[] for _ in groups]
     for (a, b), d in zip(pairs.tolist(), dists.tolist()):
         dists_by_group[group_of[a]].append((kept[a].rel, kept[b].rel, d))
-    mover = _Mover(image_dir, trash_dir, opts, "dedup", s)
+    mover = _mover(image_dir, trash_dir, opts, "dedup")
     try:
         for gid, (members, dl) in enumerate(zip(groups, dists_by_group)):
             cands = [_candidate(image_dir, kept[k]) for k in members]
-            best = _choose_keep(image_dir, cands, opts.keeping_logic)
+            best = choose_keep_safe(image_dir, cands, opts.keeping_logic)
             moved = []
-            if trash_dir is not None:
+            if mover is not None:
                 for k, c in zip(members, cands):
                     if c is not cands[best]:
                         moved.append(mover.move(kept[k], cands[best].path, kept[members[best]], gid))
             s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
     finally:
-        mover.close()
+        _close_mover(mover, s)
     s.seconds["act"] = time.perf_counter() - t
     return s
 
@@ -319,7 +268,8 @@ def run_import(
     """
     _check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
     with contextlib.ExitStack() as locks:
-        _take_locks(locks, opts, [import_db_dir], trash_dir)
+        if not opts.dry_run:
+            run_locks(locks, [import_db_dir], trash_dir, opts.say)
         return _run_import_locked(
             base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts
         )
@@ -396,18 +346,18 @@ def _run_import_locked(
     matches: dict[int, list[tuple[int, float]]] = {}
     for (a, b), d in zip(pairs, dists):
         matches.setdefault(int(a), []).append((int(b), float(d)))
-    mover = _Mover(import_image_dir, trash_dir, opts, "import", s)
+    mover = _mover(import_image_dir, trash_dir, opts, "import")
     try:
         for gid, (a, ms) in enumerate(matches.items()):
             ms.sort(key=lambda bd: (bd[1], bd[0]))
             nearest = bkept[ms[0][0]]
             moved = []
-            if trash_dir is not None:
+            if mover is not None:
                 moved.append(mover.move(ikept[a], os.path.join(base_image_dir, nearest.rel), nearest, gid))
             members = [ikept[a].rel] + ["base:" + bkept[b].rel for b, _ in ms]
             dl = [(ikept[a].rel, "base:" + bkept[b].rel, d) for b, d in ms]
             s.groups.append(Group(members, "base:" + nearest.rel, moved, dl))
     finally:
-        mover.close()
+        _close_mover(mover, s)
     s.seconds["act"] = time.perf_counter() - t
     return s

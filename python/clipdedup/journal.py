@@ -1,4 +1,4 @@
-"""The move journal: an append-only JSON-lines file in the trash dir, and `undo` built on it.
+"""The move journal: an append-only JSON-lines file in the trash dir (`undo.py` reads it back).
 
 Every move is written down and fsynced *before* it happens, and marked done after, so a run killed
 at any instant leaves a journal that names every file it may have touched. `undo` walks the journal
@@ -30,7 +30,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,86 +224,3 @@ def runs(trash_dir: str | os.PathLike[str]) -> tuple[list[RunInfo], list[str]]:
             if not (m.state == "undone" and t != "undone"):
                 m.state = t
     return list(by_run.values()), bad
-
-
-@dataclass
-class UndoResult:
-    source: str
-    dest: str
-    status: str  # restored | nothing-to-do | refused | missing
-    message: str
-
-    def line(self) -> str:
-        return f"{self.status}: {self.source}: {self.message}"
-
-
-def iter_undo_order(infos: list[RunInfo], run: str | None) -> Iterator[MoveEntry]:
-    """Moves to undo, newest run first and last move first (so a name freed later is refilled first)."""
-    for info in reversed(infos):
-        if run is not None and info.run != run:
-            continue
-        for m in reversed(info.moves):
-            if m.state in ("pending", "done"):
-                yield m
-
-
-def undo(
-    trash_dir: str,
-    run: str | None = None,
-    *,
-    dry_run: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> list[UndoResult]:
-    """Puts the files moved by `run` (default: every run in the journal) back where they were.
-
-    Never overwrites: a file that has reappeared at an original path is reported and its trashed
-    twin left in the trash. A trashed file whose content hash differs from the journal's is left too.
-    The trash dir's lock is held throughout (except for a dry run), so no run moves files meanwhile
-    and a move without a completion record is one that a crash cut short.
-
-    Returns:
-        One result per journaled move that was not yet undone or rolled back.
-
-    Raises:
-        UserError: no journal, an unknown run, or another run holds the trash dir.
-    """
-    from clipdedup.errors import UserError
-    from clipdedup.lock import trash_lock
-
-    if not os.path.exists(journal_path(trash_dir)):
-        raise UserError(f"{trash_dir}: no journal ({META_DIR}/{JOURNAL_NAME}); nothing to undo")
-    if dry_run:
-        return _undo_locked(trash_dir, run, dry_run=True, log=log)
-    with trash_lock(trash_dir, log):
-        return _undo_locked(trash_dir, run, dry_run=False, log=log)
-
-
-def _undo_locked(
-    trash_dir: str, run: str | None, *, dry_run: bool, log: Callable[[str], None] | None
-) -> list[UndoResult]:
-    from clipdedup.act import restore_one  # act imports this module for hashing
-    from clipdedup.errors import UserError
-
-    say = log or (lambda line: None)
-    infos, bad = runs(trash_dir)
-    for note in bad:
-        say(note)
-    if run is not None and not any(i.run == run for i in infos):
-        known = ", ".join(i.run for i in infos[-5:]) or "none"
-        raise UserError(f"{journal_path(trash_dir)}: no run {run!r} in the journal (latest: {known})")
-    results: list[UndoResult] = []
-    fd: int | None = None
-    try:
-        for m in iter_undo_order(infos, run):
-            res = restore_one(trash_dir, m, dry_run=dry_run)
-            results.append(res)
-            say(res.line())
-            if not dry_run and res.status in ("restored", "nothing-to-do"):
-                if fd is None:
-                    fd = open_for_append(journal_path(trash_dir))
-                rec = {"t": "undone", "run": m.run, "seq": m.seq, "status": res.status}
-                append_record(fd, rec, sync=True)
-    finally:
-        if fd is not None:
-            os.close(fd)
-    return results

@@ -10,6 +10,7 @@ a pid of this host that no longer runs is stale, anything else is refused.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -142,3 +143,20 @@ def trash_lock(trash_dir: str, log: Callable[[str], None] | None = None) -> DirL
     from clipdedup.journal import META_DIR
 
     return DirLock(os.path.join(trash_dir, META_DIR, "lock"), f"trash dir {trash_dir}", log)
+
+
+def run_locks(
+    stack: contextlib.ExitStack,
+    db_dirs: list[str],
+    trash_dir: str | None,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Takes, on `stack`, the locks of the DB dirs a run writes and of its trash dir (one lock per
+    distinct directory)."""
+    taken: set[str] = set()
+    for d in db_dirs:
+        if os.path.realpath(d) not in taken:
+            taken.add(os.path.realpath(d))
+            stack.enter_context(db_lock(d, log))
+    if trash_dir is not None:
+        stack.enter_context(trash_lock(trash_dir, log))
