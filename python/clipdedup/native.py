@@ -114,7 +114,8 @@ def gather_rows(
         src, dst: int64 (K,) row indices in the file and in `out`.
         expect: uint64 (K,) checksum (`row_hashes`) each copied row must have.
         out: float32 (M, D) C-contiguous, writable.
-        threads: reader threads.
+        threads: reader threads; default one per core (the copy from the page cache is
+            CPU-bound, unlike opening many small files).
 
     Returns:
         (fatal, bad): fatal is a reason when the file cannot be opened (nothing was read), else
@@ -122,7 +123,7 @@ def gather_rows(
     """
     _check_matrix(out)
     return _native.gather_rows(
-        os.fsencode(path), data_offset, src, dst, expect, out, threads or default_threads()
+        os.fsencode(path), data_offset, src, dst, expect, out, threads or os.cpu_count() or 1
     )
 
 
