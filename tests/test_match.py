@@ -207,7 +207,7 @@ def observed_vs_bound(x: np.ndarray, t: float, recipe_name: str):
     scr: Screen = recipe.screen(x.shape[1])
     sp = scaled_problem(x, None, t, scr, recipe.target_exp)
     xs = torch.from_numpy(x) * sp.scale
-    aug = AugmentedScreen(xs, None, sp, recipe)
+    aug = AugmentedScreen(torch.from_numpy(x), None, sp, recipe)
     out = torch.empty(len(x) * len(x), dtype=aug.dtype)
     c = aug.tile(aug.a_block(0, len(x)), 0, len(x), out).double().numpy()
     x64 = xs.double().numpy()
@@ -303,3 +303,34 @@ def test_torch_cuda_matches_reference(n, d):
     assert_same(find_pairs(x, t, backend="torch-cuda"), ref(x, t))
     y = planted(40, d, seed=d)
     assert_same(find_pairs(x, t, y=y, backend="torch-cuda"), ref(x, t, y))
+
+
+def test_cli_top_k_in_json_summary(pics, tmp_path, tiny_model, capsys):
+    import json
+    import shutil
+
+    from clipdedup.cli import dedup_cmd, import_cmd, run_cli
+
+    def run(cmd, args):
+        capsys.readouterr()
+        assert run_cli(cmd, "test", args + ["--json", "-q"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    db = tmp_path / "db"
+    s = run(dedup_cmd, ["-i", str(pics), "-d", str(db), "-m", tiny_model, "-th", "100", "--top-k", "2"])
+    top = s["top_k"]
+    assert top["k"] == 2 and len(top["nearest"]) == s["loaded"] > 2
+    for name, near in top["nearest"].items():
+        assert len(near) == 2 and near[0][1] <= near[1][1] and name not in {n for n, _ in near}
+    s = run(dedup_cmd, ["-i", str(pics), "-d", str(db), "-m", tiny_model, "--skip-update", "-th", "100"])
+    assert "top_k" not in s
+    new = tmp_path / "new"
+    new.mkdir()
+    imgs = sorted(p for p in pics.rglob("*.jpg"))[:2]
+    for p in imgs:
+        shutil.copy(p, new / p.name)
+    args = ["-bi", str(pics), "-bd", str(db), "-ii", str(new), "-id", str(tmp_path / "ndb"), "-m", tiny_model]
+    s = run(import_cmd, args + ["-th", "100", "--top-k", "1"])
+    near = s["top_k"]["nearest"]
+    assert sorted(near) == sorted(p.name for p in imgs)
+    assert all(len(v) == 1 and v[0][0].startswith("base:") for v in near.values())

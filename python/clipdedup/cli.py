@@ -137,6 +137,14 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Matching backend (see `clip-image-deduper backends`). [default: best available, "
             "or $CLIPDEDUP_BACKEND]",
         ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(0),
+            default=0,
+            show_default=True,
+            help="Record each image's K nearest images within the threshold in the JSON summary "
+            "(key top_k); 0: off.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout."),
         click.option(
             "--follow-symlinks",
@@ -174,6 +182,7 @@ def _options(**kw: Any) -> Any:
         threshold=kw["threshold"],
         keeping_logic=kw.get("keeping_logic") or "largest",
         backend=kw["backend"],
+        top_k=kw.get("top_k") or 0,
         progress=_progress(quiet),
         log=(lambda line: None) if quiet else None,
         follow_symlinks=kw.get("follow_symlinks", False),
@@ -200,6 +209,8 @@ def _finish(summary: Any, opts: Any, as_json: bool, quiet: bool) -> int:
     from clipdedup import report
 
     d = report.summary_dict(summary, dry_run=opts.dry_run)
+    if getattr(opts, "top_k", 0):
+        d["top_k"] = {"k": opts.top_k, "nearest": summary.top_k}
     if as_json:
         click.echo(report.dumps(d))
     elif not quiet:

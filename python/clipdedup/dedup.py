@@ -22,7 +22,7 @@ from clipdedup.errors import UserError
 from clipdedup.group import group_pairs
 from clipdedup.keep import STRATEGIES, Candidate
 from clipdedup.lock import run_locks
-from clipdedup.match import MATCHERS, find_pairs
+from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.scan import FileEntry
 from clipdedup.update import UpdateSummary, load_embeddings, resolve_model_id, scan_images, update_db
 
@@ -39,6 +39,7 @@ class RunOptions:
     threshold: float | None = None  # None: the model's default
     keeping_logic: str = "largest"
     backend: str | None = None
+    top_k: int = 0  # > 0: record each image's k nearest within the threshold in the summary
     progress: bool = False
     log: object = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
@@ -64,6 +65,7 @@ class RunSummary:
     threshold: float = 0.0
     backend: str = ""
     pairs: int = 0
+    top_k: dict[str, list[list]] = field(default_factory=dict)  # name -> [[neighbour, distance], ...]
     groups: list[Group] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
@@ -229,6 +231,9 @@ def _run_dedup_locked(
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, u)
     pairs, dists = _match(x, None, opts, s)
+    if opts.top_k > 0:
+        names = [e.rel for e in kept]
+        s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
     t = time.perf_counter()
     groups = group_pairs(len(kept), pairs)
     group_of = {k: g for g, members in enumerate(groups) for k in members}
@@ -342,6 +347,10 @@ def _run_import_locked(
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, ub if ub.meta else ui)
     pairs, dists = _match(xi, xb, opts, s)
+    if opts.top_k > 0:
+        base_names = ["base:" + e.rel for e in bkept]
+        names = [e.rel for e in ikept]
+        s.top_k = nearest_by_name(names, base_names, pairs, dists, opts.top_k, symmetric=False)
     t = time.perf_counter()
     matches: dict[int, list[tuple[int, float]]] = {}
     for (a, b), d in zip(pairs, dists):

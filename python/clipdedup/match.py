@@ -26,7 +26,15 @@ from clipdedup import match_gpu as _match_gpu  # noqa: F401  (registers triton)
 from clipdedup import match_torch as _match_torch  # noqa: F401  (registers torch backends)
 from clipdedup.match_core import MATCHERS, RECHECK_BYTES, exact_distances, recheck
 
-__all__ = ["MATCHERS", "exact_distances", "find_pairs", "nearest_within", "pairs_ref", "recheck"]
+__all__ = [
+    "MATCHERS",
+    "exact_distances",
+    "find_pairs",
+    "nearest_by_name",
+    "nearest_within",
+    "pairs_ref",
+    "recheck",
+]
 
 
 def _sorted_result(i: np.ndarray, j: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,3 +149,26 @@ def nearest_within(
     idx[i[keep], rank[keep]] = j[keep]
     dist[i[keep], rank[keep]] = d[keep]
     return idx, dist
+
+
+def nearest_by_name(
+    names: list[str],
+    other_names: list[str],
+    pairs: np.ndarray,
+    distances: np.ndarray,
+    k: int,
+    *,
+    symmetric: bool = True,
+) -> dict[str, list[list]]:
+    """`nearest_within` as {name: [[neighbour name, distance], ...]} for rows that have any.
+
+    Args:
+        names: names of the rows of x; other_names: of y (import mode) or `names` again.
+        pairs, distances: as `find_pairs` returns them.
+        k: neighbours per row; symmetric: see `nearest_within`.
+    """
+    idx, dist = nearest_within(pairs, distances, len(names), k, symmetric=symmetric)
+    return {
+        names[r]: [[other_names[c], float(d)] for c, d in zip(idx[r].tolist(), dist[r].tolist()) if c >= 0]
+        for r in np.flatnonzero(idx[:, 0] >= 0).tolist()
+    }

@@ -93,7 +93,8 @@ class AugmentedScreen:
     """The augmented operands of one problem and the screened tiles C~ = A_i B_j^T.
 
     Args:
-        xs, ys: torch float32 (N, D), (M, D) scaled rows (ys None: self-matching), on `device`.
+        xs, ys: torch float32 (N, D), (M, D) unscaled rows (ys None: self-matching); each block is
+            scaled by `sp.scale` (a power of two) as it is converted, so no scaled copy of x exists.
         sp: the `Scaled` problem (shifts).
         recipe: the backend's `Recipe`.
     """
@@ -106,6 +107,7 @@ class AugmentedScreen:
         self.torch = torch
         self.dtype = getattr(torch, recipe.dtype)
         self.xs, self.ys = xs, (xs if ys is None else ys)
+        self.scale = sp.scale
         self.d = xs.shape[1]
         self.p = recipe.pieces
         self.width = _pad(self.d + 2 * self.p)
@@ -117,14 +119,14 @@ class AugmentedScreen:
 
     def _b_block(self, j0: int, j1: int):
         b = self.torch.zeros((j1 - j0, self.width), dtype=self.dtype, device=self.xs.device)
-        b[:, : self.d] = self.ys[j0:j1]
+        b[:, : self.d] = self.ys[j0:j1] * self.scale
         b[:, self.d : self.d + self.p] = 1
         b[:, self.d + self.p : self.d + 2 * self.p] = self.beta[j0:j1]
         return b
 
     def a_block(self, i0: int, i1: int):
         a = self.torch.zeros((i1 - i0, self.width), dtype=self.dtype, device=self.xs.device)
-        a[:, : self.d] = self.xs[i0:i1]
+        a[:, : self.d] = self.xs[i0:i1] * self.scale
         a[:, self.d : self.d + self.p] = self.alpha[i0:i1]
         a[:, self.d + self.p : self.d + 2 * self.p] = 1
         return a
@@ -238,8 +240,8 @@ def torch_screen(
 
     sp = scaled_problem(x, y, threshold, recipe.screen(x.shape[1]), recipe.target_exp)
     with torch.inference_mode():
-        xs = torch.from_numpy(x).to(device) * sp.scale
-        ys = None if y is None else torch.from_numpy(y).to(device) * sp.scale
+        xs = torch.from_numpy(x).to(device)
+        ys = None if y is None else torch.from_numpy(y).to(device)
         scr = AugmentedScreen(xs, ys, sp, recipe)
         other = x if y is None else y
         return screen_pairs(
