@@ -206,8 +206,8 @@ def test_streamed_steps_on_cpu_equal_reference():
         sp = scaled_problem(x, None if self_mode else y, t, triton_screen(64), TARGET_EXP)
         chunk, steps = plan_steps(len(x), len(other), 4 * 64, 4 * 64 * 3 * 16, self_mode)
         assert len(steps) > 4
-        lq = ChunkLoader(x, sp.scale, 64, "cpu", chunk)
-        lk = lq if self_mode else ChunkLoader(other, sp.scale, 64, "cpu", chunk)
+        lq = ChunkLoader(x, sp.scale, 64, "cpu")
+        lk = lq if self_mode else ChunkLoader(other, sp.scale, 64, "cpu")
         hq, hk = torch.from_numpy(sp.alpha), torch.from_numpy(sp.beta)
         prefetched: list[Step] = []
 

@@ -72,53 +72,64 @@ def plan_steps(n: int, m: int, row_bytes: int, budget: int, self_mode: bool) -> 
 class ChunkLoader:
     """Brings row ranges of a host float32 array to the device as scaled, zero-padded float16.
 
-    On CUDA, `start` copies the rows into one of two pinned staging buffers and queues the
-    host-to-device copy on a side stream; `finish` makes the compute stream wait for it and converts.
-    Elsewhere both happen at once in `start`.
+    On CUDA, `start` allocates the float16 chunk and fills it piece by piece: each piece of rows is
+    copied by the host into one of two pinned staging buffers, sent on a side stream, and converted
+    there; while the device copies one piece the host fills the other buffer. `finish` makes the
+    compute stream wait for the last piece. Called while the device screens the previous chunk, the
+    whole transfer overlaps that work. Elsewhere (CPU tensors, tests) `start` converts at once.
     """
 
-    def __init__(self, host: np.ndarray, scale: float, width: int, device: str, chunk_rows: int):
+    def __init__(self, host: np.ndarray, scale: float, width: int, device: str, piece_rows: int = 16384):
         import torch
 
         self.torch, self.host, self.scale, self.width = torch, host, scale, width
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
-            rows = min(chunk_rows, host.shape[0])
+            rows = max(1, min(piece_rows, host.shape[0]))
+            self.piece = rows
             self.staging = [torch.empty((rows, host.shape[1]), pin_memory=True) for _ in range(2)]
             self.free: list = [None, None]  # event: the copy out of that staging buffer is done
             self.copy_stream = torch.cuda.Stream(self.device)
             self.turn = 0
 
-    def _convert(self, rows32):
-        out = self.torch.zeros((rows32.shape[0], self.width), dtype=self.torch.float16, device=self.device)
-        out[:, : rows32.shape[1]] = rows32 * self.scale  # exact power-of-two scaling, one rounding
-        return out
+    def _empty(self, rows: int):
+        return self.torch.zeros((rows, self.width), dtype=self.torch.float16, device=self.device)
 
     def start(self, r0: int, r1: int):
         torch = self.torch
+        out = self._empty(r1 - r0)
+        d = self.host.shape[1]
         if not self.cuda:
-            return self._convert(torch.from_numpy(self.host[r0:r1]).to(self.device))
-        b, self.turn = self.turn, 1 - self.turn
-        if self.free[b] is not None:
-            self.free[b].synchronize()  # the staging buffer may be overwritten now
-        stage = self.staging[b][: r1 - r0]
-        stage.copy_(torch.from_numpy(self.host[r0:r1]))
-        with torch.cuda.stream(self.copy_stream):
-            dev = stage.to(self.device, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.copy_stream)
-        self.free[b] = ev
-        return dev, ev
+            out[:, :d] = torch.from_numpy(self.host[r0:r1]).to(self.device) * self.scale
+            return out
+        current = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(current)  # `out` is zeroed on the compute stream
+        out.record_stream(self.copy_stream)
+        for s in range(r0, r1, self.piece):
+            e = min(r1, s + self.piece)
+            b, self.turn = self.turn, 1 - self.turn
+            if self.free[b] is not None:
+                self.free[b].synchronize()  # its previous piece has left: it may be overwritten
+            stage = self.staging[b][: e - s]
+            stage.copy_(torch.from_numpy(self.host[s:e]))
+            with torch.cuda.stream(self.copy_stream):
+                dev = stage.to(self.device, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self.copy_stream)
+                # exact power-of-two scaling, then one rounding to float16
+                out[s - r0 : e - r0, :d] = dev * self.scale
+            self.free[b] = ev
+        done = torch.cuda.Event()
+        done.record(self.copy_stream)
+        return out, done
 
     def finish(self, pending):
         if not self.cuda:
             return pending
-        dev, ev = pending
-        current = self.torch.cuda.current_stream(self.device)
-        current.wait_event(ev)
-        dev.record_stream(current)  # allocated on the copy stream, used on this one
-        return self._convert(dev)
+        out, done = pending
+        self.torch.cuda.current_stream(self.device).wait_event(done)
+        return out
 
 
 def run_steps(
@@ -187,12 +198,12 @@ def pairs_triton(
     sp = scaled_problem(x, y, threshold, triton_screen(d), TARGET_EXP)
     if budget is None:
         budget = int(torch.cuda.mem_get_info(device)[0] * 0.6) if device.startswith("cuda") else 1 << 62
-    row_bytes = 2 * width + 4 * d  # float16 operand + its float32 landing copy
+    row_bytes = 2 * width  # the float16 operand; staging pieces are a fixed extra
     chunk, steps = plan_steps(x.shape[0], other.shape[0], row_bytes, budget, self_mode)
     hq = torch.from_numpy(sp.alpha.astype(np.float32)).to(device)  # rows of x
     hk = torch.from_numpy(sp.beta.astype(np.float32)).to(device)  # rows of y (x itself in self mode)
-    load_q = ChunkLoader(x, sp.scale, width, device, chunk)
-    load_k = load_q if self_mode else ChunkLoader(other, sp.scale, width, device, chunk)
+    load_q = ChunkLoader(x, sp.scale, width, device)
+    load_k = load_q if self_mode else ChunkLoader(other, sp.scale, width, device)
 
     def compute(q, k, st: Step, overlap):
         out = pairwise(
