@@ -104,10 +104,13 @@ def report_text(o: Outcome) -> str:
 def throughput_series(rows: Sequence[Row]) -> dict[str, dict[str, list[tuple[int, float, bool]]]]:
     """stage -> impl -> [(n, rate, correct)] sorted by n, for rows that measure a rate (unit '/s')."""
     out: dict[str, dict[str, list[tuple[int, float, bool]]]] = {}
+    seen = set()
     for r in rows:
-        if not r.unit.endswith("/s") or r.rate <= 0 or r.n <= 0:
-            continue
-        out.setdefault(r.stage, {}).setdefault(r.impl, []).append((r.n, r.rate, r.correct is not False))
+        impl = r.impl.strip()
+        if not r.unit.endswith("/s") or r.rate <= 0 or r.n <= 0 or (r.stage, impl, r.n) in seen:
+            continue  # a row listed twice (once per baseline) is one point
+        seen.add((r.stage, impl, r.n))
+        out.setdefault(r.stage, {}).setdefault(impl, []).append((r.n, r.rate, r.correct is not False))
     for impls in out.values():
         for pts in impls.values():
             pts.sort()
@@ -123,6 +126,11 @@ def plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}")
+    # Minor ticks: label only 2x and 5x a power of ten, so labels never run into each other.
+    some = FuncFormatter(lambda v, _: plain(v) if f"{v:e}"[0] in "25" else "")
 
     units = {r.stage: r.unit for r in rows}
     n = len(series)
@@ -139,6 +147,15 @@ def plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Path | None:
                 ax.plot(*zip(*bad), "x", color="red", ms=10, mew=2)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        pts = [p for ps in impls.values() for p in ps]
+        for axis, vals in ((ax.xaxis, [p[0] for p in pts]), (ax.yaxis, [p[1] for p in pts])):
+            axis.set_major_formatter(plain)
+            # Within about a decade there are too few major ticks: label the minor ones too.
+            narrow = max(vals) / min(vals) < 30
+            axis.set_minor_formatter(some if narrow else NullFormatter())
+        xs = [p[0] for p in pts]
+        if max(xs) / min(xs) < 4:
+            ax.set_xlim(min(xs) / 2, max(xs) * 2)
         ax.set_title(stage)
         ax.set_xlabel("N")
         ax.set_ylabel(units.get(stage, "items/s"))
