@@ -334,3 +334,18 @@ def test_cli_top_k_in_json_summary(pics, tmp_path, tiny_model, capsys):
     near = s["top_k"]["nearest"]
     assert sorted(near) == sorted(p.name for p in imgs)
     assert all(len(v) == 1 and v[0][0].startswith("base:") for v in near.values())
+
+
+def test_user_matmul_precision_is_ignored_and_restored():
+    x = planted(65, 300, seed=18)
+    t = threshold_on_a_pair(x, q=0.02)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        for b in CPU_BACKENDS:
+            assert_same(find_pairs(x, t, backend=b), ref(x, t))
+        i, j, d = pairs_cpu_bf16(x, None, t, project=True, project_dim=32)
+        assert set(zip(i.tolist(), j.tolist())) == set(map(tuple, ref(x, t)[0].tolist()))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(old)

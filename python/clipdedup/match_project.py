@@ -96,8 +96,10 @@ def project(x: np.ndarray, proj: Projection, chunk: int = 16384) -> np.ndarray:
     import torch
 
     out = np.empty((x.shape[0], proj.p.shape[0]), np.float32)
+    from clipdedup.match_torch import full_fp32_matmul
+
     pt = torch.from_numpy(proj.p).T
-    with torch.inference_mode():
+    with torch.inference_mode(), full_fp32_matmul():
         for s in range(0, x.shape[0], chunk):
             torch.mm(torch.from_numpy(x[s : s + chunk]), pt, out=torch.from_numpy(out[s : s + chunk]))
     return out

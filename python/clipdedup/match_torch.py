@@ -12,6 +12,7 @@ pass (row maxima); only rows whose maximum is >= 0 are searched for their column
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,6 +82,20 @@ RECIPES = {
         ),
     ),
 }
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """float32 matmuls in float32 for the duration: a user's torch.set_float32_matmul_precision
+    ("high"/"medium") would let them run in tf32/bf16, outside the error bounds used here."""
+    import torch
+
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def _pad(width: int) -> int:
@@ -239,7 +254,7 @@ def torch_screen(
     import torch
 
     sp = scaled_problem(x, y, threshold, recipe.screen(x.shape[1]), recipe.target_exp)
-    with torch.inference_mode():
+    with torch.inference_mode(), full_fp32_matmul():
         xs = torch.from_numpy(x).to(device)
         ys = None if y is None else torch.from_numpy(y).to(device)
         scr = AugmentedScreen(xs, ys, sp, recipe)
