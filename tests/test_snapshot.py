@@ -11,12 +11,22 @@ import numpy as np
 import pytest
 
 from clipdedup import db as dbmod
+from clipdedup import load as load_mod
 from clipdedup import snapshot as snap_mod
-from clipdedup.load import _compact
+from clipdedup.load import SnapshotPrefetch, _compact
 from clipdedup.scan import FileEntry, scan_tree, scan_tree_ref
 from clipdedup.update import load_embeddings, update_db
 
 DIM = 37  # odd on purpose: rows are not a multiple of 8 bytes
+
+
+@pytest.fixture(autouse=True, params=["prefetch", "plain"])
+def load_path(request, monkeypatch):
+    """Every test runs with the snapshot read ahead on a thread, and with it read after the scan."""
+    if request.param == "plain":
+        monkeypatch.setattr(load_mod, "SnapshotPrefetch", lambda *a, **k: None)
+        monkeypatch.setattr(dbmod, "SnapshotPrefetch", lambda *a, **k: None)
+    return request.param
 
 
 @pytest.fixture
@@ -340,3 +350,17 @@ def test_index_db_matches_reference(tmp_path: Path) -> None:
     assert list(got.files.items()) == list(want.files.items())
     assert got.temp_files == want.temp_files and got.shadowed == want.shadowed
     assert len(got.shadowed) == 2 and len(got.temp_files) == 1
+
+
+def test_prefetch_hands_over_only_for_the_same_keys(tmp_path: Path, trusting) -> None:
+    _make_db(tmp_path, 9)
+    rels, ref = _reference(tmp_path)
+    _load(tmp_path)
+    keys = [r + ".npy" for r in rels]
+    pre = SnapshotPrefetch(tmp_path, DIM, False)
+    mat = pre.take(keys)
+    assert mat is not None and pre.fatal is None and pre.bad == []
+    np.testing.assert_array_equal(mat, ref)
+    assert SnapshotPrefetch(tmp_path, DIM, False).take(keys[1:]) is None
+    assert SnapshotPrefetch(tmp_path, DIM + 1, False).take(keys) is None
+    assert SnapshotPrefetch(tmp_path / "nope", DIM, False).take(keys) is None

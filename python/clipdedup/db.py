@@ -237,13 +237,14 @@ def remove_orphans(db_dir: str | os.PathLike[str], paths: Sequence[str]) -> list
 
 
 # Loading lives in load.py; these names are re-exported so that `db` stays the one DB API.
-from clipdedup.load import LoadInfo, load_db, load_files, load_rows  # noqa: E402
+from clipdedup.load import LoadInfo, SnapshotPrefetch, load_db, load_files, load_rows  # noqa: E402
 
 __all__ = [
     "DBFile",
     "DBIndex",
     "DBMeta",
     "LoadInfo",
+    "SnapshotPrefetch",
     "UpdatePlan",
     "atomic_write",
     "check_meta",

@@ -9,6 +9,7 @@ out in place.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -41,6 +42,49 @@ class LoadInfo:
     write_error: str = ""
 
 
+class SnapshotPrefetch:
+    """Reads a DB's whole snapshot into a fresh buffer on a thread while the caller stats the DB.
+
+    It bets that no embedding was added or removed since the snapshot was written, the usual case
+    on a re-run: then the rows are in place when `load_files` needs them, and the snapshot read
+    overlaps the DB scan instead of following it. The buffer is used only when the wanted keys
+    are the snapshot's, in order; otherwise it is dropped before `load_files` allocates its own,
+    so memory never holds two matrices. Rows still go through every check of a normal load.
+    """
+
+    def __init__(self, db_dir: str | os.PathLike[str], dim: int | None, pinned: bool | None) -> None:
+        self.snap, self.status = snap_mod.read_snapshot(db_dir)
+        if self.snap is not None and dim is not None and self.snap.dim != dim:
+            self.snap, self.status = None, f"dim {self.snap.dim}, DB holds dim {dim}"
+        self.mat: np.ndarray | None = None
+        self.fatal: str | None = None
+        self.bad: list[int] = []
+        self._thread = None
+        if self.snap is not None and self.snap.keys:
+            self.mat = native.alloc_rows(len(self.snap.keys), self.snap.dim, pinned=pinned)
+            self._thread = threading.Thread(target=self._read, name="clipdedup-snapshot", daemon=False)
+            self._thread.start()
+
+    def _read(self) -> None:
+        assert self.snap is not None and self.mat is not None
+        idx = np.arange(len(self.snap.keys), dtype=np.int64)
+        try:
+            self.fatal, self.bad = native.gather_rows(
+                self.snap.path, snap_mod.DATA_OFFSET, idx, idx, self.snap.hashes, self.mat
+            )
+        except Exception as e:  # reported as an unreadable snapshot, never raised from a thread
+            self.fatal = f"{type(e).__name__}: {e}"
+
+    def take(self, keys: list[str]) -> np.ndarray | None:
+        """The buffer, when `keys` are the snapshot's; else None (and the buffer is dropped)."""
+        if self._thread is not None:
+            self._thread.join()
+        mat, self.mat = self.mat, None
+        if mat is None or self.snap is None or keys != self.snap.keys:
+            return None
+        return mat
+
+
 def load_rows(
     files: Sequence[DBFile], dim: int | None = None, threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
@@ -66,6 +110,7 @@ def load_files(
     threads: int | None = None,
     pinned: bool | None = None,
     info: LoadInfo | None = None,
+    prefetch: SnapshotPrefetch | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Loads the embeddings of `files` (from `index_db(db_dir)`) via the DB's packed snapshot.
 
@@ -82,13 +127,15 @@ def load_files(
         threads: reader threads.
         pinned: see `native.alloc_rows` (None: pinned when CUDA is present).
         info: filled with what happened.
+        prefetch: a `SnapshotPrefetch` of `db_dir` started before `index_db`.
 
     Returns:
         (matrix, ok, errors): matrix float32 (K, D) of the readable rows in file order (a view of
         the buffer from `native.alloc_rows`); ok (N,) bool; errors as (path, reason).
     """
     keys, stats = _keys(files), _stats(files)
-    r = _fill(files, dim, db_dir if use_snapshot else None, threads, pinned, keys, stats)
+    snap_dir, prefetch = (db_dir, prefetch) if use_snapshot else (None, None)
+    r = _fill(files, dim, snap_dir, threads, pinned, keys, stats, prefetch)
     if info is not None:
         info.snapshot, info.from_snapshot = r.snapshot, int(r.from_snap.sum())
         info.from_files = len(files) - info.from_snapshot
@@ -136,25 +183,37 @@ def _stats(files: Sequence[DBFile]) -> dict[str, np.ndarray]:
     }
 
 
-def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None) -> _Filled:
+def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None, prefetch=None) -> _Filled:
     n = len(files)
-    snap, status = (None, "not used") if db_dir is None else snap_mod.read_snapshot(db_dir)
+    mat = None
+    if prefetch is not None:
+        snap, status = prefetch.snap, prefetch.status
+        mat = prefetch.take(keys)
+    else:
+        snap, status = (None, "not used") if db_dir is None else snap_mod.read_snapshot(db_dir)
     if snap is not None and dim is not None and snap.dim != dim:
-        snap, status = None, f"dim {snap.dim}, DB holds dim {dim}"
+        snap, status, mat = None, f"dim {snap.dim}, DB holds dim {dim}", None
     status = status or "used"
     if dim is None:
         dim = snap.dim if snap is not None else _probe_dim(files)
     if dim is None:
         errors = [(f.path, "unreadable embedding") for f in files]
         return _Filled(np.zeros((n, 0), np.float32), np.zeros(n, bool), errors, np.zeros(n, bool), status, 0)
-    mat = native.alloc_rows(n, dim, pinned=pinned)
     from_snap = np.zeros(n, bool)
     stale = 0
-    if snap is not None and n:
+    if mat is not None:  # prefetched: every row read already, in place (keys are the snapshot's)
+        src, dst, stale = snap_mod.reusable_rows(snap, keys, stats)
+        fatal = prefetch.fatal
+        bad = np.flatnonzero(np.isin(dst, prefetch.bad)).tolist()
+    elif snap is not None and n:
+        mat = native.alloc_rows(n, dim, pinned=pinned)
         src, dst, stale = snap_mod.reusable_rows(snap, keys, stats)
         fatal, bad = native.gather_rows(
             snap.path, snap_mod.DATA_OFFSET, src, dst, snap.hashes[src], mat, threads
         )
+    else:
+        mat = native.alloc_rows(n, dim, pinned=pinned)
+    if snap is not None and n:
         if fatal is not None:
             status, stale = f"unreadable: {fatal}", len(snap.keys)
         else:
@@ -247,15 +306,18 @@ def load_db(
     if not os.path.isdir(db_dir):
         raise UserError(f"{db_dir}: DB directory does not exist")
     meta = read_meta(db_dir)
+    dim = meta.dim if meta else None
+    prefetch = SnapshotPrefetch(db_dir, dim, None)
     index = index_db(db_dir)
     files = [index.files[r] for r in sorted_by_bytes(list(index.files))]
     mat, ok, errs = load_files(
         db_dir,
         files,
-        meta.dim if meta else None,
+        dim,
         started_ns=index.started_ns,
         write_snapshot=write_snapshot,
         info=info,
+        prefetch=prefetch,
     )
     if errors is not None:
         errors.extend(errs)

@@ -233,6 +233,8 @@ def load_embeddings(
         (entries with an embedding, float32 (N, D) matrix, DB read errors, count not in the DB).
     """
     in_memory = in_memory or {}
+    # The snapshot is read while the DB is scanned; a dry run's merged set differs, so no bet there.
+    prefetch = None if in_memory else dbmod.SnapshotPrefetch(db_dir, dim, None)
     index = dbmod.index_db(db_dir)
     on_disk: list[tuple[FileEntry, dbmod.DBFile]] = []
     missing = 0
@@ -251,6 +253,7 @@ def load_embeddings(
         started_ns=index.started_ns,
         write_snapshot=not (dry_run or in_memory),
         info=info,
+        prefetch=prefetch,
     )
     kept = [e for (e, _), good in zip(on_disk, ok) if good]
     if not in_memory:
