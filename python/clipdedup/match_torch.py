@@ -134,7 +134,9 @@ class AugmentedScreen:
 
     def _b_block(self, j0: int, j1: int):
         b = self.torch.zeros((j1 - j0, self.width), dtype=self.dtype, device=self.xs.device)
-        b[:, : self.d] = self.ys[j0:j1] * self.scale
+        for s in range(j0, j1, 8192):  # scaled float32 temporaries of 8192 rows, not of all rows
+            e = min(j1, s + 8192)
+            b[s - j0 : e - j0, : self.d] = self.ys[s:e] * self.scale
         b[:, self.d : self.d + self.p] = 1
         b[:, self.d + self.p : self.d + 2 * self.p] = self.beta[j0:j1]
         return b
