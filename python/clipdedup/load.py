@@ -43,40 +43,55 @@ class LoadInfo:
 
 
 class SnapshotPrefetch:
-    """Reads a DB's whole snapshot into a fresh buffer on a thread while the caller stats the DB.
+    """Reads a DB's whole snapshot on a thread while the caller stats the DB.
 
     It bets that no embedding was added or removed since the snapshot was written, the usual case
     on a re-run: then the rows are in place when `load_files` needs them, and the snapshot read
-    overlaps the DB scan instead of following it. The buffer is used only when the wanted keys
-    are the snapshot's, in order; otherwise it is dropped before `load_files` allocates its own,
-    so memory never holds two matrices. Rows still go through every check of a normal load.
+    overlaps the DB scan instead of following it. The rows are used only when the wanted keys are
+    the snapshot's, in order; otherwise they are dropped before `load_files` allocates its own
+    buffer, so memory never holds two matrices. Rows still go through every check of a load.
+
+    Without pinned memory the snapshot is mapped copy-on-write (np.memmap mode "c") rather than
+    copied: its rows are the page cache's, so there is no fresh buffer to zero and fill, and a
+    row that must be re-read from its .npy gets a private page. With pinned memory (CUDA) the
+    rows are copied into the pinned buffer, which the GPU reads directly.
     """
 
     def __init__(self, db_dir: str | os.PathLike[str], dim: int | None, pinned: bool | None) -> None:
         self.snap, self.status = snap_mod.read_snapshot(db_dir)
         if self.snap is not None and dim is not None and self.snap.dim != dim:
             self.snap, self.status = None, f"dim {self.snap.dim}, DB holds dim {dim}"
+        self.pinned = native.cuda_present() if pinned is None else pinned
         self.mat: np.ndarray | None = None
         self.fatal: str | None = None
         self.bad: list[int] = []
         self._thread = None
         if self.snap is not None and self.snap.keys:
-            self.mat = native.alloc_rows(len(self.snap.keys), self.snap.dim, pinned=pinned)
             self._thread = threading.Thread(target=self._read, name="clipdedup-snapshot", daemon=False)
             self._thread.start()
 
     def _read(self) -> None:
-        assert self.snap is not None and self.mat is not None
-        idx = np.arange(len(self.snap.keys), dtype=np.int64)
+        snap = self.snap
+        assert snap is not None
+        n = len(snap.keys)
         try:
-            self.fatal, self.bad = native.gather_rows(
-                self.snap.path, snap_mod.DATA_OFFSET, idx, idx, self.snap.hashes, self.mat
-            )
+            if self.pinned:
+                mat = native.alloc_rows(n, snap.dim, pinned=True)
+                idx = np.arange(n, dtype=np.int64)
+                self.fatal, self.bad = native.gather_rows(
+                    snap.path, snap_mod.DATA_OFFSET, idx, idx, snap.hashes, mat
+                )
+            else:
+                mm = np.memmap(snap.path, np.float32, "c", snap_mod.DATA_OFFSET, (n, snap.dim))
+                mat = mm.view(np.ndarray)  # keeps the mapping alive through its base
+                hashes = native.row_hashes(mat, os.cpu_count() or 1)
+                self.bad = np.flatnonzero(hashes != snap.hashes).tolist()
+            self.mat = mat
         except Exception as e:  # reported as an unreadable snapshot, never raised from a thread
             self.fatal = f"{type(e).__name__}: {e}"
 
     def take(self, keys: list[str]) -> np.ndarray | None:
-        """The buffer, when `keys` are the snapshot's; else None (and the buffer is dropped)."""
+        """The rows, when `keys` are the snapshot's; else None (and the rows are dropped)."""
         if self._thread is not None:
             self._thread.join()
         mat, self.mat = self.mat, None
