@@ -8,8 +8,10 @@ files) in the same 500-per-directory layout. N = 100k, or 10k with --quick.
 Rows (each checked against the generated vectors / an os.walk listing):
 - load: the original's approach (`.npz` + multiprocessing.Pool np.load, pool start included), a
   plain `np.load` loop over the `.npy` files, and the native reader (`native.read_npy_into`);
-- snapshot: the raw snapshot read (`native.gather_rows`, GB/s) against np.memmap + copy, and the
-  whole `load_db` (scan of the DB dir + snapshot) against `load_db` reading every `.npy`;
+- snapshot: the raw snapshot read, GB/s: into a fresh (pinnable) buffer with `native.gather_rows`,
+  and mapped copy-on-write (the CPU path), both checking every row's checksum, against an unchecked
+  np.memmap + copy; and the whole `load_db` (scan of the DB dir + snapshot) against `load_db`
+  reading every `.npy`;
 - scan: os.walk + os.path.getmtime (the original), the Python reference walker, the native scanner;
 - rss: peak RSS of a fresh process during `load_db` (with and without snapshot) and during the
   original approach, against 1.2 x the embedding bytes + 100 MB.
@@ -29,6 +31,7 @@ import numpy as np
 
 from clipdedup import db as dbmod
 from clipdedup import native, snapshot
+from clipdedup.load import SnapshotPrefetch
 from clipdedup.scan import scan_tree, scan_tree_ref
 from common import Row, best_of, main
 
@@ -150,9 +153,19 @@ def _snapshot_rows(n: int, truth: np.ndarray, db: Path, repeat: int) -> list[Row
         del mm
         return out
 
+    def mapped() -> np.ndarray:
+        pre = SnapshotPrefetch(db, DIM, False)
+        got = pre.take(snap.keys)
+        assert got is not None and pre.fatal is None and not pre.bad
+        return got
+
     rows = []
     mm = "np.memmap + copy"
-    for impl, fn in ((mm, memmap_copy), ("native gather_rows", gather)):
+    for impl, fn in (
+        (mm, memmap_copy),
+        ("native gather_rows (checked)", gather),
+        ("mapped COW + checked", mapped),
+    ):
         fn()
         t, got = best_of(fn, repeat + 2)
         ok = np.array_equal(got, truth)
