@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from clipdedup.match import MATCHERS, exact_distances, find_pairs, nearest_within, pairs_ref
+from clipdedup.match_backends import pairs_cpu_bf16
 from clipdedup.match_bounds import UBF16, Screen
 from clipdedup.match_core import Tiles, scaled_problem
-from clipdedup.match_project import principal_projection, project, projected_threshold
-from clipdedup.match_torch import RECIPES, AugmentedScreen, pairs_cpu_bf16, projected_candidates, torch_screen
+from clipdedup.match_project import principal_projection, project, projected_candidates, projected_threshold
+from clipdedup.match_torch import RECIPES, AugmentedScreen, torch_screen
 
 CPU_BACKENDS = [b for b in ("cpu-fp32", "cpu-bf16") if MATCHERS.entries[b].unavailable_reason() is None]
 

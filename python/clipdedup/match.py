@@ -9,9 +9,10 @@ O(N*D + tile + pairs); no N x N matrix is ever built.
 
 Backends (`MATCHERS`, best available first; `clip-image-deduper backends` lists them):
     triton      fused float16 kernel on CUDA (`clipdedup.kernels.pairwise`), match_gpu.py
-    torch-cuda  blocked float16 torch matmuls on CUDA, match_torch.py
-    cpu-bf16    blocked bfloat16 torch matmuls on CPUs with fast bf16, match_torch.py
-    cpu-fp32    blocked float32 torch matmuls, match_torch.py
+    torch-cuda  blocked float16 torch matmuls on CUDA, match_backends.py / match_torch.py
+    cpu-bf16    blocked bfloat16 torch matmuls on CPUs with fast bf16 (principal-subspace
+                pre-screen, match_project.py), match_backends.py
+    cpu-fp32    blocked float32 torch matmuls, match_backends.py
     reference   float64 row by row, here
 """
 
@@ -22,8 +23,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from clipdedup import match_backends as _match_backends  # noqa: F401  (registers torch backends)
 from clipdedup import match_gpu as _match_gpu  # noqa: F401  (registers triton)
-from clipdedup import match_torch as _match_torch  # noqa: F401  (registers torch backends)
 from clipdedup.match_core import MATCHERS, RECHECK_BYTES, exact_distances, recheck
 
 __all__ = [

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipdedup.match_bounds import U32, gamma, reference_slack
+from clipdedup.match_core import squared_norms
+
+PROJECT_DIM = 128  # projected width of the pre-screen (cpu-bf16)
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,37 @@ def projected_threshold(threshold: float, proj: Projection, max_norm_x: float, m
     dim = proj.p.shape[1]
     t = threshold * math.sqrt(1 + reference_slack(dim)) * proj.sigma
     return (t + proj.eps * (max_norm_x + max_norm_y)) * (1 + 2.0**-40)
+
+
+def projected_candidates(x, y, threshold, *, k=PROJECT_DIM, max_candidates=None, **kw):
+    """Candidate pairs (int64 i, j) of the pre-screen: the projected rows screened in bf16 at t1.
+
+    Args:
+        x, y: float32 (N, D), (M, D) finite rows (y None: self-matching).
+        threshold: the distance bound of the answer.
+        k: projected width.
+        max_candidates: give up beyond this many (default: one per 1024 pairs, at least 2^16).
+        kw: passed to `match_torch.torch_screen` (blocks, progress).
+
+    Returns:
+        The candidates, or None when k >= D or the pre-screen left more than `max_candidates`
+        (the caller then screens the full rows).
+    """
+    from clipdedup.match_torch import RECIPES, TooManyCandidates, torch_screen
+
+    if k >= x.shape[1]:
+        return None  # no cheaper than the rows themselves
+    other = x if y is None else y
+    sample = x if y is None else np.concatenate([x[:: max(1, len(x) // 2048)], y[:: max(1, len(y) // 2048)]])
+    proj = principal_projection(sample, k)
+    px = project(x, proj)
+    py = None if y is None else project(y, proj)
+    rx = float(np.sqrt(squared_norms(x).max()))
+    ry = rx if y is None else float(np.sqrt(squared_norms(other).max()))
+    t1 = projected_threshold(threshold, proj, rx, ry)
+    if max_candidates is None:
+        max_candidates = max(1 << 16, x.shape[0] * other.shape[0] // 1024)
+    try:
+        return torch_screen(px, py, t1, RECIPES["bfloat16"], max_candidates=max_candidates, **kw)
+    except TooManyCandidates:
+        return None

@@ -1,4 +1,5 @@
-"""Blocked screening with torch matmuls: `cpu-bf16`, `cpu-fp32` (CPU) and `torch-cuda`.
+"""Blocked screening with torch matmuls, shared by `cpu-bf16`, `cpu-fp32` and `torch-cuda`
+(registered in `match_backends`).
 
 The shifts alpha_i and beta_j ride inside the matmul as extra columns (split into pieces of the
 operand type, each exactly representable):
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clipdedup.match_bounds import TINY16, TINY32, U16, U32, UBF16, Screen, piece_residual, screen_error
-from clipdedup.match_core import MATCHERS, Scaled, Tiles, recheck, scaled_problem
+from clipdedup.match_core import Scaled, Tiles, scaled_problem
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,6 @@ def full_fp32_matmul():
         torch.set_float32_matmul_precision(old)
 
 
-def _pad(width: int) -> int:
-    # Widths that are a multiple of 8 but not of 16 ran at half speed in oneDNN bf16 here
-    # (D=1288, 1296 vs 1280, 1286), so pad to 16 only on CUDA.
-    return width
-
-
 class AugmentedScreen:
     """The augmented operands of one problem and the screened tiles C~ = A_i B_j^T.
 
@@ -125,8 +120,11 @@ class AugmentedScreen:
         self.scale = sp.scale
         self.d = xs.shape[1]
         self.p = recipe.pieces
-        self.width = _pad(self.d + 2 * self.p)
         dev = xs.device
+        # Tensor cores want K a multiple of 8; oneDNN bf16 ran no faster padded (1286 vs 1288) here.
+        self.width = self.d + 2 * self.p
+        if dev.type == "cuda":
+            self.width = -(-self.width // 8) * 8
         to = dict(device=dev, dtype=self.dtype)
         self.alpha = torch.from_numpy(np.stack(split_pieces(sp.alpha, self.p, self.dtype), 1)).to(**to)
         self.beta = torch.from_numpy(np.stack(split_pieces(sp.beta, self.p, self.dtype), 1)).to(**to)
@@ -271,132 +269,3 @@ def torch_screen(
             progress=progress,
             max_candidates=max_candidates,
         )
-
-
-def _torch_why_not() -> str | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return "torch is not installed"
-    return None
-
-
-def _bf16_why_not() -> str | None:
-    why = _torch_why_not()
-    if why:
-        return why
-    import torch
-
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        if probe is not None and not probe():
-            return "this CPU has no fast bfloat16 matmul (oneDNN reports no bf16 support)"
-    except Exception:
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return "cannot read CPU flags"
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return "this CPU has no avx512_bf16/amx_bf16 (bf16 matmul would be slower than float32)"
-    return None
-
-
-def _cuda_why_not() -> str | None:
-    why = _torch_why_not()
-    if why:
-        return why
-    import torch
-
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
-
-
-def _matcher(recipe_name: str, device: str, block: int):
-    def run(x, y, threshold, *, progress=None, block_rows=block, block_cols=block):
-        i, j = torch_screen(
-            x,
-            y,
-            threshold,
-            RECIPES[recipe_name],
-            device=device,
-            block_rows=block_rows,
-            block_cols=block_cols,
-            progress=progress,
-        )
-        return recheck(x, x if y is None else y, i, j, threshold)
-
-    run.__name__ = f"pairs_{recipe_name}_{device}"
-    return run
-
-
-PROJECT_DIM = 128
-
-
-def projected_candidates(x, y, threshold, *, k=PROJECT_DIM, max_candidates=None, **kw):
-    """Candidates from the principal-subspace pre-screen (`match_project`), or None when it
-    leaves more than `max_candidates` (default: one per 1024 pairs, at least 2^16)."""
-    from clipdedup.match_core import squared_norms
-    from clipdedup.match_project import principal_projection, project, projected_threshold
-
-    other = x if y is None else y
-    sample = (
-        x
-        if y is None
-        else np.concatenate([x[:: max(1, x.shape[0] // 2048)], y[:: max(1, y.shape[0] // 2048)]])
-    )
-    proj = principal_projection(sample, k)
-    px = project(x, proj)
-    py = None if y is None else project(y, proj)
-    rx = float(np.sqrt(squared_norms(x).max()))
-    ry = rx if y is None else float(np.sqrt(squared_norms(other).max()))
-    t1 = projected_threshold(threshold, proj, rx, ry)
-    if max_candidates is None:
-        max_candidates = max(1 << 16, x.shape[0] * other.shape[0] // 1024)
-    try:
-        return torch_screen(px, py, t1, RECIPES["bfloat16"], max_candidates=max_candidates, **kw)
-    except TooManyCandidates:
-        return None
-
-
-def pairs_cpu_bf16(
-    x,
-    y,
-    threshold,
-    *,
-    progress=None,
-    block_rows=2048,
-    block_cols=2048,
-    project=None,
-    project_dim=PROJECT_DIM,
-    max_candidates=None,
-):
-    """bf16 screening + exact re-check. With `project` (default: D >= 2 * project_dim and at least
-    2^22 pairs) a principal-subspace pre-screen runs first, and the full rows are screened only when
-    it leaves more than `max_candidates` candidates."""
-    other = x if y is None else y
-    kw = dict(block_rows=block_rows, block_cols=block_cols, progress=progress)
-    if project is None:
-        project = x.shape[1] >= 2 * project_dim and x.shape[0] * other.shape[0] >= 1 << 22
-    cand = None
-    if project:
-        cand = projected_candidates(x, y, threshold, k=project_dim, max_candidates=max_candidates, **kw)
-    if cand is None:
-        cand = torch_screen(x, y, threshold, RECIPES["bfloat16"], **kw)
-    return recheck(x, other, cand[0], cand[1], threshold)
-
-
-MATCHERS.register(
-    "cpu-bf16",
-    priority=20,
-    why_not=_bf16_why_not,
-    doc="bfloat16 screening (principal-subspace pre-screen) + exact re-check",
-)(pairs_cpu_bf16)
-pairs_cpu_fp32 = MATCHERS.register(
-    "cpu-fp32", priority=10, why_not=_torch_why_not, doc="float32 BLAS screening + exact re-check"
-)(_matcher("float32", "cpu", 2048))
-pairs_torch_cuda = MATCHERS.register(
-    "torch-cuda", priority=30, why_not=_cuda_why_not, doc="blocked torch float16 screening on CUDA"
-)(_matcher("float16", "cuda", 8192))
