@@ -1,5 +1,2 @@
-"""Triton kernels, shipped as clipdedup.kernels.
-
-Nothing here is imported at start-up: clipdedup.match registers these kernels behind an
-availability check, so a machine without CUDA or Triton never imports them.
-"""
+"""Triton kernels (`clipdedup.kernels`). Importing a kernel module imports triton: the matching
+backends do so only when asked to run one (see `clipdedup.match_gpu`)."""
