@@ -1,9 +1,13 @@
 """Loading a DB's embeddings into one float32 matrix: native reader, packed snapshot, legacy .npz.
 
 `load_db` / `load_files` go through the snapshot (snapshot.py) and read only what changed from the
-`.npy` mirror; `load_rows` reads the files alone. The caller's matrix comes from
-`native.alloc_rows` (pinned when CUDA is present) and is never copied: failed rows are squeezed
-out in place.
+`.npy` mirror; `load_rows` reads the files alone. The matrix comes from `native.alloc_rows` (pinned
+when CUDA is present), or, on an unchanged DB without CUDA, is the snapshot itself mapped
+copy-on-write; it is never copied again: failed rows are squeezed out in place.
+
+A mapped snapshot is only ever replaced by a rename, never rewritten in place, so the mapping stays
+valid for the whole run even when a new snapshot is written; a file truncated in place by some other
+program while mapped would make reading it fail (SIGBUS), as with any mapped file.
 """
 
 from __future__ import annotations
@@ -145,8 +149,9 @@ def load_files(
         prefetch: a `SnapshotPrefetch` of `db_dir` started before `index_db`.
 
     Returns:
-        (matrix, ok, errors): matrix float32 (K, D) of the readable rows in file order (a view of
-        the buffer from `native.alloc_rows`); ok (N,) bool; errors as (path, reason).
+        (matrix, ok, errors): matrix float32 (K, D), C-contiguous and writable, of the readable
+        rows in file order (a view of the buffer from `native.alloc_rows`, or of the mapped
+        snapshot); ok (N,) bool; errors as (path, reason).
     """
     keys, stats = _keys(files), _stats(files)
     snap_dir, prefetch = (db_dir, prefetch) if use_snapshot else (None, None)
@@ -167,7 +172,8 @@ def load_files(
     keys = [key for key, good in zip(keys, r.ok.tolist()) if good]
     stats = {name: col[r.ok] for name, col in stats.items()}
     try:
-        snap_mod.write_snapshot(db_dir, keys, stats, mat, native.row_hashes(mat, 2), started_ns)
+        hashes = native.row_hashes(mat, os.cpu_count() or 1)
+        snap_mod.write_snapshot(db_dir, keys, stats, mat, hashes, started_ns)
         if info is not None:
             info.written = True
     except OSError as e:
