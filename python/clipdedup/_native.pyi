@@ -7,7 +7,6 @@ def npy_header(path: bytes | str) -> tuple[int | None, int | None, str | None]: 
 def read_npy_into(
     paths: Sequence[bytes | str], out: Buffer, threads: int = 0, rows: np.ndarray | None = None
 ) -> list[tuple[int, str]]: ...
-
 def read_npz_into(
     paths: Sequence[bytes | str], out: Buffer, threads: int = 0, rows: np.ndarray | None = None
 ) -> list[tuple[int, str]]: ...
@@ -26,7 +25,11 @@ class ScanOutput:
     def errors(self) -> list[tuple[str, str]]: ...
 
 def scan_tree(
-    root: bytes, suffixes: Sequence[bytes] | None, exclude: Sequence[bytes], follow_symlinks: bool, threads: int = 0
+    root: bytes,
+    suffixes: Sequence[bytes] | None,
+    exclude: Sequence[bytes],
+    follow_symlinks: bool,
+    threads: int = 0,
 ) -> ScanOutput: ...
 def construct(cls: type, names: Sequence[str], columns: Sequence[Sequence[object]]) -> list: ...
 def row_hashes(mat: Buffer, threads: int = 1) -> np.ndarray: ...
