@@ -175,6 +175,17 @@ def test_bf16_projected_prescreen_and_fallback():
     assert set(zip(i.tolist(), j.tolist())) == set(map(tuple, ref(x, t, y)[0].tolist()))
 
 
+def test_projection_of_degenerate_data():
+    rng = np.random.default_rng(19)
+    same = np.tile(rng.standard_normal((1, 300)).astype(np.float32), (80, 1))
+    low_rank = (rng.standard_normal((80, 3)) @ rng.standard_normal((3, 300))).astype(np.float32)
+    for x, t in ((same, 0.0), (low_rank, threshold_on_a_pair(low_rank, q=0.05))):
+        proj = principal_projection(x, 32)
+        assert np.isfinite(proj.p).all() and proj.sigma < 1.001
+        i, j, d = pairs_cpu_bf16(x, None, t, project=True, project_dim=32, block_rows=32)
+        assert set(zip(i.tolist(), j.tolist())) == set(map(tuple, ref(x, t)[0].tolist()))
+
+
 def test_projection_is_a_lower_bound():
     """Adversarial for the projection: differences living mostly outside the principal subspace."""
     rng = np.random.default_rng(12)

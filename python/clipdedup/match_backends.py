@@ -82,15 +82,17 @@ def pairs_cpu_bf16(
     max_candidates=None,
 ):
     """bf16 screening + exact re-check. With `project` (default: D >= 2 * project_dim and at least
-    2^22 pairs) a principal-subspace pre-screen runs first, and the full rows are screened only when
-    it leaves more than `max_candidates` candidates."""
+    2^24 pairs) a principal-subspace pre-screen runs first, and the full rows are screened only when
+    it leaves more than `max_candidates` candidates. The pre-screen's tiles are twice as wide: its
+    matmuls are cheap, and fewer tiles mean fewer passes of per-tile overhead."""
     other = x if y is None else y
     kw = dict(block_rows=block_rows, block_cols=block_cols, progress=progress)
     if project is None:
-        project = x.shape[1] >= 2 * project_dim and x.shape[0] * other.shape[0] >= 1 << 22
+        project = x.shape[1] >= 2 * project_dim and x.shape[0] * other.shape[0] >= 1 << 24
     cand = None
     if project:
-        cand = projected_candidates(x, y, threshold, k=project_dim, max_candidates=max_candidates, **kw)
+        pre = dict(kw, block_rows=2 * block_rows, block_cols=2 * block_cols)
+        cand = projected_candidates(x, y, threshold, k=project_dim, max_candidates=max_candidates, **pre)
     if cand is None:
         cand = torch_screen(x, y, threshold, RECIPES["bfloat16"], **kw)
     return recheck(x, other, cand[0], cand[1], threshold)
