@@ -18,7 +18,7 @@ from clipdedup.decode import decode_pil
 from clipdedup.encode import load_encoder
 from clipdedup.errors import UserError
 from clipdedup.prep import PrepSpec, normalize_ref, prepare_pil
-from clipdedup.threads import thread_split, torch_threads
+from clipdedup.threads import ThreadPlan, thread_plan, torch_threads
 from clipdedup.update import update_db
 from clipdedup.writer import AsyncWriter
 
@@ -242,11 +242,11 @@ def test_update_db_dry_run_writes_nothing(pics: Path, tmp_path: Path) -> None:
     assert len(s.failed) == 2  # the two corrupt files, each reported once
 
 
-def test_thread_split_and_restore() -> None:
-    assert thread_split("cpu", 2) == (2, 1)
-    assert thread_split("cpu", 16) == (16, 4)
-    assert thread_split("cuda", 16)[1] == 16
-    assert thread_split("cpu", 2, torch_model=False)[1] == 2
+def test_thread_plan_and_restore() -> None:
+    assert thread_plan("cpu", 2) == ThreadPlan(2, 2, 0)  # a CPU model and decoding take turns
+    assert thread_plan("cpu", 16) == ThreadPlan(16, 16, 0)
+    assert thread_plan("cpu", 2, torch_model=False) == ThreadPlan(torch.get_num_threads(), 2, 2)
+    assert thread_plan("cuda", 32).decoders == 16
     before = torch.get_num_threads()
     with torch_threads(1):
         assert torch.get_num_threads() == 1

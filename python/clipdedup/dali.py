@@ -34,16 +34,19 @@ MIN_JPEG_BYTES = 125  # the smallest well-formed JPEG is larger than this
 
 
 def dali_why_not(device: str) -> str | None:
-    """None if a DALI pipeline on `device` ('mixed' or 'cpu') can run here, else why not."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return "nvidia.dali is not installed (pip install nvidia-dali-cuda130)"
+    """None if a DALI pipeline on `device` ('mixed' or 'cpu') can run here, else why not.
+
+    CUDA is checked first: a CPU-only run does not pay for importing DALI just to pick a decoder.
+    """
     if device == "mixed":
         import torch
 
         if not torch.cuda.is_available():
             return "no CUDA device (DALI 'mixed' decodes on the GPU)"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        return f"nvidia.dali cannot be imported ({e}); pip install nvidia-dali-cuda130"
     return None
 
 

@@ -1,27 +1,37 @@
-"""How the CPU cores are split between decoder threads and torch while encoding."""
+"""How the CPU cores are shared between decoder threads and torch while encoding."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 
-def thread_split(device: str, cores: int | None = None, *, torch_model: bool = True) -> tuple[int, int]:
-    """(torch intra-op threads, decoder threads) for encoding on `device` with `cores` CPU cores.
+@dataclass(frozen=True)
+class ThreadPlan:
+    torch_threads: int  # torch intra-op threads
+    decoders: int  # decoder threads
+    prefetch: int  # batches decoded ahead of the encoder (0: decoding and inference take turns)
 
-    On CUDA, or for an encoder without a torch model (builtin:dct), every core decodes. On CPU the
-    model needs nearly all the time (ViT-B-32: ~40 ms of 2-core compute per image vs ~6 ms to
-    decode and resize a draft-mode JPEG), so torch keeps every core and one decoder thread per 4
-    cores (at least one) runs beside it; the oversubscription costs less than idling a core
-    (bench/bench_encode.py measures the splits).
+
+def thread_plan(device: str, cores: int | None = None, *, torch_model: bool = True) -> ThreadPlan:
+    """The split for encoding on `device` with `cores` CPU cores.
+
+    On CUDA, or for an encoder without a torch model (builtin:dct), the CPU only decodes: every
+    core decodes, two batches ahead. A CPU model needs the same cores as decoding, so the two take
+    turns, each with every core: the next batch is decoded while torch waits, then torch runs on
+    all cores while the decoders wait. Running them side by side instead oversubscribes the cores,
+    and an OpenMP region waits for its slowest thread, so one preempted torch thread stalls them
+    all; giving each a fixed share of the cores idles torch's share while it waits for nothing
+    (bench/bench_encode.py measures all three).
     """
     import torch
 
     cores = cores or os.cpu_count() or 1
     if torch.device(device).type != "cpu" or not torch_model:
-        return torch.get_num_threads(), max(1, min(16, cores))
-    return cores, max(1, cores // 4)
+        return ThreadPlan(torch.get_num_threads(), max(1, min(16, cores)), 2)
+    return ThreadPlan(cores, cores, 0)
 
 
 @contextlib.contextmanager

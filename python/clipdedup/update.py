@@ -19,7 +19,7 @@ from clipdedup.decode import iter_batches
 from clipdedup.encode import DEFAULT_MODEL, Encoder, canonical_model_id, load_encoder
 from clipdedup.errors import DBMismatchError, UserError
 from clipdedup.scan import FileEntry, ScanResult, scan_tree
-from clipdedup.threads import thread_split, torch_threads
+from clipdedup.threads import thread_plan, torch_threads
 from clipdedup.writer import AsyncWriter
 
 
@@ -156,24 +156,26 @@ def _encode_into_db(
     progress: bool,
     log,
 ) -> None:
-    """Decode -> encode -> write, each overlapping the others.
+    """Decode -> encode -> write.
 
-    Decoder threads (or DALI) run `prefetch` batches ahead; batch k+1 is submitted to the encoder
-    before batch k's vectors are collected (on CUDA the two overlap); a writer thread writes the
-    .npy files. In a dry run the vectors go to `s.in_memory` and nothing is written.
+    For a GPU model, decoder threads (or DALI) run two batches ahead and batch k+1 is submitted to
+    the encoder before batch k's vectors are collected; for a CPU model, decoding and inference take
+    turns, each with every core (`threads.thread_plan`). A writer thread writes the .npy files; in
+    a dry run the vectors go to `s.in_memory` and nothing is written.
     """
     paths = [os.path.join(image_dir, e.rel) for e in todo]
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not progress, file=sys.stderr)
-    n_torch, n_decode = thread_split(enc.device, torch_model=enc.runner is not None)
+    plan = thread_plan(enc.device, torch_model=enc.runner is not None)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch_threads(n_torch))
+        stack.enter_context(torch_threads(plan.torch_threads))
         writer = None if dry_run else stack.enter_context(AsyncWriter(db_dir))
         batches = iter_batches(
             paths,
             enc.prepare,
             batch_size=batch_size,
             min_size=enc.input_size,
-            workers=n_decode,
+            workers=plan.decoders,
+            prefetch=plan.prefetch,
             spec=enc.spec,
             device=enc.device,
             log=log,
