@@ -181,6 +181,11 @@ def test_two_batches_in_flight_and_growth() -> None:
     assert runner.batch_size == 6
     with pytest.raises(ValueError):
         runner.submit([])
+    runner.fit(3)  # a smaller fixed shape: every forward at 3 from now on
+    want = ref.encode(c)
+    model.shapes.clear()
+    np.testing.assert_allclose(runner.encode(c), want, atol=1e-6)
+    assert {s[0] for s in model.shapes[1:]} == {3}, model.shapes
 
 
 @pytest.mark.gpu

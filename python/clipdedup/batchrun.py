@@ -10,6 +10,7 @@ with a stand-in `capture` function.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,7 +95,7 @@ class BatchRunner:
         cuda = self.device.type == "cuda"
         self.fixed_shape = cuda if fixed_shape is None else fixed_shape
         self.capture = capture or (capture_cuda_graph if cuda else capture_eager)
-        self.log = log or (lambda line: None)
+        self.log = log or (lambda line: print(line, file=sys.stderr))
         mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device)
         std = torch.tensor(spec.std, dtype=torch.float32, device=self.device)
         # (x / 255 - mean) / std as one multiply-add per element.
@@ -108,6 +109,13 @@ class BatchRunner:
         self._out: list[torch.Tensor] = []
         self._events: list[Any] = [None, None]
         self.mode = "eager" if not self.fixed_shape else "not built"  # or "graph", "fixed eager"
+
+    def fit(self, batch_size: int) -> None:
+        """Makes `batch_size` the fixed shape (a batch of 8 is not padded to 32 every time); the
+        buffers and the graph are rebuilt on the next submit when it changes."""
+        if batch_size > 0 and batch_size != self.batch_size:
+            self.batch_size, self._static, self._replay = int(batch_size), None, None
+            self._events = [None, None]
 
     def step(self, u8: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 on the device -> (B, D) float32, L2-normalised rows."""
@@ -142,9 +150,7 @@ class BatchRunner:
         if n == 0:
             raise ValueError("submit needs at least one item")
         if n > self.batch_size:
-            # A larger batch than the shape captured: grow (and capture again on CUDA).
-            self.batch_size, self._static, self._replay = n, None, None
-            self._events = [None, None]
+            self.fit(n)  # a larger batch than the shape captured: grow (capture again on CUDA)
         with torch.inference_mode():
             if not self.fixed_shape:
                 return Pending(self.step(self._to_device(items)).cpu(), n)

@@ -166,6 +166,8 @@ def _encode_into_db(
     paths = [os.path.join(image_dir, e.rel) for e in todo]
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not progress, file=sys.stderr)
     plan = thread_plan(enc.device, torch_model=enc.runner is not None)
+    if enc.runner is not None:
+        enc.runner.fit(batch_size)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch_threads(plan.torch_threads))
         writer = None if dry_run else stack.enter_context(AsyncWriter(db_dir))
