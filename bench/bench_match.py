@@ -12,6 +12,7 @@ the row says so). A row whose pairs differ is marked wrong and gets no speedup.
 
     python bench/bench_match.py --quick          # < 1 min on the 2-core dev machine
     python bench/bench_match.py --json out.json  # full: N up to 100k, peak memory at 100k
+    CLIPDEDUP_BENCH_MATCH_SIZES=20000 python bench/bench_match.py   # one point of the full run
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def run(quick: bool) -> list[Row]:
 
     rows: list[Row] = []
     sizes = [2000, 5000] if quick else [2000, 20000, 100000]
+    if os.environ.get("CLIPDEDUP_BENCH_MATCH_SIZES"):  # e.g. "20000" to repeat one point
+        sizes = [int(v) for v in os.environ["CLIPDEDUP_BENCH_MATCH_SIZES"].split(",")]
     sample = 100 if quick else 200  # rows of the per-row loop timed for its estimate
     gpu = [b for b in ("triton", "torch-cuda") if MATCHERS.entries[b].unavailable_reason() is None]
     for n in sizes:
