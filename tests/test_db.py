@@ -131,3 +131,23 @@ def test_update_db_dry_run_writes_nothing(pics: Path, tmp_path: Path, tiny_model
     s = update_db(pics / "base_images", db, tiny_model, dry_run=True)
     assert not db.exists()
     assert s.encoded == 10 and len(s.in_memory) == 10
+
+
+def test_copies_of_encoded_images_need_no_model(pics: Path, tmp_path: Path, tiny_model: str) -> None:
+    import shutil
+
+    db = tmp_path / "db"
+    sub = pics / "base_images"
+    update_db(sub, db, tiny_model)
+    shutil.copy2(sub / "ukbench01380.jpg", sub / "copy of 01380.jpg")
+
+    def no_model():
+        raise AssertionError("the model was loaded for a byte-identical copy")
+
+    s = update_db(sub, db, encoder=no_model)
+    assert s.encoded == 0
+    v = np.load(db / "copy of 01380.jpg.npy")
+    assert np.array_equal(v, np.load(db / "ukbench01380.jpg.npy"))
+    (sub / "new.png").write_bytes(b"")  # a file that does need the model (and fails to decode)
+    with pytest.raises(AssertionError, match="model was loaded"):
+        update_db(sub, db, encoder=no_model)

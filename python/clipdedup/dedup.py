@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from clipdedup import db as dbmod
 from clipdedup.act import Mover, MoveResult, choose_keep_safe, is_inside
-from clipdedup.encode import DEFAULT_MODEL, default_threshold, load_encoder
+from clipdedup.encode import DEFAULT_MODEL, Encoder, default_threshold, load_encoder
 from clipdedup.errors import UserError
 from clipdedup.group import group_pairs
 from clipdedup.keep import STRATEGIES, Candidate
@@ -118,11 +118,18 @@ def _update_or_read(
         u.meta = dbmod.read_meta(db_dir)
         entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
     else:
-        enc = encoder_cache.get("enc")
+
+        def load() -> Encoder:
+            # One model for the whole run (import mode: base and import DB), loaded only when needed.
+            if "enc" not in encoder_cache:
+                model = resolve_model_id(opts.model_id, db_dir)
+                encoder_cache["enc"] = load_encoder(model, device=opts.device)
+            return encoder_cache["enc"]
+
         u = update_db(
             image_dir,
             db_dir,
-            opts.model_id if enc is None else None,
+            opts.model_id,
             device=opts.device,
             batch_size=opts.batch_size,
             force=opts.force,
@@ -131,7 +138,7 @@ def _update_or_read(
             scan=scan,
             progress=opts.progress,
             log=opts.say,
-            encoder=enc or _lazy_encoder(opts, encoder_cache, scan, db_dir),
+            encoder=encoder_cache.get("enc") or load,
         )
     s.updates[label] = u
     return u, entries
@@ -150,17 +157,6 @@ def _encoded_as_scanned(
         u.failed.append((path, "changed since it was encoded; left out (--skip-update)"))
         opts.say(f"{path}: skipped: changed since it was encoded (--skip-update)")
     return [e for e in entries if e.rel not in stale]
-
-
-def _lazy_encoder(opts: RunOptions, cache: dict, scan, db_dir: str):
-    """Loads the model only when some image needs encoding (or the DB has no metadata yet)."""
-    index = dbmod.index_db(db_dir)
-    have = dbmod.read_meta(db_dir)
-    plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=opts.force)
-    if not plan.to_encode and have is not None:
-        return None
-    cache["enc"] = load_encoder(resolve_model_id(opts.model_id, db_dir), device=opts.device)
-    return cache["enc"]
 
 
 def _match(x, y, opts: RunOptions, s: RunSummary) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +74,7 @@ def update_db(
     force: bool = False,
     clean_orphans: bool = True,
     dry_run: bool = False,
-    encoder: Encoder | None = None,
+    encoder: Encoder | Callable[[], Encoder] | None = None,
     scan: ScanResult | None = None,
     exclude: Sequence[str | os.PathLike[str]] = (),
     progress: bool = False,
@@ -86,7 +86,9 @@ def update_db(
         image_dir: the image tree.
         db_dir: its mirror; created if missing (unless `dry_run`).
         model_id: encoder id (see `clipdedup.encode.load_encoder`); None: the DB's own model, or the
-            default model for a new DB. Or pass a loaded `encoder`.
+            default model for a new DB.
+        encoder: a loaded encoder to use instead of `model_id`, or a function returning one, called
+            only when some image really needs the model.
         force: re-encode every image.
         clean_orphans: remove DB files whose image is gone.
         dry_run: encode into `summary.in_memory` and change nothing on disk.
@@ -110,7 +112,7 @@ def update_db(
     have = dbmod.read_meta(db_dir)
     s.seconds["scan"] = time.perf_counter() - t0
 
-    if have is not None and encoder is None and model_id is not None:
+    if have is not None and not isinstance(encoder, Encoder) and model_id is not None:
         # Catch a wrong -m even when nothing needs encoding (and no model would be loaded).
         asked = canonical_model_id(model_id)
         if asked != have.model_id:
@@ -121,28 +123,46 @@ def update_db(
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
     if plan.to_encode or have is None:
-        t = time.perf_counter()
-        if encoder is None:
-            encoder = load_encoder(resolve_model_id(model_id, db_dir), device=device)
-        s.seconds["model load"] = time.perf_counter() - t
-        want = encoder_meta(encoder)
-        s.meta = dbmod.check_meta(db_dir, want) or want
-        if have is None and not dry_run:
-            if index.files:
-                log(f"{db_dir}: no {dbmod.META_NAME}; adopting this DB for {want.describe()}")
-            dbmod.write_meta(db_dir, want)
-        t = time.perf_counter()
-        copies = prepass.plan_copies(image_dir, plan.to_encode, plan.up_to_date, index, s.meta.dim)
-        s.seconds["exact copies"] = time.perf_counter() - t
-        t = time.perf_counter()
-        _encode_into_db(encoder, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log)
-        s.seconds["encode"] = time.perf_counter() - t
+        copies = None
+        if have is not None:
+            # Copies of up-to-date images need no model: find them before loading one.
+            copies = _plan_copies(image_dir, plan, index, have.dim, s)
+        if copies is None or copies.to_encode:
+            t = time.perf_counter()
+            if encoder is None:
+                encoder = load_encoder(resolve_model_id(model_id, db_dir), device=device)
+            elif not isinstance(encoder, Encoder):
+                encoder = encoder()
+            s.seconds["model load"] = time.perf_counter() - t
+            want = encoder_meta(encoder)
+            s.meta = dbmod.check_meta(db_dir, want) or want
+            if have is None and not dry_run:
+                if index.files:
+                    log(f"{db_dir}: no {dbmod.META_NAME}; adopting this DB for {want.describe()}")
+                dbmod.write_meta(db_dir, want)
+        else:
+            s.meta = have
+        if copies is None:
+            copies = _plan_copies(image_dir, plan, index, s.meta.dim, s)
+        if copies.to_encode:
+            t = time.perf_counter()
+            _encode_into_db(
+                encoder, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log
+            )
+            s.seconds["encode"] = time.perf_counter() - t
         prepass.finish_update(copies, image_dir, db_dir, s, dry_run=dry_run, log=log)
     else:
         s.meta = have
     if clean_orphans and plan.orphans and not dry_run:
         s.removed = dbmod.remove_orphans(db_dir, plan.orphans)
     return s
+
+
+def _plan_copies(image_dir, plan: dbmod.UpdatePlan, index: dbmod.DBIndex, dim: int, s: UpdateSummary):
+    t = time.perf_counter()
+    copies = prepass.plan_copies(image_dir, plan.to_encode, plan.up_to_date, index, dim)
+    s.seconds["exact copies"] = time.perf_counter() - t
+    return copies
 
 
 def _encode_into_db(
