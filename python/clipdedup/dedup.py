@@ -111,7 +111,7 @@ def _update_or_read(
     """Scans `image_dir` and brings its DB up to date. `read_only` (import mode's base DB): images
     missing from the DB or newer than their entry are encoded in memory only, and nothing is
     written to or removed from the DB."""
-    scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks)
+    scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks, progress=opts.progress)
     entries = scan.entries
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))

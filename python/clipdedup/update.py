@@ -48,12 +48,17 @@ def scan_images(
     exclude: Sequence[str | os.PathLike[str]] = (),
     *,
     follow_symlinks: bool = False,
+    progress: bool = False,
 ) -> ScanResult:
+    """Scans an image tree. The native scanner returns everything at once, so the bar shows the
+    count and rate when it is done (no ETA: the total is unknown until the walk ends)."""
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory does not exist")
-    if follow_symlinks:
-        return scan_tree(image_dir, exclude=list(exclude), follow_symlinks=True)
-    return scan_tree(image_dir, exclude=list(exclude))
+    bar = tqdm(desc=f"scan {os.fspath(image_dir)}", unit="file", disable=not progress, file=sys.stderr)
+    res = scan_tree(image_dir, exclude=list(exclude), follow_symlinks=follow_symlinks)
+    bar.update(len(res.entries))
+    bar.close()
+    return res
 
 
 def resolve_model_id(model_id: str | None, db_dir: str | os.PathLike[str]) -> str:
@@ -104,7 +109,7 @@ def update_db(
     log = log or (lambda line: print(line, file=sys.stderr))
     s = UpdateSummary()
     t0 = time.perf_counter()
-    scan = scan or scan_images(image_dir, exclude)
+    scan = scan or scan_images(image_dir, exclude, progress=progress)
     s.scanned, s.scan_errors = len(scan.entries), list(scan.errors)
     for path, reason in scan.errors:
         log(f"{path}: {reason}")
