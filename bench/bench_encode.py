@@ -188,6 +188,8 @@ def _chunks(root: Path, paths: list[Path], k: int, tmp: Path) -> list[tuple[Path
 def run(quick: bool) -> list[Row]:
     """Every measurement is made on each chunk of the images in turn, the methods' order rotating
     from chunk to chunk, so a busy neighbour on a shared machine slows all of them alike."""
+    import torch
+
     from clipdedup.encode import load_encoder
     from clipdedup.threads import ThreadPlan, thread_plan, torch_threads
 
@@ -198,12 +200,12 @@ def run(quick: bool) -> list[Row]:
     cores = os.cpu_count() or 1
     split = thread_plan("cpu", cores)
     # Alternatives: side by side, oversubscribed or with a fixed share of the cores each.
-    alts = {ThreadPlan(cores, cores, 2), ThreadPlan(cores, max(1, cores // 4), 2)}
-    alts.add(ThreadPlan(max(1, cores - max(1, cores // 4)), max(1, cores // 4), 2))
+    share = max(1, cores // 4)
+    alts = {ThreadPlan(cores, cores, 2), ThreadPlan(max(1, cores - share), share, 2)}
     variants = [] if quick else sorted(alts - {split}, key=str)
     encs = {d: load_encoder(model_id, device="cpu", dtype=d, batch_size=BATCH) for d in ("fp32", "bf16")}
     secs: dict[str, float] = {}
-    model_times: dict[tuple[str, int], list[float]] = {}
+    model_times: dict[tuple[str, int, bool], list[float]] = {}
     ref: dict[str, np.ndarray] = {}
     oks: dict[str, list[float]] = {d: [] for d in encs}
     complete: dict[str, bool] = {d: True for d in encs}
@@ -220,10 +222,11 @@ def run(quick: bool) -> list[Row]:
 
             def ours(dtype: str, croot=croot, c=c) -> None:
                 enc = encs[dtype]
-                for n_threads in sorted({1, cores}):
+                for n_threads, cl in sorted({(1, False), (cores, False), (cores, True)}):
                     with torch_threads(n_threads):
-                        batch_rate = model_only(enc, False, 2 if quick else 3)
-                    model_times.setdefault((dtype, n_threads), []).append(BATCH / batch_rate)
+                        batch_rate = model_only(enc, cl, 2 if quick else 3)
+                    model_times.setdefault((dtype, n_threads, cl), []).append(BATCH / batch_rate)
+                enc.runner.forward.to(memory_format=torch.contiguous_format)  # as the encoder runs
                 for sp in [split] + ([] if dtype != "fp32" else variants):
                     key = f"{dtype} {_plan_name(sp)}"
                     dt, _ = pipeline(enc, croot, tmp / f"db-{key}-{c}".replace(" ", "_"), sp)
@@ -257,16 +260,16 @@ def run(quick: bool) -> list[Row]:
     summary = []
     for dtype in encs:
         rates = {}
-        for (d, th), ts in sorted(model_times.items()):
+        for (d, th, cl), ts in sorted(model_times.items()):
             if d == dtype:
-                rates[th] = BATCH / float(np.median(ts))
+                rates[th, cl] = BATCH / float(np.median(ts))
                 rows.append(
                     Row(
                         "encode",
-                        f"model only, {dtype}, {th} torch threads",
+                        f"model only, {dtype}, {th} torch threads" + (", channels-last" if cl else ""),
                         BATCH,
-                        BATCH / rates[th],
-                        rates[th],
+                        BATCH / rates[th, cl],
+                        rates[th, cl],
                         "img/s",
                     )
                 )
