@@ -27,7 +27,7 @@ CLIP_DEFAULT_THRESHOLD = 0.1
 ENCODERS: Registry[Callable[..., Encoder]] = Registry("encoder")
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# NHWC input on CPU: measured by bench/bench_encode.py (see README, Numbers / Ingest).
+# NHWC input on CPU: no gain for ViT in bench/bench_encode.py (only the patch embedding is a conv).
 CPU_CHANNELS_LAST = False
 
 
@@ -207,8 +207,8 @@ def load_open_clip(
     from clipdedup.batchrun import BatchRunner
 
     name, pretrained = _resolve_open_clip(model_id)
-    # fp32 stays the CPU default: bf16 is ~1.7x faster on CPUs with native bf16 (AVX512-BF16, AMX;
-    # bench/bench_encode.py) but moves distances by ~0.01, a tenth of the CLIP threshold.
+    # fp32 stays the CPU default: bf16 is 1.7-2.1x faster on CPUs with native bf16 (AVX512-BF16,
+    # AMX; bench/bench_encode.py) but moves distances by ~0.01, a tenth of the CLIP threshold.
     dtype = dtype or os.environ.get("CLIPDEDUP_DTYPE") or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} (argument or CLIPDEDUP_DTYPE): choose from {', '.join(DTYPES)}")
