@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipdedup import dali as dali_mod
 from clipdedup.dali import JpegInfo, jpeg_info
 from clipdedup.decode import decode_pil, iter_batches
 from clipdedup.encode import load_encoder
@@ -174,16 +175,20 @@ def test_bad_jpeg_mid_batch_is_reported_once(testdata: Path, tmp_path: Path) -> 
         assert np.abs(got[i].astype(int) - ref[i].astype(int)).mean() < 1.0
 
 
-def test_dali_without_spec_falls_back_to_pil(testdata: Path) -> None:
+def test_dali_without_spec_falls_back_to_pil(testdata: Path, monkeypatch) -> None:
     enc = load_encoder("builtin:dct")
     files = sorted((testdata / "base_images").glob("*.jpg"))
     logs: list[str] = []
-    out = list(
-        iter_batches(
-            files, enc.prepare, batch_size=4, min_size=32, decoder="dali-cpu", spec=None, log=logs.append
-        )
-    )
+    kw = {"batch_size": 4, "min_size": 32, "spec": None, "log": logs.append}
+    out = list(iter_batches(files, enc.prepare, decoder="dali-cpu", **kw))
     assert sum(len(b.items) for b in out) == len(files) and len(logs) == 1
+    # Picked by default (as on a CUDA machine) rather than asked for: Pillow, without a word.
+    monkeypatch.setattr(dali_mod.DECODERS.entries["dali"], "why_not", lambda: None)
+    monkeypatch.delenv("CLIPDEDUP_DECODER", raising=False)
+    logs.clear()
+    assert dali_mod.DECODERS.get().name == "dali"
+    out = list(iter_batches(files, enc.prepare, **kw))
+    assert sum(len(b.items) for b in out) == len(files) and logs == []
 
 
 @pytest.mark.gpu

@@ -336,6 +336,7 @@ def _iter(dali_device: str):
     def source(paths, prepare, **kw):
         return iter_dali(paths, prepare, dali_device=dali_device, **kw)
 
+    source.needs_spec = True  # type: ignore[attr-defined]
     return source
 
 

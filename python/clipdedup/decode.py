@@ -148,6 +148,11 @@ def iter_batches(
         log: one-line notices (a DALI fallback); per-file failures come back in `Batch.failures`.
     """
     source = DECODERS.get(decoder).fn
+    if getattr(source, "needs_spec", False) and spec is None and decoder is None:
+        if not os.environ.get(DECODERS.env_var or ""):
+            # The best decoder resizes by a model's PrepSpec and this encoder has none
+            # (builtin:dct): the Pillow path serves it, nothing to say about it.
+            source = DECODERS.get("pil").fn
     return source(
         paths,
         prepare,
