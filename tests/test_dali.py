@@ -17,6 +17,7 @@ from clipdedup.dali import JpegInfo, jpeg_info
 from clipdedup.decode import decode_pil, iter_batches
 from clipdedup.encode import load_encoder
 from clipdedup.prep import PrepSpec, normalize_ref, prepare_pil
+from helpers import open_clip_transform
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda130 not installed")
 
@@ -105,15 +106,7 @@ def test_dali_cpu_matches_open_clip_preprocess(testdata: Path, tmp_path: Path, s
     files.append(rot)
     got, failures = collect(files, spec, "dali-cpu")
     assert not failures and len(got) == len(files)
-    ref_tf = open_clip.image_transform(
-        spec.size,
-        is_train=False,
-        mean=spec.mean,
-        std=spec.std,
-        resize_mode=spec.resize_mode,
-        interpolation=spec.interpolation,
-        fill_color=spec.fill,
-    )
+    ref_tf = open_clip_transform(spec)
     for i, f in enumerate(files):
         ours = normalize_ref(np.asarray(got[i])[None], spec)[0]
         ref = ref_tf(decode_pil(f, 0)).numpy()  # open_clip on a full decode: the reference

@@ -12,30 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipdedup.cli import dedup_cmd, import_cmd, run_cli
+from clipdedup.cli import dedup_cmd, import_cmd
 from clipdedup.db import META_NAME, load_db, read_meta
 from conftest import TESTDATA
+from helpers import run_cli_json as run_json
+from helpers import tree_hashes as files_under
 
 _GT_FILE = TESTDATA / "ground_truth.json"
 GT = json.loads(_GT_FILE.read_text()) if _GT_FILE.exists() else {"images": [], "bad_files": []}
 BAD = {b["path"] for b in GT["bad_files"]}
-
-
-def files_under(root: Path) -> dict[str, str]:
-    """rel path -> sha256 of every file under root (a trash dir's journal and lock left out)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and ".clipdedup" not in p.relative_to(root).parts:
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def run_json(cmd, args: list[str], capsys) -> dict:
-    capsys.readouterr()
-    code = run_cli(cmd, "test", args + ["--json", "-q"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    return json.loads(out)
 
 
 def exact_copy_groups() -> list[set[str]]:

@@ -21,6 +21,7 @@ from clipdedup.prep import PrepSpec, normalize_ref, prepare_pil
 from clipdedup.threads import ThreadPlan, thread_plan, torch_threads
 from clipdedup.update import update_db
 from clipdedup.writer import AsyncWriter
+from helpers import open_clip_transform
 
 SPECS = [
     PrepSpec((64, 64)),
@@ -33,18 +34,6 @@ SPECS = [
 ]
 # Awkward sizes on purpose: 1 px, thinner than the crop, odd, already the target size, large.
 SIZES = [(1, 1), (5, 300), (300, 5), (63, 65), (64, 64), (65, 63), (640, 480), (481, 1203)]
-
-
-def open_clip_transform(spec: PrepSpec):
-    return open_clip.image_transform(
-        spec.size,
-        is_train=False,
-        mean=spec.mean,
-        std=spec.std,
-        resize_mode=spec.resize_mode,
-        interpolation=spec.interpolation,
-        fill_color=spec.fill,
-    )
 
 
 @pytest.mark.parametrize(

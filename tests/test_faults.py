@@ -9,7 +9,6 @@ and CLIPDEDUP_FAULT_SEED=<n> replays one. The default suite runs one kill of eac
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import resource
@@ -28,6 +27,7 @@ from clipdedup import journal as jm
 from clipdedup.db import TMP_MARK, load_db, npy_file_size
 from clipdedup.undo import undo
 from clipdedup.update import update_db
+from helpers import tree_hashes
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"
 SEED = int(os.environ.get("CLIPDEDUP_FAULT_SEED", random.randrange(1 << 30)))
@@ -45,17 +45,6 @@ def distinct_images(testdata: Path, d: Path, per_source: int) -> list[Path]:
             p = d / f"{src.stem}_{k}.jpg"
             im.crop(box).resize((320, 240)).save(p, quality=90)
             out.append(p)
-    return out
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            rel = p.relative_to(root).as_posix()
-            if not rel.startswith(jm.META_DIR + "/"):
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 

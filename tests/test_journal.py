@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,22 +15,7 @@ from clipdedup.errors import UserError
 from clipdedup.lock import trash_lock
 from clipdedup.scan import FileEntry
 from clipdedup.undo import undo
-
-
-def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def tree(root: Path) -> dict[str, str]:
-    """rel path -> sha256 of every file under root, the journal dir left out."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            rel = p.relative_to(root).as_posix()
-            if not rel.startswith(jm.META_DIR + "/"):
-                out[rel] = sha(p)
-    return out
+from helpers import tree_hashes
 
 
 def entry(root: Path, rel: str) -> FileEntry:
@@ -93,12 +77,12 @@ def test_records_are_written_before_the_move(setup, monkeypatch) -> None:
 
 def test_undo_restores_byte_identical_and_is_idempotent(setup) -> None:
     img, trash = setup
-    before = tree(img)
+    before = tree_hashes(img)
     move_all(img, trash)
-    assert set(tree(img)) == {"keep.jpg"}
+    assert set(tree_hashes(img)) == {"keep.jpg"}
     res = undo(str(trash))
     assert [r.status for r in res] == ["restored"] * 4
-    assert tree(img) == before and tree(trash) == {}
+    assert tree_hashes(img) == before and tree_hashes(trash) == {}
     assert undo(str(trash)) == []  # everything already undone
 
 
@@ -157,7 +141,7 @@ def _intent_only(img: Path, trash: Path, rel: str) -> dict:
 )
 def test_undo_after_a_crash_mid_move(setup, state: str, status: str) -> None:
     img, trash = setup
-    before = tree(img)
+    before = tree_hashes(img)
     f = _intent_only(img, trash, "sub/d0.jpg")
     if state == "both-names":
         os.link(f["src"], f["dst"])
@@ -169,7 +153,7 @@ def test_undo_after_a_crash_mid_move(setup, state: str, status: str) -> None:
         f["dst"].write_bytes(f["data"][:100])
     (r,) = undo(str(trash))
     assert r.status == status, r.message
-    assert tree(img) == before
+    assert tree_hashes(img) == before
     if state == "partial-copy":
         assert "incomplete copy" in r.message and f["dst"].exists()  # reported, never deleted
     else:
@@ -179,7 +163,7 @@ def test_undo_after_a_crash_mid_move(setup, state: str, status: str) -> None:
 
 def test_undo_after_a_crash_mid_undo(setup, monkeypatch) -> None:
     img, trash = setup
-    before = tree(img)
+    before = tree_hashes(img)
     move_all(img, trash)
     from clipdedup import act
 
@@ -204,7 +188,7 @@ def test_undo_after_a_crash_mid_undo(setup, monkeypatch) -> None:
     )
     res = undo(str(trash))
     assert all(r.status == "restored" for r in res) and len(res) == 3
-    assert tree(img) == before and tree(trash) == {}
+    assert tree_hashes(img) == before and tree_hashes(trash) == {}
 
 
 def test_undo_one_run_only(setup) -> None:

@@ -15,6 +15,7 @@ from clipdedup.act import MoveResult
 from clipdedup.cli import dedup_cmd, import_cmd, run_cli
 from clipdedup.dedup import Group, RunSummary
 from clipdedup.errors import UserError
+from helpers import run_cli_json
 
 NASTY = ["<b>&\"x'.jpg", "space and ünïcode.jpg"]
 SRC = "base_images/ukbench01380.jpg"
@@ -30,19 +31,11 @@ def _tree(testdata: Path, root: Path) -> Path:
     return root
 
 
-def _run(cmd, args: list[str], capsys) -> dict:
-    capsys.readouterr()
-    code = run_cli(cmd, "test", args + ["--json", "-q"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    return json.loads(out)
-
-
 def test_dry_run_report_files(testdata: Path, tmp_path: Path, tiny_model: str, capsys) -> None:
     pics = _tree(testdata, tmp_path / "pics")
     rep, trash = tmp_path / "rep", tmp_path / "trash"
     args = ["-i", str(pics), "-d", str(tmp_path / "db"), "-t", str(trash), "-m", tiny_model, "-th", "1e-4"]
-    s = _run(dedup_cmd, args + ["-n", "--report", str(rep)], capsys)
+    s = run_cli_json(dedup_cmd, args + ["-n", "--report", str(rep)], capsys)
     assert not trash.exists() and sorted(os.listdir(pics)) == sorted(NASTY + ["plain.jpg", "sub"])
 
     doc = json.loads((rep / "report.json").read_text())
@@ -94,7 +87,7 @@ def test_real_run_report_and_thumbnail_cache(
         "--report",
         str(rep),
     ]
-    _run(dedup_cmd, args, capsys)  # no trash dir: nothing moves
+    run_cli_json(dedup_cmd, args, capsys)  # no trash dir: nothing moves
     g = json.loads((rep / "report.json").read_text())["groups"][0]
     assert {m["status"] for m in g["members"] if not m["kept"]} == {"not moved (no --trash-dir)"}
     before = {p: p.stat().st_mtime_ns for p in (rep / "thumbs").rglob("*.jpg")}
@@ -102,7 +95,7 @@ def test_real_run_report_and_thumbnail_cache(
     made: list[str] = []
     real = report_html.make_thumb
     monkeypatch.setattr(report_html, "make_thumb", lambda p, d, n: made.append(p) or real(p, d, n))
-    _run(dedup_cmd, args + ["-t", str(trash)], capsys)
+    run_cli_json(dedup_cmd, args + ["-t", str(trash)], capsys)
     assert made == []  # cached: same path, mtime and size
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     g = json.loads((rep / "report.json").read_text())["groups"][0]
@@ -122,7 +115,7 @@ def test_import_report_marks_base_files(testdata: Path, tmp_path: Path, tiny_mod
     rep = tmp_path / "rep"
     args = ["-bi", str(base), "-bd", str(tmp_path / "bdb"), "-ii", str(imp), "-id", str(tmp_path / "idb")]
     args += ["-m", tiny_model, "-th", "1e-4", "-n", "-t", str(tmp_path / "trash"), "--report", str(rep)]
-    _run(import_cmd, args, capsys)
+    run_cli_json(import_cmd, args, capsys)
     doc = json.loads((rep / "report.json").read_text())
     assert doc["roots"] == {"": str(imp), "base:": str(base)}
     (g,) = doc["groups"]
