@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.errors import DBMismatchError, UserError
+from clipdedup.fsutil import TMP_MARK, atomic_file
 from clipdedup.scan import FileEntry, scan_native
 
 META_NAME = "clipdedup-db.json"
@@ -27,7 +27,6 @@ FORMAT_VERSION = 1
 NPY_SUFFIX = ".npy"
 NPZ_SUFFIX = ".npz"
 NPZ_KEY = "clip_embedding"
-TMP_MARK = ".clipdedup-tmp"
 
 
 @dataclass
@@ -85,27 +84,10 @@ def npy_path(db_dir: str | os.PathLike[str], rel: str) -> str:
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mtime_ns: int | None = None) -> None:
-    """Writes `data` to `path` via a temp file in the same directory and a rename.
-
-    A crash leaves either the old file or the new one, never a truncated file; a stale temp file is
-    removed by the next orphan clean-up. `mtime_ns`, if given, is set on the file before the rename.
-    """
-    path = os.fspath(path)
-    d, name = os.path.split(path)
-    os.makedirs(d or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_MARK, dir=d or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if mtime_ns is not None:
-            os.utime(tmp, ns=(mtime_ns, mtime_ns))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Writes `data` to `path` atomically (see `clipdedup.fsutil.atomic_file`); a stale temp file is
+    removed by the next orphan clean-up. `mtime_ns`, if given, is set on the file before the rename."""
+    with atomic_file(path, mtime_ns=mtime_ns) as f:
+        f.write(data)
 
 
 def npy_bytes(vec: np.ndarray) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any
 
 from clipdedup.dedup import RunSummary
 from clipdedup.errors import UserError
+from clipdedup.fsutil import atomic_file
 from clipdedup.keep import STRATEGIES, Candidate
 from clipdedup.prepass import identical_classes
 
@@ -243,10 +244,8 @@ def write_report(
 
 
 def _atomic_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with atomic_file(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _write_csvs(groups: list[ReviewGroup], out_dir: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdedup.decode import DecodeError, decode_pil
+from clipdedup.fsutil import atomic_file
 
 GROUPS_PER_PAGE = 200
 THUMB_DIR = "thumbs"
@@ -40,10 +41,8 @@ def make_thumb(path: str, dest: str, size: int) -> bool:
     except DecodeError:
         return False
     im.thumbnail((size, size))
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    im.save(tmp, "JPEG", quality=82)
-    os.replace(tmp, dest)  # a half-written thumbnail is never taken for a cached one
+    with atomic_file(dest) as f:  # a half-written thumbnail is never taken for a cached one
+        im.save(f, "JPEG", quality=82)
     return True
 
 
@@ -175,9 +174,7 @@ def write_html(
             f"<nav>{nav}</nav></header><main>{body}</main></body></html>\n"
         )
         name = page_name(k)
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(page)
-        os.replace(tmp, os.path.join(out_dir, name))
         names.append(name)
     return names

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from clipdedup.fsutil import atomic_file
 
 SNAPSHOT_NAME = "clipdedup-snapshot.bin"
 MAGIC = b"CDSNAP\x00\x01"
@@ -175,7 +176,6 @@ def write_snapshot(
         hashes: uint64 (N,) `row_hashes` of `mat`.
         written_ns: time.time_ns() taken before those stats.
     """
-    from clipdedup.db import TMP_MARK
 
     n, d = mat.shape
     blob = os.fsencode("\0".join(keys))
@@ -185,16 +185,7 @@ def write_snapshot(
     fields = (MAGIC, VERSION, 0, n, d, written_ns, index_at, len(index), zlib.crc32(index))
     head = HEADER.pack(*fields, 0)[:-4]
     head += struct.pack("<I", zlib.crc32(head))
-    fd, tmp = tempfile.mkstemp(prefix=f".{SNAPSHOT_NAME}.", suffix=TMP_MARK, dir=db_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head.ljust(DATA_OFFSET, b"\0"))
-            f.write(memoryview(mat).cast("B"))
-            f.write(index)
-        os.replace(tmp, snapshot_path(db_dir))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(snapshot_path(db_dir)) as f:
+        f.write(head.ljust(DATA_OFFSET, b"\0"))
+        f.write(memoryview(mat).cast("B"))
+        f.write(index)
