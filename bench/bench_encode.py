@@ -222,7 +222,9 @@ def run(quick: bool) -> list[Row]:
 
             def ours(dtype: str, croot=croot, c=c) -> None:
                 enc = encs[dtype]
-                for n_threads, cl in sorted({(1, False), (cores, False), (cores, True)}):
+                # Quick mode: the model's usual configuration only (bench/run.py --quick < 2 min).
+                configs = {(cores, False)} if quick else {(1, False), (cores, False), (cores, True)}
+                for n_threads, cl in sorted(configs):
                     with torch_threads(n_threads):
                         batch_rate = model_only(enc, cl, 2 if quick else 3)
                     model_times.setdefault((dtype, n_threads, cl), []).append(BATCH / batch_rate)
