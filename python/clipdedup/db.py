@@ -72,11 +72,16 @@ def check_meta(db_dir: str | os.PathLike[str], want: DBMeta) -> DBMeta | None:
     if have is None:
         return None
     if have.model_id != want.model_id or have.dim != want.dim or have.normalized != want.normalized:
-        raise DBMismatchError(
-            f"{db_dir}: DB holds {have.describe()}, this run uses {want.describe()}; "
-            "use a separate --db-dir (or -m with the DB's model)"
-        )
+        raise mismatch_error(db_dir, have, want.describe())
     return have
+
+
+def mismatch_error(db_dir: str | os.PathLike[str], have: DBMeta, uses: str) -> DBMismatchError:
+    """The one-line refusal to mix a DB of `have` with a run that uses `uses`."""
+    return DBMismatchError(
+        f"{db_dir}: DB holds {have.describe()}, this run uses {uses}; "
+        "use a separate --db-dir (or -m with the DB's model)"
+    )
 
 
 def npy_path(db_dir: str | os.PathLike[str], rel: str) -> str:

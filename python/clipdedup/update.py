@@ -17,7 +17,7 @@ from clipdedup import db as dbmod
 from clipdedup import prepass
 from clipdedup.decode import iter_batches
 from clipdedup.encode import DEFAULT_MODEL, Encoder, canonical_model_id, load_encoder
-from clipdedup.errors import DBMismatchError, UserError
+from clipdedup.errors import UserError
 from clipdedup.scan import FileEntry, ScanResult, scan_tree
 from clipdedup.threads import thread_plan, torch_threads
 from clipdedup.writer import AsyncWriter
@@ -121,10 +121,7 @@ def update_db(
         # Catch a wrong -m even when nothing needs encoding (and no model would be loaded).
         asked = canonical_model_id(model_id)
         if asked != have.model_id:
-            raise DBMismatchError(
-                f"{db_dir}: DB holds {have.describe()}, this run asks for model {asked}; "
-                "use a separate --db-dir (or -m with the DB's model)"
-            )
+            raise dbmod.mismatch_error(db_dir, have, f"model {asked}")
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
     if plan.to_encode or have is None:
