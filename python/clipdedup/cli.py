@@ -286,7 +286,14 @@ def backends_cmd() -> int:
     from clipdedup.encode import ENCODERS
     from clipdedup.match import MATCHERS
 
-    for reg in (MATCHERS, DECODERS, ENCODERS, STRATEGIES):
+    regs = [MATCHERS, DECODERS, ENCODERS]
+    try:
+        from clipdedup.cpu_forward import CPU_FORWARDS
+
+        regs.append(CPU_FORWARDS)
+    except ImportError:  # no torch: the CLIP encoders cannot run either
+        pass
+    for reg in (*regs, STRATEGIES):
         click.echo(f"{reg.kind}s:")
         for name, why, doc in reg.status():
             state = "available" if why is None else f"unavailable: {why}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,21 +213,14 @@ def load_open_clip(
     dtype = dtype or os.environ.get("CLIPDEDUP_DTYPE") or ("fp16" if device.startswith("cuda") else "fp32")
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} (argument or CLIPDEDUP_DTYPE): choose from {', '.join(DTYPES)}")
-    try:
-        model = open_clip.create_model_from_pretrained(
-            name, pretrained=pretrained, device=device, return_transform=False
-        )
-    except ModelError:
-        raise
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"model {model_id}: cannot load ({first})") from None
-    model.eval()
     tdtype = getattr(torch, DTYPES[dtype])
+    model = _create(model_id, name, pretrained, device)
     visual = model.visual.to(dtype=tdtype)
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
     spec = PrepSpec.from_open_clip(cfg)
     on_cpu = device == "cpu"
+    if on_cpu:
+        visual = _cpu_forward(visual, spec, tdtype, lambda: _create(model_id, name, pretrained, device), log)
     if on_cpu and CPU_CHANNELS_LAST:
         visual = visual.to(memory_format=torch.channels_last)
     runner = BatchRunner(
@@ -252,6 +246,43 @@ def load_open_clip(
         submit=runner.submit,
         runner=runner,
     )
+
+
+def _create(model_id: str, name: str, pretrained: str | None, device: str) -> Any:
+    import open_clip
+
+    try:
+        model = open_clip.create_model_from_pretrained(
+            name, pretrained=pretrained, device=device, return_transform=False
+        )
+    except ModelError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"model {model_id}: cannot load ({first})") from None
+    return model.eval()
+
+
+def _cpu_forward(visual: Any, spec: PrepSpec, dtype: Any, reload: Callable[[], Any], log: Any) -> Any:
+    """The visual tower prepared by the best CPU forward (cpu_forward.CPU_FORWARDS); when packing
+    fails its check, one log line and the tower reloaded as it was."""
+    import torch
+
+    from clipdedup.cpu_forward import CPU_FORWARDS, PackError
+    from clipdedup.registry import UnavailableError
+
+    try:
+        entry = CPU_FORWARDS.get()
+    except UnavailableError as e:
+        raise ModelError(str(e)) from None
+    example = torch.randn(1, 3, *spec.size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    try:
+        return entry.fn(visual, example)
+    except PackError as e:
+        (log or (lambda line: print(line, file=sys.stderr)))(
+            f"clipdedup: cpu forward {entry.name!r} off ({e}); running the model as loaded"
+        )
+        return reload().visual.to(dtype=dtype)
 
 
 def _jsonable(v: Any) -> Any:
