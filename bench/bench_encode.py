@@ -6,7 +6,9 @@ open_clip ViT-B-32 with RANDOM weights (open_clip.create_model('ViT-B-32'), no c
 to a local dir and loaded via local-dir:): the compute is a real ViT-B-32's, the embeddings mean
 nothing. Rows, all in this run on this machine:
 
-- model only: the visual tower's forward on ready float batches (channels-last on and off);
+- model only: the visual tower's forward on ready float batches (channels-last on and off), fp32
+  with oneDNN-packed linear layers (the default, `clipdedup.cpu_forward`), fp32 as open_clip loads
+  it ("fp32-eager") and bf16;
 - pipeline: `update_db` into a fresh DB (scan, PIL draft decode + prepare in threads, encode,
   async .npy writes), with the thread plan of `clipdedup.threads` (decoding and inference take
   turns, each on every core) and alternatives (side by side, with and without oversubscription);
@@ -79,6 +81,24 @@ def make_images(n: int, quick: bool) -> Path:
     return root
 
 
+# Encoders measured: label -> (dtype, cpu forward; None = the default, oneDNN-packed in fp32).
+VARIANTS = {"fp32": ("fp32", None), "fp32-eager": ("fp32", "eager"), "bf16": ("bf16", None)}
+
+
+def _load(model_id: str, dtype: str, forward: str | None):
+    from clipdedup.encode import load_encoder
+
+    old = os.environ.get("CLIPDEDUP_CPU_FORWARD")
+    if forward:
+        os.environ["CLIPDEDUP_CPU_FORWARD"] = forward
+    try:
+        return load_encoder(model_id, device="cpu", dtype=dtype, batch_size=BATCH)
+    finally:
+        os.environ.pop("CLIPDEDUP_CPU_FORWARD", None)
+        if old is not None:
+            os.environ["CLIPDEDUP_CPU_FORWARD"] = old
+
+
 def make_model() -> str:
     """A random-init ViT-B-32 saved as an open_clip local dir; returns its model id."""
     if not (MODEL_DIR / "open_clip_pytorch_model.bin").exists():
@@ -116,15 +136,13 @@ def model_only(enc, channels_last: bool, n_batches: int) -> float:
     return BATCH / float(np.median(times))
 
 
-def original_design(enc, model_id: str, root: Path, paths: list[Path], db: Path) -> dict[str, np.ndarray]:
+def original_design(visual, preprocess, root: Path, paths: list[Path], db: Path) -> dict[str, np.ndarray]:
     """The original tool's loop: full decode + per-image preprocess in a batch_size thread pool,
-    then the batch forward, then one np.save per image."""
-    import open_clip
+    then the batch forward, then one np.save per image. `visual` and `preprocess`: open_clip's model
+    (as open_clip loads it, no oneDNN packing) and eval transform, loaded before the clock starts."""
     import torch
     from PIL import Image
 
-    _, preprocess = open_clip.create_model_from_pretrained(model_id, return_transform=True)
-    visual = enc.runner.forward.to(memory_format=torch.contiguous_format)
     out = {}
 
     def load(p: Path):
@@ -188,9 +206,9 @@ def _chunks(root: Path, paths: list[Path], k: int, tmp: Path) -> list[tuple[Path
 def run(quick: bool) -> list[Row]:
     """Every measurement is made on each chunk of the images in turn, the methods' order rotating
     from chunk to chunk, so a busy neighbour on a shared machine slows all of them alike."""
+    import open_clip
     import torch
 
-    from clipdedup.encode import load_encoder
     from clipdedup.threads import ThreadPlan, thread_plan, torch_threads
 
     n_gen = 24 if quick else 500
@@ -203,7 +221,10 @@ def run(quick: bool) -> list[Row]:
     share = max(1, cores // 4)
     alts = {ThreadPlan(cores, cores, 2), ThreadPlan(max(1, cores - share), share, 2)}
     variants = [] if quick else sorted(alts - {split}, key=str)
-    encs = {d: load_encoder(model_id, device="cpu", dtype=d, batch_size=BATCH) for d in ("fp32", "bf16")}
+    encs = {label: _load(model_id, *how) for label, how in VARIANTS.items()}
+    # Loaded once, outside the timing, like our encoders.
+    orig_model, orig_prep = open_clip.create_model_from_pretrained(model_id, return_transform=True)
+    orig_visual = orig_model.visual.eval()
     secs: dict[str, float] = {}
     model_times: dict[tuple[str, int, bool], list[float]] = {}
     ref: dict[str, np.ndarray] = {}
@@ -216,30 +237,30 @@ def run(quick: bool) -> list[Row]:
 
             def original(croot=croot, cpaths=cpaths, c=c) -> None:
                 t = time.perf_counter()
-                got = original_design(encs["fp32"], model_id, croot, cpaths, tmp / f"orig{c}")
+                got = original_design(orig_visual, orig_prep, croot, cpaths, tmp / f"orig{c}")
                 secs["original"] = secs.get("original", 0.0) + time.perf_counter() - t
                 ref.update({f"{c}/{k}": v for k, v in got.items()})
 
-            def ours(dtype: str, croot=croot, c=c) -> None:
-                enc = encs[dtype]
+            def ours(label: str, croot=croot, c=c) -> None:
+                enc = encs[label]
                 # Quick mode: the model's usual configuration only (bench/run.py --quick < 2 min).
                 configs = {(cores, False)} if quick else {(1, False), (cores, False), (cores, True)}
                 for n_threads, cl in sorted(configs):
                     with torch_threads(n_threads):
                         batch_rate = model_only(enc, cl, 2 if quick else 3)
-                    model_times.setdefault((dtype, n_threads, cl), []).append(BATCH / batch_rate)
+                    model_times.setdefault((label, n_threads, cl), []).append(BATCH / batch_rate)
                 enc.runner.forward.to(memory_format=torch.contiguous_format)  # as the encoder runs
-                for sp in [split] + ([] if dtype != "fp32" else variants):
-                    key = f"{dtype} {_plan_name(sp)}"
+                for sp in [split] + ([] if label != "fp32" else variants):
+                    key = f"{label} {_plan_name(sp)}"
                     dt, _ = pipeline(enc, croot, tmp / f"db-{key}-{c}".replace(" ", "_"), sp)
                     secs[key] = secs.get(key, 0.0) + dt
 
-            jobs = [original, lambda: ours("fp32"), lambda: ours("bf16")]
+            jobs = [original] + [lambda label=label: ours(label) for label in encs]
             for j in range(len(jobs)):
                 jobs[(j + c) % len(jobs)]()
         # Correctness: every image the original encoded has (nearly) its vector in our DBs.
-        for dtype in encs:
-            key = f"{dtype} {_plan_name(split)}"
+        for label in encs:
+            key = f"{label} {_plan_name(split)}"
             for c in range(len(chunks)):
                 db = tmp / f"db-{key}-{c}".replace(" ", "_")
                 for rk, v in ref.items():
@@ -248,9 +269,9 @@ def run(quick: bool) -> list[Row]:
                         continue
                     f = db / (rel + ".npy")
                     if f.exists():
-                        oks[dtype].append(float(np.load(f) @ v))
+                        oks[label].append(float(np.load(f) @ v))
                     else:
-                        complete[dtype] = False
+                        complete[label] = False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -260,15 +281,15 @@ def run(quick: bool) -> list[Row]:
         Row("encode", base, n, secs["original"], n / secs["original"], "img/s", extra={"encoded": len(ref)})
     ]
     summary = []
-    for dtype in encs:
+    for label in encs:
         rates = {}
         for (d, th, cl), ts in sorted(model_times.items()):
-            if d == dtype:
+            if d == label:
                 rates[th, cl] = BATCH / float(np.median(ts))
                 rows.append(
                     Row(
                         "encode",
-                        f"model only, {dtype}, {th} torch threads" + (", channels-last" if cl else ""),
+                        f"model only, {label}, {th} torch threads" + (", channels-last" if cl else ""),
                         BATCH,
                         BATCH / rates[th, cl],
                         rates[th, cl],
@@ -276,25 +297,25 @@ def run(quick: bool) -> list[Row]:
                     )
                 )
         model_rate = max(rates.values())  # the model's best, whatever its thread count
-        for key in sorted(k for k in secs if k.startswith(dtype)):
+        for key in sorted(k for k in secs if k.split(" ", 1)[0] == label):
             dt = secs[key]
-            main_row = key == f"{dtype} {_plan_name(split)}"
-            cmin = min(oks[dtype]) if oks[dtype] else 0.0
-            ok = complete[dtype] and cmin >= MIN_COS if main_row else None
+            main_row = key == f"{label} {_plan_name(split)}"
+            cmin = min(oks[label]) if oks[label] else 0.0
+            ok = complete[label] and cmin >= MIN_COS if main_row else None
             extra = {"vs_model_only": (n / dt) / model_rate, "model_only_rate": model_rate}
             if main_row:
                 extra["min_cosine_vs_original"] = cmin
                 rate, pct, x = n / dt, 100 * (n / dt) / model_rate, secs["original"] / dt
                 summary.append(
-                    f"pipeline {dtype} ({key.split(' ', 1)[1]}): {rate:.2f} img/s = {pct:.0f}% of model-only "
+                    f"pipeline {label} ({key.split(' ', 1)[1]}): {rate:.2f} img/s = {pct:.0f}% of model-only "
                     f"{model_rate:.2f} img/s; x{x:.2f} vs the original design (fp32); "
                     f"min cosine vs original {cmin:.4f} ({'ok' if ok else 'WRONG'})"
                 )
-            label = f"pipeline {key}" + ("" if main_row else " (alt)")
+            row_label = f"pipeline {key}" + ("" if main_row else " (alt)")
             rows.append(
                 Row(
                     "encode",
-                    label,
+                    row_label,
                     n,
                     dt,
                     n / dt,
