@@ -108,6 +108,27 @@ def test_no_trash_dir_moves_nothing(pics: Path, tmp_path: Path, tiny_model: str,
     assert s["groups"] and s["moved"] == 0
 
 
+def test_corrupt_snapshot_is_one_line_and_rebuilt(
+    pics: Path, tmp_path: Path, tiny_model: str, capsys
+) -> None:
+    from clipdedup.cli import run_cli
+    from clipdedup.snapshot import SNAPSHOT_NAME
+
+    db = tmp_path / "db"
+    args = ["-i", str(pics), "-d", str(db), "-m", tiny_model, "-th", "1e-4", "--json"]
+    assert run_cli(dedup_cmd, "test", args) == 0
+    first = json.loads(capsys.readouterr().out)
+    snap = db / SNAPSHOT_NAME
+    snap.write_bytes(b"\0" * snap.stat().st_size)
+    assert run_cli(dedup_cmd, "test", args) == 0
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if "packed snapshot" in line]
+    assert len(lines) == 1 and "corrupt" in lines[0] and "a new one was written" in lines[0], err
+    assert json.loads(out)["groups"] == first["groups"]
+    assert run_cli(dedup_cmd, "test", args) == 0  # rebuilt: nothing more to say
+    assert "packed snapshot" not in capsys.readouterr().err
+
+
 def test_import_dedup_moves_only_import_files(
     testdata: Path, tmp_path: Path, tiny_model: str, capsys
 ) -> None:

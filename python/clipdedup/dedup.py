@@ -209,6 +209,16 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
         return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)
 
 
+def _say_snapshot(db_dir: str, info: dbmod.LoadInfo, opts: RunOptions) -> None:
+    """One line when a DB's packed snapshot was unusable or could not be refreshed (the run itself
+    is unaffected: the embeddings were read from the .npy files)."""
+    if info.snapshot.startswith("corrupt"):
+        fixed = "; a new one was written" if info.written else ""
+        opts.say(f"{db_dir}: packed snapshot {info.snapshot}; read the .npy files instead{fixed}")
+    if info.write_error:
+        opts.say(info.write_error)
+
+
 def _run_dedup_locked(
     image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions, exclude: list[str]
 ) -> RunSummary:
@@ -218,11 +228,13 @@ def _run_dedup_locked(
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
+    info = dbmod.LoadInfo()
     kept, x, s.load_errors, s.not_in_db = load_embeddings(
-        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run
+        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
     )
     s.loaded = len(kept)
     s.seconds["load"] = time.perf_counter() - t
+    _say_snapshot(db_dir, info, opts)
     for path, reason in s.load_errors:
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, u)
@@ -331,12 +343,15 @@ def _run_import_locked(
     t = time.perf_counter()
     dim = (ub.meta or ui.meta).dim if (ub.meta or ui.meta) else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
+    binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
     bkept, xb, eb, nb = load_embeddings(
-        base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True
+        base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo
     )
     ikept, xi, ei, ni = load_embeddings(
-        import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run
+        import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
     )
+    _say_snapshot(base_db_dir, binfo, opts)
+    _say_snapshot(import_db_dir, iinfo, opts)
     s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
     s.seconds["load"] = time.perf_counter() - t
     for path, reason in s.load_errors:
