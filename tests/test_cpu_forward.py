@@ -54,7 +54,7 @@ def test_packed_linear_matches_linear(rows: int, fin: int, fout: int, bias: bool
             lin.bias.copy_(torch.randn(fout, generator=g))
     x = torch.randn(rows, fin, generator=g)
     want = F.gelu(lin(x)) if gelu else lin(x)
-    packed = PackedLinear(lin, gelu=gelu)
+    packed = PackedLinear.of(lin, gelu=gelu)
     assert not hasattr(packed, "weight")  # direct readers must fail, not compute with blocked data
     with torch.inference_mode():
         assert_close(packed(x), want.detach())
@@ -65,8 +65,8 @@ def test_packed_linear_leading_dims_and_strided_input() -> None:
     lin = nn.Linear(48, 20)
     x = torch.randn(3, 48, 7, generator=g).transpose(1, 2)  # (3, 7, 48), not contiguous
     with torch.inference_mode():
-        assert_close(PackedLinear(lin)(x), lin(x))
-        assert PackedLinear(lin)(torch.zeros(0, 5, 48)).shape == (0, 5, 20)
+        assert_close(PackedLinear.of(lin)(x), lin(x))
+        assert PackedLinear.of(lin)(torch.zeros(0, 5, 48)).shape == (0, 5, 20)
 
 
 def mha(dim: int, heads: int, seed: int, bias: bool = True) -> nn.MultiheadAttention:
@@ -342,3 +342,14 @@ def test_attend_first_queries_matches_full_attention(queries: int, mask: str | N
         want = m(x, x, x, need_weights=False, attn_mask=attn_mask)[0][:, :queries]
         got = PackedSelfAttention(m).attend(x, attn_mask, queries)
     assert_close(got, want)
+
+
+def test_default_cpu_forward_is_onednn_else_eager(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipdedup.encode import load_encoder
+
+    monkeypatch.delenv("CLIPDEDUP_CPU_FORWARD", raising=False)
+    enc = load_encoder(tiny_model, device="cpu", dtype="fp32")
+    assert any(isinstance(m, PackedLinear) for m in enc.runner.forward.modules())
+    monkeypatch.setattr(CPU_FORWARDS.entries["onednn"], "why_not", lambda: "no oneDNN (simulated)")
+    enc = load_encoder(tiny_model, device="cpu", dtype="fp32")
+    assert not any(isinstance(m, PackedLinear) for m in enc.runner.forward.modules())

@@ -10,7 +10,8 @@ CPU goes faster without giving up fp32.
 fallback. Packing swaps, in place:
 - `nn.Linear` -> `PackedLinear` (open_clip's `c_fc` + exact `nn.GELU` -> one linear with GELU fused);
 - `nn.MultiheadAttention` (batch_first self-attention) -> `PackedSelfAttention`: the packed in/out
-  projections around `scaled_dot_product_attention`, what the module computes in eval mode.
+  projections around `scaled_dot_product_attention`, what the module computes in eval mode;
+- the last block of an open_clip ViT that pools its class token -> `ClassTokenBlock` (that token only).
 Every replacement is checked against the module it replaces on a random input before the original
 is dropped, and the packed model's output against the eager model's; any difference beyond fp32
 rounding raises `PackError` and the caller reloads the model unpacked (one log line).
@@ -51,14 +52,19 @@ class PackedLinear(nn.Module):
     blocked tensor.
     """
 
-    def __init__(self, linear: nn.Linear, gelu: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> None:
+        """weight: (out_features, in_features) float32; bias: (out_features,) or None."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         # Plain attributes, not buffers: `.to()`, `state_dict()` and copies have no use for a blocked
         # oneDNN tensor.
-        self._w = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self._b = None if linear.bias is None else linear.bias.detach().clone()
+        self._w = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self._b = None if bias is None else bias.detach().clone()
         self._attr, self._algo = ("gelu", "none") if gelu else ("none", "")
+
+    @classmethod
+    def of(cls, linear: nn.Linear, gelu: bool = False) -> PackedLinear:
+        return cls(linear.weight, linear.bias, gelu)
 
     def extra_repr(self) -> str:
         gelu = ", gelu fused" if self._attr == "gelu" else ""
@@ -100,13 +106,8 @@ class PackedSelfAttention(nn.Module):
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
         self.heads, self.dim = mha.num_heads, mha.embed_dim
-        qkv = nn.Linear(self.dim, 3 * self.dim, bias=mha.in_proj_bias is not None)
-        with torch.no_grad():
-            qkv.weight.copy_(mha.in_proj_weight)
-            if mha.in_proj_bias is not None:
-                qkv.bias.copy_(mha.in_proj_bias)
-        self.qkv = PackedLinear(qkv)
-        self.out = PackedLinear(mha.out_proj)
+        self.qkv = PackedLinear(mha.in_proj_weight, mha.in_proj_bias)
+        self.out = PackedLinear.of(mha.out_proj)
 
     def forward(
         self,
@@ -244,7 +245,7 @@ def pack_model(model: nn.Module, seed: int = 0) -> int:
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 gelu = _fused_gelu(parent, name)
                 x = rand(3, child.in_features)
-                new = PackedLinear(child, gelu=gelu)
+                new = PackedLinear.of(child, gelu=gelu)
                 _check(new(x), F.gelu(child(x)) if gelu else child(x), name)
                 setattr(parent, name, new)
                 if gelu:
