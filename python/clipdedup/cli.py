@@ -282,18 +282,12 @@ def dedup_cmd(
 
 @dedup_cmd.command("backends", help="List the backends of every stage usable here, and why not the rest.")
 def backends_cmd() -> int:
+    from clipdedup.cpu_forward import CPU_FORWARDS
     from clipdedup.decode import DECODERS
     from clipdedup.encode import ENCODERS
     from clipdedup.match import MATCHERS
 
-    regs = [MATCHERS, DECODERS, ENCODERS]
-    try:
-        from clipdedup.cpu_forward import CPU_FORWARDS
-
-        regs.append(CPU_FORWARDS)
-    except ImportError:  # no torch: the CLIP encoders cannot run either
-        pass
-    for reg in (*regs, STRATEGIES):
+    for reg in (MATCHERS, DECODERS, ENCODERS, CPU_FORWARDS, STRATEGIES):
         click.echo(f"{reg.kind}s:")
         for name, why, doc in reg.status():
             state = "available" if why is None else f"unavailable: {why}"
