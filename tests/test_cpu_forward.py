@@ -210,10 +210,19 @@ def test_open_clip_visual_packed_matches_eager(tiny_model: str, batch: int) -> N
         assert_close(packed(x), want)
 
 
-def test_timm_vit_packed_matches_eager() -> None:
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "vit_tiny_patch16_224",
+        "vit_pe_core_tiny_patch16_384",  # the default model's family (rope attention, attention pool)
+    ],
+)
+def test_timm_vit_packed_matches_eager(arch: str) -> None:
     timm = pytest.importorskip("timm")
+    if arch not in timm.list_models(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0).eval()
+    model = timm.create_model(arch, pretrained=False, img_size=64, num_classes=0).eval()
     x = torch.randn(2, 3, 64, 64, generator=gen(2))
     with torch.inference_mode():
         want = model(x)
