@@ -3,12 +3,15 @@ from collections.abc import Sequence
 import numpy as np
 from typing_extensions import Buffer
 
+# Buffer | np.ndarray: numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12, so an
+# ndarray is not a Buffer to mypy checking for Python 3.11 ([tool.mypy] python_version).
+
 def npy_header(path: bytes | str) -> tuple[int | None, int | None, str | None]: ...
 def read_npy_into(
-    paths: Sequence[bytes | str], out: Buffer, threads: int = 0, rows: np.ndarray | None = None
+    paths: Sequence[bytes | str], out: Buffer | np.ndarray, threads: int = 0, rows: np.ndarray | None = None
 ) -> list[tuple[int, str]]: ...
 def read_npz_into(
-    paths: Sequence[bytes | str], out: Buffer, threads: int = 0, rows: np.ndarray | None = None
+    paths: Sequence[bytes | str], out: Buffer | np.ndarray, threads: int = 0, rows: np.ndarray | None = None
 ) -> list[tuple[int, str]]: ...
 def npz_supported() -> bool: ...
 
@@ -32,13 +35,13 @@ def scan_tree(
     threads: int = 0,
 ) -> ScanOutput: ...
 def construct(cls: type, names: Sequence[str], columns: Sequence[Sequence[object]]) -> list: ...
-def row_hashes(mat: Buffer, threads: int = 1) -> np.ndarray: ...
+def row_hashes(mat: Buffer | np.ndarray, threads: int = 1) -> np.ndarray: ...
 def gather_rows(
     path: bytes,
     data_offset: int,
     src: np.ndarray,
     dst: np.ndarray,
     expect: np.ndarray,
-    out: Buffer,
+    out: Buffer | np.ndarray,
     threads: int = 1,
 ) -> tuple[str | None, list[int]]: ...

@@ -187,5 +187,6 @@ def write_snapshot(
     head += struct.pack("<I", zlib.crc32(head))
     with atomic_file(snapshot_path(db_dir)) as f:
         f.write(head.ljust(DATA_OFFSET, b"\0"))
-        f.write(memoryview(mat).cast("B"))
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (mypy checks 3.11).
+        f.write(memoryview(mat).cast("B"))  # type: ignore[arg-type]
         f.write(index)
