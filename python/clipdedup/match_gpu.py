@@ -155,7 +155,7 @@ def run_steps(
         nxt = steps[idx + 1] if idx + 1 < len(steps) else None
         # Prefetch only a key chunk of the same query chunk (the diagonal one is the query chunk).
         same_q = nxt is not None and (nxt.q0, nxt.q1) == q_range
-        ahead = nxt if same_q and not (self_mode and nxt.k0 == nxt.q0) else None
+        ahead = nxt if nxt is not None and same_q and not (self_mode and nxt.k0 == nxt.q0) else None
 
         def overlap(ahead=ahead):
             if ahead is not None:
@@ -189,7 +189,9 @@ def pairs_triton(
     import torch
 
     if pairwise is None:
-        from clipdedup.kernels.pairwise import pairwise_within as pairwise
+        from clipdedup.kernels.pairwise import pairwise_within
+
+        pairwise = pairwise_within
 
     other = x if y is None else y
     self_mode = y is None

@@ -214,7 +214,7 @@ def screen_pairs(
         if a_range != (i0, i1):
             a, a_range = scr.a_block(i0, i1), (i0, i1)
         c = scr.tile(a, j0, j1, out)
-        diag = lower[: i1 - i0, : j1 - j0] if upper and j0 == i0 else None
+        diag = lower[: i1 - i0, : j1 - j0] if lower is not None and j0 == i0 else None  # None unless upper
         r, k = tile_hits(c, diag)
         cand_i.append(r + i0)
         cand_j.append(k + j0)
