@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -66,7 +66,7 @@ def _exif_orientation(seg: bytes) -> int:
     t = seg[6:]
     if len(t) < 8 or t[:2] not in (b"II", b"MM"):
         return 1
-    order = "little" if t[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if t[:2] == b"II" else "big"
     ifd = int.from_bytes(t[4:8], order)
     if ifd + 2 > len(t):
         return 1
@@ -143,12 +143,23 @@ def build_pipeline(spec: PrepSpec, *, device: str, batch_size: int, threads: int
     """A DALI pipeline fed "encoded" bytes, "size" and "anchor" (see `geometry`) -> (H, W, 3) uint8."""
     from nvidia.dali import fn, pipeline_def, types
 
-    interp = types.INTERP_LINEAR if spec.interpolation == "bilinear" else types.INTERP_CUBIC
+    # The same enum members as types.INTERP_*, which DALI's stubs do not declare.
+    interp = (
+        types.DALIInterpType.INTERP_LINEAR
+        if spec.interpolation == "bilinear"
+        else types.DALIInterpType.INTERP_CUBIC
+    )
     th, tw = spec.size
     extra = {"jpeg_fancy_upsampling": True} if device == "mixed" else {}
     fill = float(spec.fill) if spec.resize_mode == "longest" else 0.0
 
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=1)
+    # DALI's overload types device_id as int, but it documents and accepts None (no GPU).
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id,  # type: ignore[arg-type]
+        prefetch_queue_depth=1,
+    )
     def pipe():
         enc = fn.external_source(name="encoded", dtype=types.UINT8)
         size = fn.external_source(name="size", dtype=types.FLOAT)

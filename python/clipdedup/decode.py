@@ -101,8 +101,8 @@ def decode_pil(path: str | os.PathLike[str], min_size: int) -> Image.Image:
                     # draft() keeps both sides >= the requested size, so Resize sees enough pixels.
                     im.draft("RGB", (min_size, min_size))
                 im.load()
-                im = ImageOps.exif_transpose(im) or im
-                return _to_rgb(im)
+                upright = ImageOps.exif_transpose(im) or im
+                return _to_rgb(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"decompression bomb refused: {_reason(e)}") from None
     except Exception as e:  # any decoder failure is a property of the file
