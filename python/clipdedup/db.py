@@ -147,7 +147,7 @@ def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
     if not os.path.isdir(db_dir):
         return DBIndex({}, [], [], started)
     out, _errors = scan_native(db_dir, suffixes=None)
-    picked, temps, shadowed = out.classify_db(TMP_MARK)
+    picked, temp_rows, shadowed_rows = out.classify_db(TMP_MARK)
     prefix = os.fsencode(os.path.join(db_dir, ""))
     rels = out.names(picked, b"", len(NPY_SUFFIX))  # NPY_SUFFIX and NPZ_SUFFIX: 4 bytes each
     full = out.names(picked, prefix)
@@ -161,8 +161,8 @@ def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
         out.ino()[picked].tolist(),
     ]
     files = dict(zip(rels, native.construct(DBFile, _DBFILE_FIELDS, cols)))
-    temps = out.names(np.array(temps, np.int64), prefix)
-    shadowed = out.names(np.array(shadowed, np.int64), prefix)
+    temps = out.names(np.array(temp_rows, np.int64), prefix)
+    shadowed = out.names(np.array(shadowed_rows, np.int64), prefix)
     return DBIndex(files, temps, shadowed, started)
 
 
@@ -183,7 +183,8 @@ def plan_update(
     for the DB's dim (a damaged file), or when `force` is set.
     """
     expected = npy_file_size(dim) if dim else None
-    to_encode, fresh = [], []
+    to_encode: list[FileEntry] = []
+    fresh: list[FileEntry] = []
     for img in images:
         f = index.files.get(img.rel)
         stale = (

@@ -64,7 +64,8 @@ class SnapshotPrefetch:
     def __init__(self, db_dir: str | os.PathLike[str], dim: int | None, pinned: bool | None) -> None:
         self.snap, self.status = snap_mod.read_snapshot(db_dir)
         if self.snap is not None and dim is not None and self.snap.dim != dim:
-            self.snap, self.status = None, f"dim {self.snap.dim}, DB holds dim {dim}"
+            self.status = f"dim {self.snap.dim}, DB holds dim {dim}"
+            self.snap = None
         self.pinned = native.cuda_present() if pinned is None else pinned
         self.mat: np.ndarray | None = None
         self.fatal: str | None = None
@@ -213,7 +214,8 @@ def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None, prefetch=N
     else:
         snap, status = (None, "not used") if db_dir is None else snap_mod.read_snapshot(db_dir)
     if snap is not None and dim is not None and snap.dim != dim:
-        snap, status, mat = None, f"dim {snap.dim}, DB holds dim {dim}", None
+        status = f"dim {snap.dim}, DB holds dim {dim}"
+        snap, mat = None, None
     status = status or "used"
     if dim is None:
         dim = snap.dim if snap is not None else _probe_dim(files)
