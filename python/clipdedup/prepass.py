@@ -110,7 +110,7 @@ def identical_classes(
 
 def identical_classes_ref(paths: Sequence[str]) -> list[int | None]:
     """Plain reference: compare whole file contents."""
-    data = []
+    data: list[bytes | None] = []
     for p in paths:
         try:
             with open(p, "rb") as f:
@@ -210,7 +210,8 @@ def fill_copies(
         (number of copies given a vector, [(copy path, reason)] for copies of files that failed).
     """
     why_failed = {p: r for p, r in failed}
-    done, bad = 0, []
+    done = 0
+    bad: list[tuple[str, str]] = []
 
     def put(e: FileEntry, vec: np.ndarray) -> None:
         if dry_run:
@@ -218,8 +219,8 @@ def fill_copies(
         else:
             dbmod.write_embedding(db_dir, e.rel, vec, e.mtime_ns)
 
-    for e, vec in plan.from_db:
-        put(e, vec)
+    for e, db_vec in plan.from_db:
+        put(e, db_vec)
         done += 1
     for rel, copies in plan.from_encoded.items():
         src = os.path.join(image_dir, rel)
