@@ -21,6 +21,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -169,7 +170,8 @@ def synthetic_distances(
     out: dict[str, list[float]] = {name: [] for name in TRANSFORMS}
     skipped, used = [], 0
     for s in range(0, len(paths), batch_size):
-        items, tags = [], []
+        items: list[Any] = []  # prepared model inputs
+        tags: list[tuple[str, int, int]] = []
         for p in paths[s : s + batch_size]:
             try:
                 first = enc.prepare(decode_pil(p, enc.input_size))

@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ class RunOptions:
     backend: str | None = None
     top_k: int = 0  # > 0: record each image's k nearest within the threshold in the summary
     progress: bool = False
-    log: object = None
+    log: Callable[[str], object] | None = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
 
     def say(self, line: str) -> None:
@@ -341,7 +342,8 @@ def _run_import_locked(
             "both must come from one model"
         )
     t = time.perf_counter()
-    dim = (ub.meta or ui.meta).dim if (ub.meta or ui.meta) else None
+    either = ub.meta or ui.meta
+    dim = either.dim if either else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
     bkept, xb, eb, nb = load_embeddings(
