@@ -159,6 +159,8 @@ def build_review(
         for p in g.members:
             src, m = _abs(roots, p), moves.get(p)
             now = src if os.path.lexists(src) or m is None or m.dest is None else m.dest
+            size: int | None
+            mtime: int | None
             try:
                 st = os.stat(now)
                 size, mtime = st.st_size, st.st_mtime_ns
@@ -178,10 +180,10 @@ def build_review(
         labels = identical_classes([m.file for m in members], [m.size or -1 for m in members])
         # Name the kept file as the twin where it is one, else the class's first member.
         rep = {lab: k for k, lab in enumerate(labels) if lab is not None and members[k].kept}
-        for k, (m, lab) in enumerate(zip(members, labels)):
+        for k, (member, lab) in enumerate(zip(members, labels)):
             twin = rep.get(lab, lab) if lab is not None else None
             if twin is not None and twin != k:
-                m.exact_of = members[twin].path
+                member.exact_of = members[twin].path
         kept_lab = labels[g.members.index(g.kept)] if g.kept in g.members else None
         exact = kept_lab is not None and all(lab == kept_lab for lab in labels)
         best = g.members.index(g.kept) if g.kept in g.members else 0
