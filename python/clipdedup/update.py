@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -145,11 +145,13 @@ def update_db(
         else:
             s.meta = have
         if copies is None:
+            assert s.meta is not None  # set from the loaded encoder just above
             copies = _plan_copies(image_dir, plan, index, s.meta.dim, s)
         if copies.to_encode:
             t = time.perf_counter()
+            loaded = cast(Encoder, encoder)  # the branch above loaded it (copies was None or had work)
             _encode_into_db(
-                encoder, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log
+                loaded, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log
             )
             s.seconds["encode"] = time.perf_counter() - t
         prepass.finish_update(copies, image_dir, db_dir, s, dry_run=dry_run, log=log)
