@@ -362,3 +362,10 @@ def test_default_cpu_forward_is_onednn_else_eager(tiny_model: str, monkeypatch: 
     monkeypatch.setattr(CPU_FORWARDS.entries["onednn"], "why_not", lambda: "no oneDNN (simulated)")
     enc = load_encoder(tiny_model, device="cpu", dtype="fp32")
     assert not any(isinstance(m, PackedLinear) for m in enc.runner.forward.modules())
+
+
+def test_onednn_only_on_x86_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLIPDEDUP_CPU_FORWARD", raising=False)
+    monkeypatch.setattr(cpu_forward.platform, "machine", lambda: "arm64")
+    assert "x86-64" in (CPU_FORWARDS.entries["onednn"].unavailable_reason() or "")
+    assert CPU_FORWARDS.get().name == "eager"

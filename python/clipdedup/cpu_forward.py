@@ -19,6 +19,7 @@ rounding raises `PackError` and the caller reloads the model unpacked (one log l
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,10 @@ class PackError(RuntimeError):
 
 
 def _why_no_onednn() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        # Measured on x86-64 only; elsewhere torch's own linear layers (e.g. Accelerate on Apple
+        # silicon) may well be faster.
+        return f"measured on x86-64 only, not on {platform.machine()}"
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
     for op in ("_reorder_linear_weight", "_linear_pointwise"):
