@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,7 @@ class ClassTokenBlock(nn.Module):
     ) -> torch.Tensor:
         if k_x is not None or v_x is not None:
             raise PackError("class-token block: self-attention only")
-        b = self.block
+        b: Any = self.block  # open_clip's ResidualAttentionBlock with a PackedSelfAttention
         x = q_x[:, :1] + b.ls_1(b.attn.attend(b.ln_1(q_x), attn_mask, 1))
         return x + b.ls_2(b.mlp(b.ln_2(x)))
 
@@ -185,12 +186,13 @@ def class_token_only(visual: nn.Module) -> bool:
         return False
     if type(visual) is not VisionTransformer:
         return False
-    blocks = visual.transformer.resblocks
+    transformer: Any = visual.transformer
+    blocks = transformer.resblocks
     if (
         visual.attn_pool is not None
         or visual.pool_type != "tok"
         or visual.output_tokens
-        or not visual.transformer.batch_first
+        or not transformer.batch_first
         or len(blocks) == 0
         or type(blocks[-1]) is not ResidualAttentionBlock
         or type(blocks[-1].attn) is not PackedSelfAttention
@@ -242,17 +244,17 @@ def pack_model(model: nn.Module, seed: int = 0) -> int:
             if isinstance(child, nn.MultiheadAttention):
                 if packable_attention(child):  # else leave it whole: it reads its out_proj's weight
                     x = rand(2, 5, child.embed_dim)
-                    new = PackedSelfAttention(child)
-                    _check(new(x, x, x, need_weights=False)[0], child(x, x, x, need_weights=False)[0], name)
-                    setattr(parent, name, new)
+                    attn = PackedSelfAttention(child)
+                    _check(attn(x, x, x, need_weights=False)[0], child(x, x, x, need_weights=False)[0], name)
+                    setattr(parent, name, attn)
                     count += 1
                 continue
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
                 gelu = _fused_gelu(parent, name)
                 x = rand(3, child.in_features)
-                new = PackedLinear.of(child, gelu=gelu)
-                _check(new(x), F.gelu(child(x)) if gelu else child(x), name)
-                setattr(parent, name, new)
+                lin = PackedLinear.of(child, gelu=gelu)
+                _check(lin(x), F.gelu(child(x)) if gelu else child(x), name)
+                setattr(parent, name, lin)
                 if gelu:
                     parent.gelu = nn.Identity()
                 count += 1
