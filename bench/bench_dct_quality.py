@@ -188,7 +188,7 @@ def score(pairs: set[tuple[str, str]], truth: set[tuple[str, str]]) -> tuple[flo
 
 def dct_distances(root: Path, files: list[str]) -> tuple[np.ndarray, float]:
     """Pairwise distances of builtin:dct embeddings from the real update path (dry run)."""
-    from clipdedup.update import update_db
+    from clipdedup.ingest.update import update_db
 
     t = time.perf_counter()
     s = update_db(root, root / ".no-db", "builtin:dct", dry_run=True, log=lambda line: None)
@@ -206,7 +206,7 @@ def pairs_below(files: list[str], d: np.ndarray, thr: float) -> set[tuple[str, s
 def dct_pairs(root: Path, files: list[str]) -> tuple[set[tuple[str, str]], float, float]:
     """(pairs at the default threshold via `find_pairs`, seconds, threshold)."""
     import clipdedup
-    from clipdedup.update import update_db
+    from clipdedup.ingest.update import update_db
 
     thr = clipdedup.default_threshold("builtin:dct")
     t = time.perf_counter()

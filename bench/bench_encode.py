@@ -7,10 +7,10 @@ to a local dir and loaded via local-dir:): the compute is a real ViT-B-32's, the
 nothing. Rows, all in this run on this machine:
 
 - model only: the visual tower's forward on ready float batches (channels-last on and off), fp32
-  with oneDNN-packed linear layers (the default, `clipdedup.cpu_forward`), fp32 as open_clip loads
+  with oneDNN-packed linear layers (the default, `ingest.encode.cpu_forward`), fp32 as open_clip loads
   it ("fp32-eager") and bf16;
 - pipeline: `update_db` into a fresh DB (scan, PIL draft decode + prepare in threads, encode,
-  async .npy writes), with the thread plan of `clipdedup.threads` (decoding and inference take
+  async .npy writes), with the thread plan of `clipdedup.util.threads` (decoding and inference take
   turns, each on every core) and alternatives (side by side, with and without oversubscription);
 - original design: a thread pool of batch_size workers doing a full PIL decode + open_clip's
   per-image preprocess, then the batch encode, then one np.save per image, batch after batch.
@@ -86,7 +86,7 @@ VARIANTS = {"fp32": ("fp32", None), "fp32-eager": ("fp32", "eager"), "bf16": ("b
 
 
 def _load(model_id: str, dtype: str, forward: str | None):
-    from clipdedup.encode import load_encoder
+    from clipdedup.ingest.encode.base import load_encoder
 
     old = os.environ.get("CLIPDEDUP_CPU_FORWARD")
     if forward:
@@ -170,7 +170,7 @@ def original_design(visual, preprocess, root: Path, paths: list[Path], db: Path)
 
 def pipeline(enc, root: Path, db: Path, plan=None) -> tuple[float, object]:
     """(seconds, summary) of `update_db` into a fresh DB, with a forced `ThreadPlan` if given."""
-    from clipdedup import update
+    from clipdedup.ingest import update
 
     real = update.thread_plan
     if plan is not None:
@@ -209,7 +209,7 @@ def run(quick: bool) -> list[Row]:
     import open_clip
     import torch
 
-    from clipdedup.threads import ThreadPlan, thread_plan, torch_threads
+    from clipdedup.util.threads import ThreadPlan, thread_plan, torch_threads
 
     n_gen = 24 if quick else 500
     root = make_images(n_gen, quick)

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from clipdedup import db as dbmod
-from clipdedup import native, snapshot
-from clipdedup.load import SnapshotPrefetch
+from clipdedup import native
+from clipdedup.db import snapshot
+from clipdedup.db.load import SnapshotPrefetch
 from clipdedup.scan import scan_tree, scan_tree_ref
 from common import Row, best_of, main
 

@@ -1,6 +1,6 @@
 """Exact-copy pre-pass: finding byte-identical files among N files (page cache warm).
 
-The fast path (clipdedup.prepass.identical_classes) reads only files whose size collides, first
+The fast path (clipdedup.ingest.prepass.identical_classes) reads only files whose size collides, first
 64 KiB head + tail, and hashes in full only what still collides. The baseline hashes every file
 with sha256 (the obvious way); its classes are also the reference answer, and at small N the
 whole-file comparison reference (identical_classes_ref) is checked too.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipdedup.prepass import identical_classes, identical_classes_ref
+from clipdedup.ingest.prepass import identical_classes, identical_classes_ref
 from common import Row, best_of, main
 
 

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from clipdedup import journal as jm
 from clipdedup.cli import run_cli
+from clipdedup.trash import journal as jm
 
 
 def sha(p: Path) -> str:

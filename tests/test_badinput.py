@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from clipdedup import report
 from clipdedup.db import load_db
-from clipdedup.dedup import RunOptions, run_dedup
-from clipdedup.update import scan_images, update_db
+from clipdedup.ingest.update import scan_images, update_db
+from clipdedup.pipeline import RunOptions, run_dedup
+from clipdedup.report import core as report
 
 SRC = "base_images/ukbench00120.jpg"
 OTHER = "base_images/ukbench09380.jpg"
@@ -139,8 +139,8 @@ def test_file_deleted_between_scan_and_decode(testdata: Path, tmp_path: Path, ti
 
 UNREADABLE_RUN = """
 import json, sys
-from clipdedup import report
-from clipdedup.dedup import RunOptions, run_dedup
+from clipdedup.report import core as report
+from clipdedup.pipeline import RunOptions, run_dedup
 s = run_dedup(sys.argv[1], sys.argv[2], None, RunOptions(model_id=sys.argv[3], log=lambda line: None))
 print(json.dumps(report.summary_dict(s, dry_run=False)["skipped"]))
 """

@@ -11,8 +11,8 @@ import pytest
 
 from clipdedup import calibrate as cal
 from clipdedup.cli import dedup_cmd, run_cli
-from clipdedup.encode import ENCODERS
-from clipdedup.update import update_db
+from clipdedup.ingest.encode.base import ENCODERS
+from clipdedup.ingest.update import update_db
 
 
 @pytest.mark.parametrize(("n", "d"), [(2, 3), (3, 1), (63, 32), (65, 100), (300, 17)])

@@ -112,7 +112,7 @@ def test_corrupt_snapshot_is_one_line_and_rebuilt(
     pics: Path, tmp_path: Path, tiny_model: str, capsys
 ) -> None:
     from clipdedup.cli import run_cli
-    from clipdedup.snapshot import SNAPSHOT_NAME
+    from clipdedup.db.snapshot import SNAPSHOT_NAME
 
     db = tmp_path / "db"
     args = ["-i", str(pics), "-d", str(db), "-m", tiny_model, "-th", "1e-4", "--json"]

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdedup import journal as jm
 from clipdedup.db import TMP_MARK, load_db, npy_file_size
-from clipdedup.undo import undo
-from clipdedup.update import update_db
+from clipdedup.ingest.update import update_db
+from clipdedup.trash import journal as jm
+from clipdedup.trash.undo import undo
 from helpers import tree_hashes
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"

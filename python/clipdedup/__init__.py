@@ -10,8 +10,8 @@ The library behind the commands:
 __version__ = "0.1.0"
 
 from clipdedup.db import load_db  # noqa: E402
-from clipdedup.encode import default_threshold  # noqa: E402
+from clipdedup.ingest.encode.base import default_threshold  # noqa: E402
+from clipdedup.ingest.update import update_db  # noqa: E402
 from clipdedup.match import find_pairs  # noqa: E402
-from clipdedup.update import update_db  # noqa: E402
 
 __all__ = ["__version__", "default_threshold", "find_pairs", "load_db", "update_db"]

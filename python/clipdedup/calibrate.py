@@ -9,7 +9,7 @@ Two distributions are measured:
 The suggested threshold is the largest distance at which the estimated precision still reaches the
 target, where precision(t) = P(t) / (P(t) + N(t)), P and N the fractions of synthetic pairs and of
 nearest neighbours within t (equal weight on both). Rows whose nearest neighbour has the very same
-embedding (byte-identical copies share one, see clipdedup.prepass) are left out of N; every other
+embedding (byte-identical copies share one, see clipdedup.ingest.prepass) are left out of N; every other
 nearest neighbour is counted as a distinct image, so near-duplicates already in the DB make the
 estimate pessimistic, never optimistic.
 """
@@ -164,7 +164,7 @@ def synthetic_distances(
     Returns:
         ({transform: (K,) float64 distances}, images used, [(path, reason)] for unreadable images).
     """
-    from clipdedup.decode import DecodeError, decode_pil
+    from clipdedup.ingest.decode.base import DecodeError, decode_pil
     from clipdedup.match import exact_distances
 
     out: dict[str, list[float]] = {name: [] for name in TRANSFORMS}
@@ -212,7 +212,7 @@ def calibrate(
         UserError: no DB, fewer than two embeddings, a -m that is not the DB's model, no images.
     """
     from clipdedup.db import load_db, read_meta
-    from clipdedup.encode import canonical_model_id, default_threshold, load_encoder
+    from clipdedup.ingest.encode.base import canonical_model_id, default_threshold, load_encoder
     from clipdedup.scan import scan_tree
 
     say = progress or (lambda line: None)

@@ -13,13 +13,13 @@ import numpy as np
 
 from clipdedup import __version__
 from clipdedup.errors import UserError
-from clipdedup.keep import STRATEGIES
+from clipdedup.trash.keep import STRATEGIES
 
 DEFAULT_BATCH = 32
 
 
 def _default_model() -> str:
-    from clipdedup.encode import DEFAULT_MODEL
+    from clipdedup.ingest.encode.base import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
@@ -168,7 +168,7 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _options(**kw: Any) -> Any:
-    from clipdedup.dedup import RunOptions
+    from clipdedup.pipeline import RunOptions
 
     quiet = kw.pop("quiet")
     return RunOptions(
@@ -194,7 +194,7 @@ def _write_report(
 ) -> None:
     if report_dir is None:
         return
-    from clipdedup import report
+    from clipdedup.report import core as report
 
     metas = [u.meta for u in summary.updates.values() if u.meta is not None]
     model = metas[0].model_id if metas else opts.model_id
@@ -206,7 +206,7 @@ def _write_report(
 
 
 def _finish(summary: Any, opts: Any, as_json: bool, quiet: bool) -> int:
-    from clipdedup import report
+    from clipdedup.report import core as report
 
     d = report.summary_dict(summary, dry_run=opts.dry_run)
     if getattr(opts, "top_k", 0):
@@ -268,8 +268,8 @@ def dedup_cmd(
         return 0
     if image_dir is None or db_dir is None:
         raise click.UsageError("missing option -i/--image-dir and -d/--db-dir (both required)")
-    from clipdedup.dedup import run_dedup
-    from clipdedup.report import check_report_dir
+    from clipdedup.pipeline import run_dedup
+    from clipdedup.report.core import check_report_dir
 
     report_dir = kw.pop("report_dir", None)
     if report_dir is not None:
@@ -282,9 +282,9 @@ def dedup_cmd(
 
 @dedup_cmd.command("backends", help="List the backends of every stage usable here, and why not the rest.")
 def backends_cmd() -> int:
-    from clipdedup.cpu_forward import CPU_FORWARDS
-    from clipdedup.decode import DECODERS
-    from clipdedup.encode import ENCODERS
+    from clipdedup.ingest.decode.base import DECODERS
+    from clipdedup.ingest.encode.base import ENCODERS
+    from clipdedup.ingest.encode.cpu_forward import CPU_FORWARDS
     from clipdedup.match import MATCHERS
 
     for reg in (MATCHERS, DECODERS, ENCODERS, CPU_FORWARDS, STRATEGIES):
@@ -376,7 +376,7 @@ def calibrate_cmd(
 @click.option("-n", "--dry-run", is_flag=True, help="Print what would be restored; change nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the final count.")
 def undo_cmd(trash_dir: str, run_id: str | None, list_runs: bool, dry_run: bool, quiet: bool) -> int:
-    from clipdedup import journal
+    from clipdedup.trash import journal
 
     if list_runs:
         infos, bad = journal.runs(trash_dir)
@@ -390,7 +390,7 @@ def undo_cmd(trash_dir: str, run_id: str | None, list_runs: bool, dry_run: bool,
                 f"rolled back {i.count('failed')}"
             )
         return 0
-    from clipdedup.undo import undo
+    from clipdedup.trash.undo import undo
 
     results = undo(trash_dir, run_id, dry_run=dry_run, log=(lambda line: None) if quiet else click.echo)
     counts = {
@@ -438,8 +438,8 @@ def import_cmd(
     quiet: bool,
     **kw: Any,
 ) -> int:
-    from clipdedup.dedup import run_import
-    from clipdedup.report import BASE_PREFIX, check_report_dir
+    from clipdedup.pipeline import run_import
+    from clipdedup.report.core import BASE_PREFIX, check_report_dir
 
     report_dir = kw.pop("report_dir", None)
     if report_dir is not None:
@@ -478,10 +478,10 @@ def db_test_cmd(
     batch_size: int,
 ) -> int:
     from clipdedup.db import load_db
-    from clipdedup.update import update_db
+    from clipdedup.ingest.update import update_db
 
     if not skip_update:
-        from clipdedup.lock import db_lock
+        from clipdedup.util.lock import db_lock
 
         log = (lambda s: None) if quiet else None
         with db_lock(db_dir, log):
@@ -532,8 +532,8 @@ def db_test_cmd(
 def encoding_test_cmd(
     model_id: str | None, device: str | None, dtype: str | None, image_paths: tuple[str, ...]
 ) -> int:
-    from clipdedup.decode import DecodeError, decode_pil
-    from clipdedup.encode import load_encoder
+    from clipdedup.ingest.decode.base import DecodeError, decode_pil
+    from clipdedup.ingest.encode.base import load_encoder
     from clipdedup.match import exact_distances
 
     enc = load_encoder(model_id or _default_model(), device=_check_device(device), dtype=dtype)

@@ -55,10 +55,22 @@ class Registry(Generic[T]):
         doc: str = "",
     ) -> Callable[[T], T]:
         def deco(fn: T) -> T:
-            self.entries[name] = Entry(name, fn, priority, why_not, doc)
+            self.add(name, fn, priority=priority, why_not=why_not, doc=doc)
             return fn
 
         return deco
+
+    def add(
+        self,
+        name: str,
+        value: T,
+        *,
+        priority: int = 0,
+        why_not: Callable[[], str | None] = always,
+        doc: str = "",
+    ) -> None:
+        """Registers `value` (a function, or a record of functions and data) under `name`."""
+        self.entries[name] = Entry(name, value, priority, why_not, doc)
 
     def names(self) -> list[str]:
         return sorted(self.entries, key=lambda n: -self.entries[n].priority)

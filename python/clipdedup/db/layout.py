@@ -1,0 +1,244 @@
+"""The embedding DB: a directory mirroring the image tree, one float32 .npy vector per image.
+
+`pics/a/b.jpg` is stored as `db/a/b.jpg.npy`. `db/clipdedup-db.json` records the model id, the
+embedding dim, the dtype and the preprocessing; a DB is never filled from two models. The original
+tool's `.npz` files (key `clip_embedding`) are read too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipdedup import native
+from clipdedup.errors import DBMismatchError, UserError
+from clipdedup.scan import FileEntry, scan_native
+from clipdedup.util.fsutil import TMP_MARK, atomic_file
+
+META_NAME = "clipdedup-db.json"
+FORMAT_VERSION = 1
+NPY_SUFFIX = ".npy"
+NPZ_SUFFIX = ".npz"
+NPZ_KEY = "clip_embedding"
+
+
+@dataclass
+class DBMeta:
+    model_id: str
+    dim: int
+    dtype: str = "float32"
+    normalized: bool = True
+    preprocess: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def describe(self) -> str:
+        return f"model {self.model_id}, dim {self.dim}"
+
+
+def meta_path(db_dir: str | os.PathLike[str]) -> Path:
+    return Path(db_dir) / META_NAME
+
+
+def read_meta(db_dir: str | os.PathLike[str]) -> DBMeta | None:
+    p = meta_path(db_dir)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: unreadable DB metadata ({e}); move it away to rebuild") from e
+    known = {k: raw[k] for k in DBMeta.__dataclass_fields__ if k in raw}
+    try:
+        return DBMeta(**known)
+    except TypeError as e:
+        raise UserError(f"{p}: incomplete DB metadata ({e})") from e
+
+
+def write_meta(db_dir: str | os.PathLike[str], meta: DBMeta) -> None:
+    data = json.dumps(asdict(meta), indent=2, sort_keys=True).encode()
+    atomic_write(meta_path(db_dir), data)
+
+
+def check_meta(db_dir: str | os.PathLike[str], want: DBMeta) -> DBMeta | None:
+    """Raises DBMismatchError when the DB at `db_dir` was written by another model."""
+    have = read_meta(db_dir)
+    if have is None:
+        return None
+    if have.model_id != want.model_id or have.dim != want.dim or have.normalized != want.normalized:
+        raise mismatch_error(db_dir, have, want.describe())
+    return have
+
+
+def mismatch_error(db_dir: str | os.PathLike[str], have: DBMeta, uses: str) -> DBMismatchError:
+    """The one-line refusal to mix a DB of `have` with a run that uses `uses`."""
+    return DBMismatchError(
+        f"{db_dir}: DB holds {have.describe()}, this run uses {uses}; "
+        "use a separate --db-dir (or -m with the DB's model)"
+    )
+
+
+def npy_path(db_dir: str | os.PathLike[str], rel: str) -> str:
+    return os.path.join(db_dir, rel + NPY_SUFFIX)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, mtime_ns: int | None = None) -> None:
+    """Writes `data` to `path` atomically (see `clipdedup.util.fsutil.atomic_file`); a stale temp file is
+    removed by the next orphan clean-up. `mtime_ns`, if given, is set on the file before the rename."""
+    with atomic_file(path, mtime_ns=mtime_ns) as f:
+        f.write(data)
+
+
+def npy_bytes(vec: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vec, dtype="<f4"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_file_size(dim: int) -> int:
+    return len(npy_bytes(np.zeros(dim, np.float32)))
+
+
+def write_embedding(
+    db_dir: str | os.PathLike[str], rel: str, vec: np.ndarray, image_mtime_ns: int | None = None
+) -> None:
+    """Writes one embedding atomically. The .npy gets the image's scanned mtime, so any later change
+    of the image's mtime (newer, or older as after a restore from backup) is seen as stale, whatever
+    the file system's timestamp granularity."""
+    atomic_write(npy_path(db_dir, rel), npy_bytes(vec), mtime_ns=image_mtime_ns)
+
+
+@dataclass(frozen=True)
+class DBFile:
+    rel: str  # relative image path this embedding belongs to
+    path: str  # absolute path of the .npy / .npz file
+    mtime_ns: int
+    size: int
+    legacy: bool  # an original-tool .npz
+    ctime_ns: int = 0  # with ino: tells a rewritten file from an unchanged one (see snapshot.py)
+    ino: int = 0
+
+    @property
+    def key(self) -> str:
+        """The file's path relative to the DB root."""
+        return self.rel + (NPZ_SUFFIX if self.legacy else NPY_SUFFIX)
+
+
+_DBFILE_FIELDS = ["rel", "path", "mtime_ns", "size", "legacy", "ctime_ns", "ino"]
+
+
+@dataclass
+class DBIndex:
+    files: dict[str, DBFile]  # by image rel path; a .npy shadows a .npz of the same image
+    temp_files: list[str]
+    shadowed: list[str]  # .npz files that have a .npy beside them
+    started_ns: int = 0  # time.time_ns() before the files were stat'ed
+
+
+def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
+    """Every embedding file under `db_dir` (native scan), by image path; the snapshot is not one."""
+    started = time.time_ns()
+    if not os.path.isdir(db_dir):
+        return DBIndex({}, [], [], started)
+    out, _errors = scan_native(db_dir, suffixes=None)
+    picked, temp_rows, shadowed_rows = out.classify_db(TMP_MARK)
+    prefix = os.fsencode(os.path.join(db_dir, ""))
+    rels = out.names(picked, b"", len(NPY_SUFFIX))  # NPY_SUFFIX and NPZ_SUFFIX: 4 bytes each
+    full = out.names(picked, prefix)
+    cols = [
+        rels,
+        full,
+        out.mtime_ns()[picked].tolist(),
+        out.size()[picked].tolist(),
+        [p.endswith(NPZ_SUFFIX) for p in full],
+        out.ctime_ns()[picked].tolist(),
+        out.ino()[picked].tolist(),
+    ]
+    files = dict(zip(rels, native.construct(DBFile, _DBFILE_FIELDS, cols)))
+    temps = out.names(np.array(temp_rows, np.int64), prefix)
+    shadowed = out.names(np.array(shadowed_rows, np.int64), prefix)
+    return DBIndex(files, temps, shadowed, started)
+
+
+@dataclass
+class UpdatePlan:
+    to_encode: list[FileEntry]
+    up_to_date: list[FileEntry]
+    orphans: list[str]  # DB files whose image is gone, and stale temp files (absolute paths)
+
+
+def plan_update(
+    images: Sequence[FileEntry], index: DBIndex, *, dim: int | None, force: bool = False
+) -> UpdatePlan:
+    """Which images need (re)encoding and which DB files are orphans.
+
+    An image is encoded when it has no DB file, when its mtime differs from its .npy's (our .npy
+    files carry the image's mtime) or is newer than its legacy .npz, when its .npy has the wrong size
+    for the DB's dim (a damaged file), or when `force` is set.
+    """
+    expected = npy_file_size(dim) if dim else None
+    to_encode: list[FileEntry] = []
+    fresh: list[FileEntry] = []
+    for img in images:
+        f = index.files.get(img.rel)
+        stale = (
+            force
+            or f is None
+            or img.mtime_ns > f.mtime_ns
+            or (not f.legacy and img.mtime_ns != f.mtime_ns)
+            or (not f.legacy and expected is not None and f.size != expected)
+        )
+        (to_encode if stale else fresh).append(img)
+    present = {img.rel for img in images}
+    orphans = [f.path for rel, f in index.files.items() if rel not in present]
+    orphans += index.temp_files
+    orphans.sort()
+    return UpdatePlan(to_encode, fresh, orphans)
+
+
+def remove_orphans(db_dir: str | os.PathLike[str], paths: Sequence[str]) -> list[str]:
+    """Removes DB files (never images) and then the DB directories left empty."""
+    removed = []
+    dirs = set()
+    for p in paths:
+        try:
+            os.unlink(p)
+            removed.append(p)
+            dirs.add(os.path.dirname(p))
+        except FileNotFoundError:
+            pass
+    root = os.path.realpath(db_dir)
+    for d in sorted(dirs, key=len, reverse=True):
+        while os.path.realpath(d) != root and d.startswith(os.fspath(db_dir)):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+    return removed
+
+
+__all__ = [
+    "DBFile",
+    "DBIndex",
+    "DBMeta",
+    "UpdatePlan",
+    "atomic_write",
+    "check_meta",
+    "index_db",
+    "meta_path",
+    "npy_bytes",
+    "npy_file_size",
+    "npy_path",
+    "plan_update",
+    "read_meta",
+    "remove_orphans",
+    "write_embedding",
+    "write_meta",
+]

@@ -1,0 +1,114 @@
+"""Encoders: batches of prepared images -> L2-normalised float32 embeddings.
+
+`load_encoder(model_id)` resolves a model id through the encoder registry: `builtin:*` names, else
+open_clip (`hf-hub:org/name`, `local-dir:/path`, `ARCH/TAG` or `ARCH/path/to/checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clipdedup.errors import ModelError
+from clipdedup.ingest.prep import PrepSpec
+from clipdedup.registry import Registry
+
+DEFAULT_MODEL = "hf-hub:timm/PE-Core-bigG-14-448"
+CLIP_DEFAULT_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class EncoderFactory:
+    """A registered encoder: how to load it and the threshold its embeddings are matched with when
+    -th is not given (the one place a model's default threshold is defined)."""
+
+    load: Callable[..., Encoder]
+    default_threshold: float = CLIP_DEFAULT_THRESHOLD
+
+
+# Factories keyed by model-id prefix; "open_clip" takes every id no other entry claims.
+ENCODERS: Registry[EncoderFactory] = Registry("encoder")
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class Encoder:
+    """A loaded model. `prepare` runs in decoder threads; `encode_batch` on the consumer thread.
+
+    Attributes:
+        prepare: RGB PIL image -> one model input (for open_clip: (H, W, 3) uint8, resized and
+            cropped; normalisation happens batched inside `encode_batch`).
+        encode_batch: list of inputs -> (B, D) float32, L2-normalised rows.
+        spec: open_clip preprocessing as data, for decoders that resize themselves (DALI);
+            None when only `prepare` knows how (builtin encoders).
+        submit: optional asynchronous `encode_batch`: returns an object whose `result()` gives the
+            (B, D) array, so the caller can stage the next batch while this one runs.
+    """
+
+    model_id: str
+    dim: int
+    input_size: int  # shorter side the decoder must deliver at least
+    prepare: Callable[[Any], Any]
+    encode_batch: Callable[[list[Any]], np.ndarray]
+    preprocess: dict = field(default_factory=dict)  # recorded in the DB metadata
+    device: str = "cpu"
+    spec: PrepSpec | None = None
+    submit: Callable[[list[Any]], Any] | None = None
+    runner: Any = None  # the BatchRunner, for its `mode` (graph / eager) in reports
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def load_encoder(
+    model_id: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 32,
+    log: Callable[[str], None] | None = None,
+) -> Encoder:
+    """Loads the encoder for `model_id` (see module docstring). Raises ModelError on failure.
+
+    `batch_size` is the fixed batch shape a CUDA graph is captured at (it grows if a larger batch
+    comes); `log` receives one-line notices (a graph capture that failed).
+    """
+    device = device or default_device()
+    kw = {"device": device, "dtype": dtype, "batch_size": batch_size, "log": log}
+    if model_id.startswith("builtin:"):
+        if model_id not in ENCODERS.entries:
+            known = ", ".join(n for n in ENCODERS.names() if n.startswith("builtin:"))
+            raise ModelError(f"unknown built-in encoder {model_id!r}; known: {known or 'none'}")
+        return ENCODERS.get(model_id).fn.load(model_id, **kw)
+    return ENCODERS.get("open_clip").fn.load(model_id, **kw)
+
+
+def default_threshold(model_id: str) -> float:
+    """The euclidean threshold a model's embeddings are matched with when -th is not given.
+
+    0.1 for CLIP models (the original tool's default); a built-in encoder's own measured default.
+    """
+    entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
+    return (entry or ENCODERS.entries["open_clip"]).fn.default_threshold
+
+
+def canonical_model_id(model_id: str) -> str:
+    """The id recorded in DB metadata: local paths made absolute so a DB can be checked later."""
+    if model_id.startswith("local-dir:"):
+        return "local-dir:" + os.path.abspath(os.path.expanduser(model_id[len("local-dir:") :]))
+    if "/" in model_id and not model_id.startswith(("hf-hub:", "builtin:")):
+        arch, _, tag = model_id.partition("/")
+        if os.path.sep in tag or os.path.isfile(tag):
+            return f"{arch}/{os.path.abspath(tag)}"
+    return model_id

@@ -1,0 +1,385 @@
+"""A whole run: update the DB(s), load, match, group, choose what to keep, move the rest.
+
+`run_dedup` dedupes one image dir; `run_import` moves the files of an import dir that have a
+duplicate in a base dir (the base dir is only read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from clipdedup import db as dbmod
+from clipdedup.errors import UserError
+from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, default_threshold, load_encoder
+from clipdedup.ingest.update import UpdateSummary, load_embeddings, resolve_model_id, scan_images, update_db
+from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
+from clipdedup.scan import FileEntry
+from clipdedup.trash.group import group_pairs
+from clipdedup.trash.keep import STRATEGIES, Candidate
+from clipdedup.trash.move import Mover, MoveResult, choose_keep_safe, is_inside
+from clipdedup.util.lock import run_locks
+
+
+@dataclass
+class RunOptions:
+    model_id: str | None = None  # None: each DB's own model, or the default model for a new DB
+    device: str | None = None
+    batch_size: int = 32
+    force: bool = False
+    clean_orphans: bool = True
+    skip_update: bool = False
+    dry_run: bool = False
+    threshold: float | None = None  # None: the model's default
+    keeping_logic: str = "largest"
+    backend: str | None = None
+    top_k: int = 0  # > 0: record each image's k nearest within the threshold in the summary
+    progress: bool = False
+    log: Callable[[str], object] | None = None
+    follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
+
+    def say(self, line: str) -> None:
+        (self.log or (lambda s: print(s, file=sys.stderr)))(line)
+
+
+@dataclass
+class Group:
+    members: list[str]  # relative paths (import mode: import files, then base files as "base:")
+    kept: str
+    moved: list[MoveResult]
+    distances: list[tuple[str, str, float]]
+
+
+@dataclass
+class RunSummary:
+    updates: dict[str, UpdateSummary] = field(default_factory=dict)
+    loaded: int = 0
+    not_in_db: int = 0
+    load_errors: list[tuple[str, str]] = field(default_factory=list)
+    threshold: float = 0.0
+    backend: str = ""
+    pairs: int = 0
+    top_k: dict[str, list[list]] = field(default_factory=dict)  # name -> [[neighbour, distance], ...]
+    groups: list[Group] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
+    journal: str | None = None  # the journal file, when something moved
+
+    @property
+    def moved(self) -> list[MoveResult]:
+        return [m for g in self.groups for m in g.moved if m.dest is not None]
+
+    @property
+    def move_skipped(self) -> list[MoveResult]:
+        return [m for g in self.groups for m in g.moved if m.dest is None]
+
+
+def _check_dirs(image_dir: str, db_dir: str, trash_dir: str | None) -> list[str]:
+    """Refuses layouts that could move files into themselves; returns dirs to leave out of the scan."""
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory does not exist")
+    img = os.path.realpath(image_dir)
+    exclude = []
+    for name, d in (("trash", trash_dir), ("DB", db_dir)):
+        if d is None:
+            continue
+        real = os.path.realpath(d)
+        if real == img or img.startswith(real + os.sep):
+            raise UserError(f"{d}: the {name} dir must not be the image dir or contain it")
+        if real.startswith(img + os.sep):
+            exclude.append(real)
+    return exclude
+
+
+def _update_or_read(
+    image_dir: str,
+    db_dir: str,
+    opts: RunOptions,
+    exclude: list[str],
+    label: str,
+    s: RunSummary,
+    encoder_cache: dict,
+    *,
+    read_only: bool = False,
+) -> tuple[UpdateSummary, list[FileEntry]]:
+    """Scans `image_dir` and brings its DB up to date. `read_only` (import mode's base DB): images
+    missing from the DB or newer than their entry are encoded in memory only, and nothing is
+    written to or removed from the DB."""
+    scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks, progress=opts.progress)
+    entries = scan.entries
+    if opts.skip_update:
+        u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
+        u.meta = dbmod.read_meta(db_dir)
+        entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
+    else:
+
+        def load() -> Encoder:
+            # One model for the whole run (import mode: base and import DB), loaded only when needed.
+            if "enc" not in encoder_cache:
+                model = resolve_model_id(opts.model_id, db_dir)
+                encoder_cache["enc"] = load_encoder(model, device=opts.device)
+            return encoder_cache["enc"]
+
+        u = update_db(
+            image_dir,
+            db_dir,
+            opts.model_id,
+            device=opts.device,
+            batch_size=opts.batch_size,
+            force=opts.force,
+            clean_orphans=opts.clean_orphans and not read_only,
+            dry_run=opts.dry_run or read_only,
+            scan=scan,
+            progress=opts.progress,
+            log=opts.say,
+            encoder=encoder_cache.get("enc") or load,
+        )
+    s.updates[label] = u
+    return u, entries
+
+
+def _encoded_as_scanned(
+    image_dir: str, db_dir: str, entries: list[FileEntry], u: UpdateSummary, opts: RunOptions
+) -> list[FileEntry]:
+    """With --skip-update, the images whose embedding no longer matches them (changed since it was
+    made) are left out, with a reason: a run never acts on a stale embedding."""
+    index = dbmod.index_db(db_dir)
+    plan = dbmod.plan_update(entries, index, dim=u.meta.dim if u.meta else None)
+    stale = {e.rel for e in plan.to_encode if e.rel in index.files}
+    for rel in sorted(stale, key=os.fsencode):
+        path = os.path.join(image_dir, rel)
+        u.failed.append((path, "changed since it was encoded; left out (--skip-update)"))
+        opts.say(f"{path}: skipped: changed since it was encoded (--skip-update)")
+    return [e for e in entries if e.rel not in stale]
+
+
+def _match(x, y, opts: RunOptions, s: RunSummary) -> tuple[np.ndarray, np.ndarray]:
+    entry = MATCHERS.get(opts.backend)
+    s.backend = entry.name
+    bar = tqdm(desc=f"match ({entry.name})", unit="tile", disable=not opts.progress, file=sys.stderr)
+    t = time.perf_counter()
+    pairs, dists = find_pairs(x, s.threshold, y=y, backend=entry.name, progress=bar.update)
+    bar.close()
+    s.seconds["match"] = time.perf_counter() - t
+    s.pairs = len(pairs)
+    return pairs, dists
+
+
+def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
+    if opts.threshold is not None:
+        if not opts.threshold >= 0:
+            raise UserError(f"threshold {opts.threshold}: must be >= 0")
+        return float(opts.threshold)
+    model = u.meta.model_id if u.meta else (opts.model_id or DEFAULT_MODEL)
+    return default_threshold(model)
+
+
+def _candidate(image_dir: str, e: FileEntry) -> Candidate:
+    return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
+
+
+def _mover(image_dir: str, trash_dir: str | None, opts: RunOptions, mode: str) -> Mover | None:
+    if trash_dir is None:
+        return None
+    return Mover(image_dir, trash_dir, dry_run=opts.dry_run, strategy=opts.keeping_logic, mode=mode)
+
+
+def _close_mover(mover: Mover | None, s: RunSummary) -> None:
+    if mover is not None:
+        mover.close()
+        s.run_id, s.journal = mover.run_id, mover.journal_path
+
+
+def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions) -> RunSummary:
+    """Dedupes `image_dir`: the kept file of each group stays, the others move to `trash_dir`.
+
+    Without `trash_dir`, or with `opts.dry_run`, nothing moves; the groups are still reported.
+    """
+    STRATEGIES.get(opts.keeping_logic)
+    exclude = _check_dirs(image_dir, db_dir, trash_dir)
+    with contextlib.ExitStack() as locks:
+        if not opts.dry_run:  # a dry run writes nothing, so it locks nothing
+            run_locks(locks, [db_dir], trash_dir, opts.say)
+        return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)
+
+
+def _say_snapshot(db_dir: str, info: dbmod.LoadInfo, opts: RunOptions) -> None:
+    """One line when a DB's packed snapshot was unusable or could not be refreshed (the run itself
+    is unaffected: the embeddings were read from the .npy files)."""
+    if info.snapshot.startswith("corrupt"):
+        fixed = "; a new one was written" if info.written else ""
+        opts.say(f"{db_dir}: packed snapshot {info.snapshot}; read the .npy files instead{fixed}")
+    if info.write_error:
+        opts.say(info.write_error)
+
+
+def _run_dedup_locked(
+    image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions, exclude: list[str]
+) -> RunSummary:
+    s = RunSummary()
+    t = time.perf_counter()
+    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, {})
+    s.seconds["update"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dim = u.meta.dim if u.meta else None
+    info = dbmod.LoadInfo()
+    kept, x, s.load_errors, s.not_in_db = load_embeddings(
+        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
+    )
+    s.loaded = len(kept)
+    s.seconds["load"] = time.perf_counter() - t
+    _say_snapshot(db_dir, info, opts)
+    for path, reason in s.load_errors:
+        opts.say(f"{path}: skipped: {reason}")
+    s.threshold = _threshold(opts, u)
+    pairs, dists = _match(x, None, opts, s)
+    if opts.top_k > 0:
+        names = [e.rel for e in kept]
+        s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
+    t = time.perf_counter()
+    groups = group_pairs(len(kept), pairs)
+    group_of = {k: g for g, members in enumerate(groups) for k in members}
+    dists_by_group: list[list[tuple[str, str, float]]] = [[] for _ in groups]
+    for (a, b), d in zip(pairs.tolist(), dists.tolist()):
+        dists_by_group[group_of[a]].append((kept[a].rel, kept[b].rel, d))
+    mover = _mover(image_dir, trash_dir, opts, "dedup")
+    try:
+        for gid, (members, dl) in enumerate(zip(groups, dists_by_group)):
+            cands = [_candidate(image_dir, kept[k]) for k in members]
+            best = choose_keep_safe(image_dir, cands, opts.keeping_logic)
+            moved = []
+            if mover is not None:
+                for k, c in zip(members, cands):
+                    if c is not cands[best]:
+                        moved.append(mover.move(kept[k], cands[best].path, kept[members[best]], gid))
+            s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
+    finally:
+        _close_mover(mover, s)
+    s.seconds["act"] = time.perf_counter() - t
+    return s
+
+
+def run_import(
+    base_image_dir: str,
+    base_db_dir: str,
+    import_image_dir: str,
+    import_db_dir: str,
+    trash_dir: str | None,
+    opts: RunOptions,
+) -> RunSummary:
+    """Moves the files of `import_image_dir` that have a duplicate in `base_image_dir` to `trash_dir`.
+
+    The base image dir and the base DB are only read: base images that the base DB lacks (or holds
+    stale) are encoded in memory for this run and never written back. Only the import DB is locked
+    and written.
+    """
+    _check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
+    with contextlib.ExitStack() as locks:
+        if not opts.dry_run:
+            run_locks(locks, [import_db_dir], trash_dir, opts.say)
+        return _run_import_locked(
+            base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts
+        )
+
+
+def _check_import_dirs(
+    base_image_dir: str, base_db_dir: str, import_image_dir: str, import_db_dir: str, trash_dir: str | None
+) -> None:
+    """Refuses layouts in which import mode would write into the base image dir or the base DB."""
+    if os.path.realpath(base_image_dir) == os.path.realpath(import_image_dir):
+        raise UserError("the base and import image dirs must differ")
+    if os.path.realpath(base_db_dir) == os.path.realpath(import_db_dir):
+        raise UserError("the base and import DB dirs must differ: import mode never writes the base DB")
+    for name, d in (("import DB", import_db_dir), ("trash", trash_dir), ("import image", import_image_dir)):
+        for ro_name, ro in (("base image dir", base_image_dir), ("base DB dir", base_db_dir)):
+            if d is None or (name == "import image" and ro_name == "base image dir"):
+                continue  # a nested import dir is left out of the base scan, see below
+            if is_inside(d, ro):
+                raise UserError(
+                    f"{d}: the {name} dir must not be inside the {ro_name} {ro}, which import mode only reads"
+                )
+
+
+def _run_import_locked(
+    base_image_dir: str,
+    base_db_dir: str,
+    import_image_dir: str,
+    import_db_dir: str,
+    trash_dir: str | None,
+    opts: RunOptions,
+) -> RunSummary:
+    base_real, imp_real = os.path.realpath(base_image_dir), os.path.realpath(import_image_dir)
+    exclude_base = _check_dirs(base_image_dir, base_db_dir, trash_dir)
+    exclude_imp = _check_dirs(import_image_dir, import_db_dir, trash_dir)
+    if imp_real.startswith(base_real + os.sep):
+        exclude_base.append(imp_real)
+    if base_real.startswith(imp_real + os.sep):
+        exclude_imp.append(base_real)
+    s = RunSummary()
+    cache: dict = {}
+    t = time.perf_counter()
+    ub, base_entries = _update_or_read(
+        base_image_dir, base_db_dir, opts, exclude_base, "base", s, cache, read_only=True
+    )
+    if ub.in_memory and not opts.dry_run:
+        opts.say(
+            f"{base_db_dir}: {len(ub.in_memory)} base images missing from the base DB or newer than "
+            "their entry were encoded in memory only (import mode never writes the base DB; run "
+            "clip-image-deduper on the base dir to update it)"
+        )
+    ui, imp_entries = _update_or_read(import_image_dir, import_db_dir, opts, exclude_imp, "import", s, cache)
+    s.seconds["update"] = time.perf_counter() - t
+    if ub.meta and ui.meta and (ub.meta.model_id, ub.meta.dim) != (ui.meta.model_id, ui.meta.dim):
+        raise UserError(
+            f"base DB holds {ub.meta.describe()} but import DB holds {ui.meta.describe()}; "
+            "both must come from one model"
+        )
+    t = time.perf_counter()
+    either = ub.meta or ui.meta
+    dim = either.dim if either else None
+    # The base DB is only read: no cache (packed snapshot) is refreshed there either.
+    binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
+    bkept, xb, eb, nb = load_embeddings(
+        base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo
+    )
+    ikept, xi, ei, ni = load_embeddings(
+        import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
+    )
+    _say_snapshot(base_db_dir, binfo, opts)
+    _say_snapshot(import_db_dir, iinfo, opts)
+    s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
+    s.seconds["load"] = time.perf_counter() - t
+    for path, reason in s.load_errors:
+        opts.say(f"{path}: skipped: {reason}")
+    s.threshold = _threshold(opts, ub if ub.meta else ui)
+    pairs, dists = _match(xi, xb, opts, s)
+    if opts.top_k > 0:
+        base_names = ["base:" + e.rel for e in bkept]
+        names = [e.rel for e in ikept]
+        s.top_k = nearest_by_name(names, base_names, pairs, dists, opts.top_k, symmetric=False)
+    t = time.perf_counter()
+    matches: dict[int, list[tuple[int, float]]] = {}
+    for (a, b), d in zip(pairs, dists):
+        matches.setdefault(int(a), []).append((int(b), float(d)))
+    mover = _mover(import_image_dir, trash_dir, opts, "import")
+    try:
+        for gid, (a, ms) in enumerate(matches.items()):
+            ms.sort(key=lambda bd: (bd[1], bd[0]))
+            nearest = bkept[ms[0][0]]
+            moved = []
+            if mover is not None:
+                moved.append(mover.move(ikept[a], os.path.join(base_image_dir, nearest.rel), nearest, gid))
+            members = [ikept[a].rel] + ["base:" + bkept[b].rel for b, _ in ms]
+            dl = [(ikept[a].rel, "base:" + bkept[b].rel, d) for b, d in ms]
+            s.groups.append(Group(members, "base:" + nearest.rel, moved, dl))
+    finally:
+        _close_mover(mover, s)
+    s.seconds["act"] = time.perf_counter() - t
+    return s

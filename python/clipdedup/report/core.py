@@ -1,0 +1,310 @@
+"""End-of-run output: the summary (human text on stderr, or JSON), the per-move lines, and the
+review report (`--report DIR`): the duplicate groups as JSON, CSV and an HTML contact sheet.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from clipdedup.errors import UserError
+from clipdedup.ingest.prepass import identical_classes
+from clipdedup.pipeline import RunSummary
+from clipdedup.trash.keep import STRATEGIES, Candidate
+from clipdedup.util.fsutil import atomic_file
+
+
+def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
+    ups = s.updates.values()
+    return {
+        "scanned": sum(u.scanned for u in ups),
+        "encoded": sum(u.encoded for u in ups),
+        "copied": sum(getattr(u, "copied", 0) for u in ups),
+        "up_to_date": sum(u.up_to_date for u in ups),
+        "skipped": sorted(
+            [{"path": p, "reason": r} for u in ups for p, r in u.failed + u.scan_errors]
+            + [{"path": p, "reason": r} for p, r in s.load_errors],
+            key=lambda d: d["path"],
+        ),
+        "orphans_removed": sum(len(u.removed) for u in ups),
+        "loaded": s.loaded,
+        "not_in_db": s.not_in_db,
+        "threshold": s.threshold,
+        "backend": s.backend,
+        "pairs": s.pairs,
+        "dry_run": dry_run,
+        "groups": [
+            {
+                "members": g.members,
+                "kept": g.kept,
+                "moves": [{"path": m.rel, "to": m.dest, "skipped": m.reason} for m in g.moved],
+                "distances": [[a, b, d] for a, b, d in g.distances],
+            }
+            for g in s.groups
+        ],
+        "moved": len(s.moved),
+        "run_id": s.run_id,
+        "journal": s.journal,
+        "seconds": {k: round(v, 4) for u in ups for k, v in u.seconds.items()}
+        | {k: round(v, 4) for k, v in s.seconds.items()},
+    }
+
+
+def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
+    verb = "would move" if dry_run else "moved"
+    lines = []
+    for g in s.groups:
+        for m in g.moved:
+            if m.dest is None:
+                lines.append(f"kept in place {m.source}: {m.reason}")
+            else:
+                lines.append(f"{verb} {m.source} -> {m.dest} (kept {g.kept})")
+    return lines
+
+
+def summary_text(d: dict[str, Any]) -> str:
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in d["seconds"].items())
+    moved = f"{d['moved']} {'would move' if d['dry_run'] else 'moved'}"
+    return (
+        f"scanned {d['scanned']}, encoded {d['encoded']}, exact copies {d.get('copied', 0)}, "
+        f"up to date {d['up_to_date']}, "
+        f"skipped {len(d['skipped'])}, orphans removed {d['orphans_removed']}; "
+        f"matched {d['loaded']} at threshold {d['threshold']:g} ({d['backend']}): "
+        f"{d['pairs']} pairs, {len(d['groups'])} groups, {moved}; {times}"
+    )
+
+
+_LONE_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def dumps(d: dict[str, Any]) -> str:
+    """JSON text. A non-UTF-8 file name (held as surrogate escapes) is written as `\\udcXX`, which
+    keeps the output valid UTF-8 and loads back (json.loads + os.fsencode) to the original bytes."""
+    text = json.dumps(d, indent=2, ensure_ascii=False, default=str)
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+BASE_PREFIX = "base:"  # how run_import names base-dir members of a group
+
+
+@dataclass
+class Member:
+    path: str  # as in the run summary: relative, or "base:" + relative for import mode's base dir
+    source: str  # its place in the image dir
+    file: str  # where the file is now (`source`, or its trash destination after a real move)
+    size: int | None
+    mtime_ns: int | None
+    kept: bool
+    status: str  # kept / would move / moved / stays: why / base file / not moved (no --trash-dir)
+    dest: str | None = None
+    exact_of: str | None = None  # the first member byte-identical to this one, if any
+    nearest: float | None = None  # distance to the closest other member (within the threshold)
+    to_kept: float | None = None  # distance to the kept file, when that pair is within the threshold
+
+
+@dataclass
+class ReviewGroup:
+    id: int
+    kept: str
+    why: str
+    exact: bool  # every member is byte-identical to the kept file
+    members: list[Member]
+    pairs: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def _abs(roots: Mapping[str, str], path: str) -> str:
+    if path.startswith(BASE_PREFIX) and BASE_PREFIX in roots:
+        return os.path.join(roots[BASE_PREFIX], path[len(BASE_PREFIX) :])
+    return os.path.join(roots[""], path)
+
+
+def _why(strategy: str, cands: list[Candidate], best: int, import_mode: bool) -> str:
+    if import_mode:
+        return "import mode: base files are never moved; the nearest base file stands for the group"
+    entry = STRATEGIES.entries.get(strategy)
+    if entry is None:
+        return strategy
+    keys = [entry.fn(c) if c.size >= 0 else None for c in cands]
+    k = cands[best]
+    detail = {
+        "largest": lambda: f"{k.size:,} bytes",
+        "newest": lambda: "modified " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(k.mtime_ns / 1e9)),
+        "highest-quality": lambda: f"{k.header()[0]:,} pixels, {k.header()[1] or 'unknown format'}",
+    }.get(strategy, lambda: "")()
+    tie = sum(1 for x in keys if x == keys[best]) > 1
+    text = f"{strategy} ({entry.doc})" + (f": {detail}" if detail else "")
+    return text + ("; tied, so the first path in byte order stays" if tie else "")
+
+
+def build_review(
+    s: RunSummary, roots: Mapping[str, str], *, strategy: str, dry_run: bool
+) -> list[ReviewGroup]:
+    """The groups of a run with everything a person needs to check them before files move.
+
+    Args:
+        roots: image dir per member prefix: {"": image_dir} for a dedup run; for an import run
+            {"": import_dir, "base:": base_dir}.
+    """
+    import_mode = BASE_PREFIX in roots
+    out = []
+    for gid, g in enumerate(s.groups, 1):
+        moves = {m.rel: m for m in g.moved}
+        members, cands = [], []
+        for p in g.members:
+            src, m = _abs(roots, p), moves.get(p)
+            now = src if os.path.lexists(src) or m is None or m.dest is None else m.dest
+            size: int | None
+            mtime: int | None
+            try:
+                st = os.stat(now)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size = mtime = None
+            if p == g.kept:
+                status = "kept"
+            elif m is not None:
+                status = ("would move" if dry_run else "moved") if m.dest else f"stays: {m.reason}"
+            elif import_mode and p.startswith(BASE_PREFIX):
+                status = "base file (never moved)"
+            else:
+                status = "not moved (no --trash-dir)"
+            members.append(Member(p, src, now, size, mtime, p == g.kept, status, m.dest if m else None))
+            cands.append(Candidate(p, now, -1 if size is None else size, mtime or 0))
+        _distances(members, g.distances, g.kept)
+        labels = identical_classes([m.file for m in members], [m.size or -1 for m in members])
+        # Name the kept file as the twin where it is one, else the class's first member.
+        rep = {lab: k for k, lab in enumerate(labels) if lab is not None and members[k].kept}
+        for k, (member, lab) in enumerate(zip(members, labels)):
+            twin = rep.get(lab, lab) if lab is not None else None
+            if twin is not None and twin != k:
+                member.exact_of = members[twin].path
+        kept_lab = labels[g.members.index(g.kept)] if g.kept in g.members else None
+        exact = kept_lab is not None and all(lab == kept_lab for lab in labels)
+        best = g.members.index(g.kept) if g.kept in g.members else 0
+        why = _why(strategy, cands, best, import_mode)
+        out.append(ReviewGroup(gid, g.kept, why, exact, members, list(g.distances)))
+    return out
+
+
+def _distances(members: list[Member], pairs: list[tuple[str, str, float]], kept: str) -> None:
+    by_path = {m.path: m for m in members}
+    for a, b, d in pairs:
+        for x, y in ((a, b), (b, a)):
+            m = by_path.get(x)
+            if m is None:
+                continue
+            m.nearest = d if m.nearest is None else min(m.nearest, d)
+            if y == kept:
+                m.to_kept = d
+
+
+def shown(path: str) -> str:
+    """A path as text that always encodes: undecodable bytes of the name become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if path else path
+
+
+def write_report(
+    s: RunSummary,
+    out_dir: str,
+    roots: Mapping[str, str],
+    *,
+    strategy: str,
+    dry_run: bool,
+    model: str | None = None,
+    thumb_size: int = 256,
+) -> list[ReviewGroup]:
+    """Writes report.json, groups.csv, pairs.csv and index.html (+ thumbs/) into `out_dir`.
+
+    Re-running with the same `out_dir` rewrites these files and reuses the cached thumbnails.
+    """
+    from clipdedup.report import html as report_html
+
+    groups = build_review(s, roots, strategy=strategy, dry_run=dry_run)
+    os.makedirs(out_dir, exist_ok=True)
+    head = {
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "dry_run": dry_run,
+        "roots": dict(roots),
+        "model": model,
+        "threshold": s.threshold,
+        "backend": s.backend,
+        "keeping_logic": strategy,
+        "groups": len(groups),
+        "exact_groups": sum(g.exact for g in groups),
+    }
+    doc = head | {"groups": [asdict(g) for g in groups]}
+    _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(doc, indent=1, ensure_ascii=True))
+    _write_csvs(groups, out_dir)
+    report_html.write_html(groups, head, out_dir, thumb_size=thumb_size)
+    return groups
+
+
+def _atomic_text(path: str, text: str) -> None:
+    with atomic_file(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        f.write(text)
+
+
+def _write_csvs(groups: list[ReviewGroup], out_dir: str) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        [
+            "group",
+            "path",
+            "kept",
+            "status",
+            "destination",
+            "distance_to_kept",
+            "nearest",
+            "exact_copy_of",
+            "size",
+            "group_exact",
+            "why",
+        ]
+    )
+    for g in groups:
+        for m in g.members:
+            w.writerow(
+                [
+                    g.id,
+                    m.path,
+                    int(m.kept),
+                    m.status,
+                    m.dest or "",
+                    _num(m.to_kept),
+                    _num(m.nearest),
+                    m.exact_of or "",
+                    "" if m.size is None else m.size,
+                    int(g.exact),
+                    g.why if m.kept else "",
+                ]
+            )
+    _atomic_text(os.path.join(out_dir, "groups.csv"), buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["group", "a", "b", "distance"])
+    for g in groups:
+        for a, b, d in g.pairs:
+            w.writerow([g.id, a, b, _num(d)])
+    _atomic_text(os.path.join(out_dir, "pairs.csv"), buf.getvalue())
+
+
+def _num(d: float | None) -> str:
+    return "" if d is None else f"{d:.6g}"
+
+
+def check_report_dir(out_dir: str, image_dirs: list[str]) -> None:
+    """Refuses a report dir inside an image dir: its thumbnails would be scanned as images next time."""
+    real = os.path.realpath(out_dir)
+    for d in image_dirs:
+        img = os.path.realpath(d)
+        if real == img or real.startswith(img + os.sep):
+            raise UserError(f"{out_dir}: the report dir must not be inside the image dir {d}")

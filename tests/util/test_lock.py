@@ -1,0 +1,146 @@
+"""Locks: one run per DB dir and per trash dir; a lock left by a killed run is taken over."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipdedup.errors import UserError
+from clipdedup.pipeline import RunOptions, run_dedup, run_import
+from clipdedup.util import lock as lockmod
+from clipdedup.util.lock import DB_LOCK_NAME, DirLock, db_lock
+
+HOLD = (
+    "import sys, time\n"
+    "from clipdedup.util.lock import DirLock\n"
+    "DirLock(sys.argv[1], 'test').acquire()\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def holder(path: Path) -> subprocess.Popen:
+    """A separate process that takes the lock at `path` and keeps it until killed."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_lock_excludes_a_second_holder_and_releases(tmp_path: Path) -> None:
+    path = tmp_path / "db" / DB_LOCK_NAME
+    lines: list[str] = []
+    with DirLock(str(path), "DB dir db", lines.append):
+        info = json.loads(path.read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()} on"):
+            DirLock(str(path), "DB dir db").acquire()
+    assert path.read_text() == ""  # a clean release leaves an empty file: not stale
+    with DirLock(str(path), "DB dir db", lines.append):
+        pass
+    assert lines == []
+
+
+def test_lock_held_by_another_live_process(tmp_path: Path) -> None:
+    path = tmp_path / DB_LOCK_NAME
+    p = holder(path)
+    try:
+        with pytest.raises(UserError) as e:
+            DirLock(str(path), "DB dir x").acquire()
+        msg = str(e.value)
+        assert f"pid {p.pid} on {socket.gethostname()}" in msg and "\n" not in msg
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / DB_LOCK_NAME
+    p = holder(path)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert json.loads(path.read_text())["pid"] == p.pid  # the dead run's record is still there
+    lines: list[str] = []
+    with DirLock(str(path), "DB dir x", lines.append):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert len(lines) == 1 and "taking over a stale lock" in lines[0] and f"pid {p.pid}" in lines[0]
+
+
+def test_without_flock_the_pid_decides(tmp_path: Path, monkeypatch) -> None:
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lockmod.fcntl, "flock", no_flock)
+    path = tmp_path / DB_LOCK_NAME
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        path.write_text(json.dumps({"pid": p.pid, "host": socket.gethostname()}))
+        with pytest.raises(UserError, match="if that run is gone, remove this file"):
+            DirLock(str(path), "x").acquire()
+    finally:
+        p.kill()
+        p.wait()
+    lines: list[str] = []
+    with DirLock(str(path), "x", lines.append):  # that pid is dead now
+        pass
+    assert "taking over a stale lock" in lines[0]
+    path.write_text(json.dumps({"pid": 1, "host": "some-other-host"}))
+    with pytest.raises(UserError):  # another host's pid cannot be checked: refuse
+        DirLock(str(path), "x").acquire()
+
+
+def test_lock_survives_fork_exec_of_children(tmp_path: Path) -> None:
+    # The lock fd is close-on-exec: a child process started by a run does not keep the lock.
+    path = tmp_path / DB_LOCK_NAME
+    with DirLock(str(path), "x") as lk:
+        assert lk._fd is not None
+        assert fcntl.fcntl(lk._fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+
+
+def _opts(**kw) -> RunOptions:
+    # Empty image dirs and no model: these runs only take and release locks.
+    return RunOptions(model_id="unused", skip_update=True, log=lambda line: None, **kw)
+
+
+def test_a_second_run_on_the_same_db_is_refused(tmp_path: Path) -> None:
+    img, db = tmp_path / "img", tmp_path / "db"
+    img.mkdir()
+    p = holder(db / DB_LOCK_NAME)
+    try:
+        with pytest.raises(UserError, match="in use by another run"):
+            run_dedup(str(img), str(db), None, _opts())
+        # A dry run writes nothing, so it takes no lock and may run beside another run.
+        s = run_dedup(str(img), str(db), None, _opts(dry_run=True))
+        assert s.groups == []
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_run_on_the_same_trash_is_refused(tmp_path: Path) -> None:
+    img, trash = tmp_path / "img", tmp_path / "trash"
+    img.mkdir()
+    with lockmod.trash_lock(str(trash)):
+        with pytest.raises(UserError, match="trash dir"):
+            run_dedup(str(img), str(tmp_path / "db"), str(trash), _opts())
+
+
+def test_import_locks_the_import_db_and_not_the_base_db(tmp_path: Path) -> None:
+    base, imp, bdb, idb = (tmp_path / n for n in ("base", "imp", "bdb", "idb"))
+    base.mkdir()
+    imp.mkdir()
+    bdb.mkdir()
+    with db_lock(str(bdb)):  # another run busy on the base DB does not stop an import
+        run_import(str(base), str(bdb), str(imp), str(idb), None, _opts())
+    assert sorted(os.listdir(bdb)) == [DB_LOCK_NAME]  # only the lock this test took
+    with db_lock(str(idb)):
+        with pytest.raises(UserError, match="in use by another run"):
+            run_import(str(base), str(bdb), str(imp), str(idb), None, _opts())
