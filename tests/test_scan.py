@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 
 from clipdedup import native
-from clipdedup.scan import (
-    IMAGE_EXTENSIONS,
-    LOOP_REASON,
-    FileEntry,
-    ScanResult,
-    scan_table,
-    scan_tree,
-    scan_tree_ref,
-)
+from clipdedup.records import FileEntry, ScanResult
+from clipdedup.scan import IMAGE_EXTENSIONS, LOOP_REASON, scan_table, scan_tree, scan_tree_ref
 
 NAMES = [
     "a.jpg",

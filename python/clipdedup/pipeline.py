@@ -11,20 +11,20 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
 from clipdedup.errors import UserError
-from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, default_threshold, load_encoder
-from clipdedup.ingest.update import UpdateSummary, load_embeddings, resolve_model_id, scan_images, update_db
+from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
+from clipdedup.ingest.update import load_embeddings, resolve_model_id, scan_images, update_db
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
-from clipdedup.scan import FileEntry
+from clipdedup.records import FileEntry, Group, RunSummary, SnapshotState, SnapshotStatus, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
-from clipdedup.trash.move import Mover, MoveResult, choose_keep_safe, is_inside
+from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
 from clipdedup.util.lock import run_locks
 
 
@@ -47,38 +47,6 @@ class RunOptions:
 
     def say(self, line: str) -> None:
         (self.log or (lambda s: print(s, file=sys.stderr)))(line)
-
-
-@dataclass
-class Group:
-    members: list[str]  # relative paths (import mode: import files, then base files as "base:")
-    kept: str
-    moved: list[MoveResult]
-    distances: list[tuple[str, str, float]]
-
-
-@dataclass
-class RunSummary:
-    updates: dict[str, UpdateSummary] = field(default_factory=dict)
-    loaded: int = 0
-    not_in_db: int = 0
-    load_errors: list[tuple[str, str]] = field(default_factory=list)
-    threshold: float = 0.0
-    backend: str = ""
-    pairs: int = 0
-    top_k: dict[str, list[list]] = field(default_factory=dict)  # name -> [[neighbour, distance], ...]
-    groups: list[Group] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
-    journal: str | None = None  # the journal file, when something moved
-
-    @property
-    def moved(self) -> list[MoveResult]:
-        return [m for g in self.groups for m in g.moved if m.dest is not None]
-
-    @property
-    def move_skipped(self) -> list[MoveResult]:
-        return [m for g in self.groups for m in g.moved if m.dest is None]
 
 
 def _check_dirs(image_dir: str, db_dir: str, trash_dir: str | None) -> list[str]:
@@ -105,7 +73,7 @@ def _update_or_read(
     exclude: list[str],
     label: str,
     s: RunSummary,
-    encoder_cache: dict,
+    encoder: LazyEncoder,
     *,
     read_only: bool = False,
 ) -> tuple[UpdateSummary, list[FileEntry]]:
@@ -119,14 +87,6 @@ def _update_or_read(
         u.meta = dbmod.read_meta(db_dir)
         entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
     else:
-
-        def load() -> Encoder:
-            # One model for the whole run (import mode: base and import DB), loaded only when needed.
-            if "enc" not in encoder_cache:
-                model = resolve_model_id(opts.model_id, db_dir)
-                encoder_cache["enc"] = load_encoder(model, device=opts.device)
-            return encoder_cache["enc"]
-
         u = update_db(
             image_dir,
             db_dir,
@@ -139,10 +99,21 @@ def _update_or_read(
             scan=scan,
             progress=opts.progress,
             log=opts.say,
-            encoder=encoder_cache.get("enc") or load,
+            encoder=encoder,
         )
     s.updates[label] = u
     return u, entries
+
+
+def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
+    """The run's one model, loaded only when some image needs encoding: -m, else the model of the
+    first of `db_dirs` that has one, else the default model."""
+
+    def load() -> Encoder:
+        have = next((d for d in db_dirs if dbmod.read_meta(d) is not None), db_dirs[0])
+        return load_encoder(resolve_model_id(opts.model_id, have), device=opts.device)
+
+    return LazyEncoder(load)
 
 
 def _encoded_as_scanned(
@@ -213,9 +184,10 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
 def _say_snapshot(db_dir: str, info: dbmod.LoadInfo, opts: RunOptions) -> None:
     """One line when a DB's packed snapshot was unusable or could not be refreshed (the run itself
     is unaffected: the embeddings were read from the .npy files)."""
-    if info.snapshot.startswith("corrupt"):
+    if info.snapshot is SnapshotState.CORRUPT:
         fixed = "; a new one was written" if info.written else ""
-        opts.say(f"{db_dir}: packed snapshot {info.snapshot}; read the .npy files instead{fixed}")
+        status = SnapshotStatus(info.snapshot, info.snapshot_detail).line()
+        opts.say(f"{db_dir}: packed snapshot {status}; read the .npy files instead{fixed}")
     if info.write_error:
         opts.say(info.write_error)
 
@@ -225,7 +197,7 @@ def _run_dedup_locked(
 ) -> RunSummary:
     s = RunSummary()
     t = time.perf_counter()
-    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, {})
+    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, _lazy_encoder([db_dir], opts))
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
@@ -322,8 +294,8 @@ def _run_import_locked(
         exclude_base.append(imp_real)
     if base_real.startswith(imp_real + os.sep):
         exclude_imp.append(base_real)
-    s = RunSummary()
-    cache: dict = {}
+    s = RunSummary(import_mode=True)
+    cache = _lazy_encoder([base_db_dir, import_db_dir], opts)
     t = time.perf_counter()
     ub, base_entries = _update_or_read(
         base_image_dir, base_db_dir, opts, exclude_base, "base", s, cache, read_only=True
@@ -361,7 +333,7 @@ def _run_import_locked(
     s.threshold = _threshold(opts, ub if ub.meta else ui)
     pairs, dists = _match(xi, xb, opts, s)
     if opts.top_k > 0:
-        base_names = ["base:" + e.rel for e in bkept]
+        base_names = [e.rel for e in bkept]
         names = [e.rel for e in ikept]
         s.top_k = nearest_by_name(names, base_names, pairs, dists, opts.top_k, symmetric=False)
     t = time.perf_counter()
@@ -376,9 +348,9 @@ def _run_import_locked(
             moved = []
             if mover is not None:
                 moved.append(mover.move(ikept[a], os.path.join(base_image_dir, nearest.rel), nearest, gid))
-            members = [ikept[a].rel] + ["base:" + bkept[b].rel for b, _ in ms]
-            dl = [(ikept[a].rel, "base:" + bkept[b].rel, d) for b, d in ms]
-            s.groups.append(Group(members, "base:" + nearest.rel, moved, dl))
+            dl = [(ikept[a].rel, bkept[b].rel, d) for b, d in ms]
+            base_members = [bkept[b].rel for b, _ in ms]
+            s.groups.append(Group([ikept[a].rel], nearest.rel, moved, dl, base_members, kept_in_base=True))
     finally:
         _close_mover(mover, s)
     s.seconds["act"] = time.perf_counter() - t

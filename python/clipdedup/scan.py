@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from clipdedup import native
+from clipdedup.records import FileEntry, ScanResult
 
 IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .webp .gif .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm "
@@ -36,19 +37,6 @@ IMAGE_EXTENSIONS = frozenset(
 LOOP_REASON = "directory loop (it is its own ancestor), not entered"
 
 PathArg = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    rel: str
-    mtime_ns: int
-    size: int
-
-
-@dataclass
-class ScanResult:
-    entries: list[FileEntry]
-    errors: list[tuple[str, str]]  # (path, one-line reason), sorted
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from clipdedup import db as dbmod
 from clipdedup.errors import DBMismatchError
 from clipdedup.ingest.update import update_db
-from clipdedup.scan import FileEntry
+from clipdedup.records import FileEntry
 
 
 def test_npy_roundtrip_and_layout(tmp_path: Path) -> None:
@@ -136,6 +136,8 @@ def test_update_db_dry_run_writes_nothing(pics: Path, tmp_path: Path, tiny_model
 def test_copies_of_encoded_images_need_no_model(pics: Path, tmp_path: Path, tiny_model: str) -> None:
     import shutil
 
+    from clipdedup.ingest.encode.base import LazyEncoder
+
     db = tmp_path / "db"
     sub = pics / "base_images"
     update_db(sub, db, tiny_model)
@@ -144,10 +146,10 @@ def test_copies_of_encoded_images_need_no_model(pics: Path, tmp_path: Path, tiny
     def no_model():
         raise AssertionError("the model was loaded for a byte-identical copy")
 
-    s = update_db(sub, db, encoder=no_model)
+    s = update_db(sub, db, encoder=LazyEncoder(no_model))
     assert s.encoded == 0
     v = np.load(db / "copy of 01380.jpg.npy")
     assert np.array_equal(v, np.load(db / "ukbench01380.jpg.npy"))
     (sub / "new.png").write_bytes(b"")  # a file that does need the model (and fails to decode)
     with pytest.raises(AssertionError, match="model was loaded"):
-        update_db(sub, db, encoder=no_model)
+        update_db(sub, db, encoder=LazyEncoder(no_model))

@@ -15,7 +15,8 @@ from clipdedup.db import load as load_mod
 from clipdedup.db import snapshot as snap_mod
 from clipdedup.db.load import SnapshotPrefetch, _compact
 from clipdedup.ingest.update import load_embeddings, update_db
-from clipdedup.scan import FileEntry, scan_tree, scan_tree_ref
+from clipdedup.records import FileEntry
+from clipdedup.scan import scan_tree, scan_tree_ref
 
 DIM = 37  # odd on purpose: rows are not a multiple of 8 bytes
 
@@ -232,7 +233,7 @@ def test_snapshot_of_another_dim_is_ignored(tmp_path: Path, trusting) -> None:
     dbmod.write_meta(tmp_path, dbmod.DBMeta("other-model", DIM + 1))
     paths, x = dbmod.load_db(tmp_path, info=(info := dbmod.LoadInfo()))
     assert paths == ["x.jpg"] and x.shape == (1, DIM + 1)
-    assert info.snapshot == f"dim {DIM}, DB holds dim {DIM + 1}"
+    assert (info.snapshot, info.snapshot_detail) == ("other dim", f"dim {DIM}, DB holds dim {DIM + 1}")
 
 
 def test_legacy_npz_rows_are_kept_in_the_snapshot(tmp_path: Path, trusting) -> None:

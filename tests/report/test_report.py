@@ -12,10 +12,9 @@ import pytest
 
 from clipdedup.cli import dedup_cmd, import_cmd, run_cli
 from clipdedup.errors import UserError
-from clipdedup.pipeline import Group, RunSummary
+from clipdedup.records import Group, MoveResult, RunSummary
 from clipdedup.report import core as report
 from clipdedup.report import html as report_html
-from clipdedup.trash.move import MoveResult
 from helpers import run_cli_json
 
 NASTY = ["<b>&\"x'.jpg", "space and ünïcode.jpg"]

@@ -10,10 +10,10 @@ import pytest
 
 from clipdedup.cli import dedup_cmd, run_cli
 from clipdedup.errors import UserError
-from clipdedup.scan import FileEntry
+from clipdedup.records import FileEntry
 from clipdedup.trash import journal as jm
-from clipdedup.trash.undo import undo
 from clipdedup.trash.move import move_duplicate
+from clipdedup.trash.undo import undo
 from clipdedup.util.lock import trash_lock
 from helpers import tree_hashes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clipdedup.scan import FileEntry
+from clipdedup.records import FileEntry
 from clipdedup.trash import move as act
 from clipdedup.trash.keep import Candidate
 from clipdedup.trash.move import (

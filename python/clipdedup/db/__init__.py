@@ -10,7 +10,6 @@ from clipdedup.db.layout import (
     TMP_MARK,
     DBFile,
     DBIndex,
-    DBMeta,
     UpdatePlan,
     atomic_write,
     check_meta,
@@ -26,7 +25,8 @@ from clipdedup.db.layout import (
     write_embedding,
     write_meta,
 )
-from clipdedup.db.load import LoadInfo, SnapshotPrefetch, load_db, load_files, load_rows
+from clipdedup.db.load import SnapshotPrefetch, load_db, load_files, load_rows
+from clipdedup.records import DBMeta, LoadInfo
 
 __all__ = [
     "NPZ_KEY",

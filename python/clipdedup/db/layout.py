@@ -12,34 +12,21 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clipdedup import native
 from clipdedup.errors import DBMismatchError, UserError
-from clipdedup.scan import FileEntry, scan_native
+from clipdedup.records import DBMeta, FileEntry
+from clipdedup.scan import scan_native
 from clipdedup.util.fsutil import TMP_MARK, atomic_file
 
 META_NAME = "clipdedup-db.json"
-FORMAT_VERSION = 1
 NPY_SUFFIX = ".npy"
 NPZ_SUFFIX = ".npz"
 NPZ_KEY = "clip_embedding"
-
-
-@dataclass
-class DBMeta:
-    model_id: str
-    dim: int
-    dtype: str = "float32"
-    normalized: bool = True
-    preprocess: dict = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    def describe(self) -> str:
-        return f"model {self.model_id}, dim {self.dim}"
 
 
 def meta_path(db_dir: str | os.PathLike[str]) -> Path:

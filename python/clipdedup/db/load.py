@@ -24,6 +24,7 @@ from clipdedup import native
 from clipdedup.db import snapshot as snap_mod
 from clipdedup.db.layout import NPY_SUFFIX, NPZ_KEY, NPZ_SUFFIX, DBFile, index_db, read_meta
 from clipdedup.errors import UserError
+from clipdedup.records import LoadInfo, SnapshotState, SnapshotStatus
 from clipdedup.scan import sorted_by_bytes
 
 
@@ -33,17 +34,6 @@ def read_legacy_ref(path: str) -> np.ndarray:
         if NPZ_KEY not in z:
             raise ValueError(f"no key {NPZ_KEY!r}")
         return np.asarray(z[NPZ_KEY], dtype=np.float32).reshape(-1)
-
-
-@dataclass
-class LoadInfo:
-    """How a load went, for logs and tests."""
-
-    snapshot: str = "not used"  # "used", "missing", "corrupt: ...", "dim ...", "not used"
-    from_snapshot: int = 0  # rows taken from the snapshot
-    from_files: int = 0  # rows read from .npy / .npz files
-    written: bool = False  # a new snapshot was written
-    write_error: str = ""
 
 
 class SnapshotPrefetch:
@@ -64,7 +54,7 @@ class SnapshotPrefetch:
     def __init__(self, db_dir: str | os.PathLike[str], dim: int | None, pinned: bool | None) -> None:
         self.snap, self.status = snap_mod.read_snapshot(db_dir)
         if self.snap is not None and dim is not None and self.snap.dim != dim:
-            self.status = f"dim {self.snap.dim}, DB holds dim {dim}"
+            self.status = SnapshotStatus(SnapshotState.OTHER_DIM, f"dim {self.snap.dim}, DB holds dim {dim}")
             self.snap = None
         self.pinned = native.cuda_present() if pinned is None else pinned
         self.mat: np.ndarray | None = None
@@ -158,7 +148,8 @@ def load_files(
     snap_dir, prefetch = (db_dir, prefetch) if use_snapshot else (None, None)
     r = _fill(files, dim, snap_dir, threads, pinned, keys, stats, prefetch)
     if info is not None:
-        info.snapshot, info.from_snapshot = r.snapshot, int(r.from_snap.sum())
+        info.snapshot, info.snapshot_detail = r.snapshot
+        info.from_snapshot = int(r.from_snap.sum())
         info.from_files = len(files) - info.from_snapshot
     k = _compact(r.mat, r.ok)
     mat = r.mat[:k]
@@ -168,7 +159,7 @@ def load_files(
     # unused rows in the old one, or no usable old one.
     fresh = r.ok & ~r.from_snap
     news = bool(np.any(stats["ctime_ns"][fresh] <= started_ns - snap_mod.RACY_NS))
-    if r.snapshot == "used" and not news and not r.stale:
+    if r.snapshot.state is SnapshotState.USED and not news and not r.stale:
         return mat, r.ok, r.errors
     keys = [key for key, good in zip(keys, r.ok.tolist()) if good]
     stats = {name: col[r.ok] for name, col in stats.items()}
@@ -189,7 +180,7 @@ class _Filled:
     ok: np.ndarray  # (N,) bool
     errors: list[tuple[str, str]]
     from_snap: np.ndarray  # (N,) bool: row came from the snapshot
-    snapshot: str  # LoadInfo.snapshot
+    snapshot: SnapshotStatus
     stale: int  # snapshot rows not reused (changed, gone, unwanted, damaged)
 
 
@@ -212,11 +203,14 @@ def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None, prefetch=N
         snap, status = prefetch.snap, prefetch.status
         mat = prefetch.take(keys)
     else:
-        snap, status = (None, "not used") if db_dir is None else snap_mod.read_snapshot(db_dir)
+        snap, status = (
+            (None, SnapshotStatus(SnapshotState.NOT_USED))
+            if db_dir is None
+            else snap_mod.read_snapshot(db_dir)
+        )
     if snap is not None and dim is not None and snap.dim != dim:
-        status = f"dim {snap.dim}, DB holds dim {dim}"
+        status = SnapshotStatus(SnapshotState.OTHER_DIM, f"dim {snap.dim}, DB holds dim {dim}")
         snap, mat = None, None
-    status = status or "used"
     if dim is None:
         dim = snap.dim if snap is not None else _probe_dim(files)
     if dim is None:
@@ -238,7 +232,7 @@ def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None, prefetch=N
         mat = native.alloc_rows(n, dim, pinned=pinned)
     if snap is not None and n:
         if fatal is not None:
-            status, stale = f"unreadable: {fatal}", len(snap.keys)
+            status, stale = SnapshotStatus(SnapshotState.UNREADABLE, str(fatal)), len(snap.keys)
         else:
             from_snap[dst] = True
             from_snap[dst[bad]] = False

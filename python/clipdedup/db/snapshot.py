@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipdedup.records import SnapshotState, SnapshotStatus
 from clipdedup.util.fsutil import atomic_file
 
 SNAPSHOT_NAME = "clipdedup-snapshot.bin"
@@ -94,37 +95,39 @@ def row_hashes_ref(mat: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(29))
 
 
-def read_snapshot(db_dir: str | os.PathLike[str]) -> tuple[Snapshot | None, str]:
-    """The snapshot at `db_dir`, or (None, why it cannot be used): "missing" or a damage reason."""
+def read_snapshot(db_dir: str | os.PathLike[str]) -> tuple[Snapshot | None, SnapshotStatus]:
+    """The snapshot at `db_dir` (status USED), or (None, why it cannot be used)."""
     path = snapshot_path(db_dir)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(DATA_OFFSET)
             if len(head) < HEADER.size:
-                return None, "corrupt: shorter than its header"
+                return None, SnapshotStatus(SnapshotState.CORRUPT, "shorter than its header")
             magic, version, _flags, rows, dim, written, index_at, index_len, index_crc, head_crc = (
                 HEADER.unpack_from(head)
             )
             if magic != MAGIC or version != VERSION:
-                return None, "corrupt: not a clipdedup snapshot of this version"
+                return None, SnapshotStatus(SnapshotState.CORRUPT, "not a clipdedup snapshot of this version")
             if zlib.crc32(head[: HEADER.size - 4]) != head_crc:
-                return None, "corrupt: header checksum"
+                return None, SnapshotStatus(SnapshotState.CORRUPT, "header checksum")
             if dim == 0 or index_at != DATA_OFFSET + rows * dim * 4 or size != index_at + index_len:
-                return None, f"corrupt: {size} bytes, header says {index_at + index_len}"
+                return None, SnapshotStatus(
+                    SnapshotState.CORRUPT, f"{size} bytes, header says {index_at + index_len}"
+                )
             f.seek(index_at)
             index = f.read(index_len)
     except FileNotFoundError:
-        return None, "missing"
+        return None, SnapshotStatus(SnapshotState.MISSING)
     except OSError as e:
-        return None, f"unreadable: {e.strerror or e}"
+        return None, SnapshotStatus(SnapshotState.UNREADABLE, str(e.strerror or e))
     if len(index) != index_len or zlib.crc32(index) != index_crc or index_len < 40 * rows:
-        return None, "corrupt: index checksum"
+        return None, SnapshotStatus(SnapshotState.CORRUPT, "index checksum")
     cols = [np.frombuffer(index, "<i8" if k < 3 else "<u8", rows, 8 * rows * k) for k in range(5)]
     keys = os.fsdecode(index[40 * rows :]).split("\0") if rows else []
     if len(keys) != rows:
-        return None, "corrupt: key count"
-    return Snapshot(path, dim, written, keys, *cols), ""
+        return None, SnapshotStatus(SnapshotState.CORRUPT, "key count")
+    return Snapshot(path, dim, written, keys, *cols), SnapshotStatus(SnapshotState.USED)
 
 
 def reusable_rows(

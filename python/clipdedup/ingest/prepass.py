@@ -22,7 +22,7 @@ import blake3
 import numpy as np
 
 from clipdedup import db as dbmod
-from clipdedup.scan import FileEntry
+from clipdedup.records import FileEntry
 
 PROBE_BYTES = 64 << 10  # head and tail read by the cheap first stage
 CHUNK = 1 << 20

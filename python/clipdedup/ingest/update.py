@@ -6,9 +6,8 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -18,25 +17,10 @@ from clipdedup.db.writer import AsyncWriter
 from clipdedup.errors import UserError
 from clipdedup.ingest import prepass
 from clipdedup.ingest.decode.base import iter_batches
-from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, canonical_model_id, load_encoder
-from clipdedup.scan import FileEntry, ScanResult, scan_tree
+from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, canonical_model_id, load_encoder
+from clipdedup.records import FileEntry, ScanResult, UpdateSummary
+from clipdedup.scan import scan_tree
 from clipdedup.util.threads import thread_plan, torch_threads
-
-
-@dataclass
-class UpdateSummary:
-    scanned: int = 0
-    encoded: int = 0
-    copied: int = 0  # byte-identical copies given the embedding of their twin (clipdedup.ingest.prepass)
-    up_to_date: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
-    removed: list[str] = field(default_factory=list)  # DB files removed as orphans
-    orphans: list[str] = field(default_factory=list)  # orphans found (removed or not)
-    scan_errors: list[tuple[str, str]] = field(default_factory=list)
-    # Embeddings computed but not written (dry run): image rel -> vector.
-    in_memory: dict[str, np.ndarray] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-    meta: dbmod.DBMeta | None = None
 
 
 def encoder_meta(enc: Encoder) -> dbmod.DBMeta:
@@ -79,7 +63,7 @@ def update_db(
     force: bool = False,
     clean_orphans: bool = True,
     dry_run: bool = False,
-    encoder: Encoder | Callable[[], Encoder] | None = None,
+    encoder: Encoder | LazyEncoder | None = None,
     scan: ScanResult | None = None,
     exclude: Sequence[str | os.PathLike[str]] = (),
     progress: bool = False,
@@ -92,8 +76,8 @@ def update_db(
         db_dir: its mirror; created if missing (unless `dry_run`).
         model_id: encoder id (see `load_encoder`); None: the DB's own model, or the
             default model for a new DB.
-        encoder: a loaded encoder to use instead of `model_id`, or a function returning one, called
-            only when some image really needs the model.
+        encoder: an encoder to use instead of `model_id`: a loaded one, or a `LazyEncoder` that is
+            loaded only when some image really needs the model.
         force: re-encode every image.
         clean_orphans: remove DB files whose image is gone.
         dry_run: encode into `summary.in_memory` and change nothing on disk.
@@ -117,7 +101,9 @@ def update_db(
     have = dbmod.read_meta(db_dir)
     s.seconds["scan"] = time.perf_counter() - t0
 
-    if have is not None and not isinstance(encoder, Encoder) and model_id is not None:
+    if isinstance(encoder, Encoder):
+        encoder = LazyEncoder.of(encoder)
+    if have is not None and not (encoder is not None and encoder.loaded) and model_id is not None:
         # Catch a wrong -m even when nothing needs encoding (and no model would be loaded).
         asked = canonical_model_id(model_id)
         if asked != have.model_id:
@@ -132,11 +118,9 @@ def update_db(
         if copies is None or copies.to_encode:
             t = time.perf_counter()
             if encoder is None:
-                encoder = load_encoder(resolve_model_id(model_id, db_dir), device=device)
-            elif not isinstance(encoder, Encoder):
-                encoder = encoder()
+                encoder = LazyEncoder.of(load_encoder(resolve_model_id(model_id, db_dir), device=device))
+            want = encoder_meta(encoder.get())
             s.seconds["model load"] = time.perf_counter() - t
-            want = encoder_meta(encoder)
             s.meta = dbmod.check_meta(db_dir, want) or want
             if have is None and not dry_run:
                 if index.files:
@@ -149,9 +133,9 @@ def update_db(
             copies = _plan_copies(image_dir, plan, index, s.meta.dim, s)
         if copies.to_encode:
             t = time.perf_counter()
-            loaded = cast(Encoder, encoder)  # the branch above loaded it (copies was None or had work)
+            assert encoder is not None  # the branch above loaded it (copies was None or had work)
             _encode_into_db(
-                loaded, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log
+                encoder.get(), image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log
             )
             s.seconds["encode"] = time.perf_counter() - t
         prepass.finish_update(copies, image_dir, db_dir, s, dry_run=dry_run, log=log)

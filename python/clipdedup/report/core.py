@@ -15,7 +15,7 @@ from typing import Any
 
 from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
-from clipdedup.pipeline import RunSummary
+from clipdedup.records import Group, RunSummary
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -41,12 +41,12 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "dry_run": dry_run,
         "groups": [
             {
-                "members": g.members,
-                "kept": g.kept,
+                "members": labels.members,
+                "kept": labels.kept,
                 "moves": [{"path": m.rel, "to": m.dest, "skipped": m.reason} for m in g.moved],
-                "distances": [[a, b, d] for a, b, d in g.distances],
+                "distances": [[a, b, d] for a, b, d in labels.distances],
             }
-            for g in s.groups
+            for g, labels in ((g, labelled(g)) for g in s.groups)
         ],
         "moved": len(s.moved),
         "run_id": s.run_id,
@@ -64,7 +64,7 @@ def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
             if m.dest is None:
                 lines.append(f"kept in place {m.source}: {m.reason}")
             else:
-                lines.append(f"{verb} {m.source} -> {m.dest} (kept {g.kept})")
+                lines.append(f"{verb} {m.source} -> {m.dest} (kept {labelled(g).kept})")
     return lines
 
 
@@ -90,7 +90,36 @@ def dumps(d: dict[str, Any]) -> str:
     return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-BASE_PREFIX = "base:"  # how run_import names base-dir members of a group
+BASE_PREFIX = "base:"  # how the JSON summary and report.json name a base-dir file of an import run
+
+
+@dataclass
+class Labelled:
+    """A group's files as the JSON summary and the report name them (base files with BASE_PREFIX)."""
+
+    members: list[str]
+    kept: str
+    distances: list[tuple[str, str, float]]
+
+
+def labelled(g: Group) -> Labelled:
+    def base(rel: str) -> str:
+        return BASE_PREFIX + rel
+
+    if not g.kept_in_base and not g.base_members:
+        return Labelled(list(g.members), g.kept, list(g.distances))
+    return Labelled(
+        list(g.members) + [base(b) for b in g.base_members],
+        base(g.kept) if g.kept_in_base else g.kept,
+        [(a, base(b), d) for a, b, d in g.distances],
+    )
+
+
+def top_k_labelled(s: RunSummary) -> dict[str, list[list]]:
+    """`s.top_k` with import mode's base neighbours named as in the rest of the JSON."""
+    if not s.import_mode:
+        return s.top_k
+    return {name: [[BASE_PREFIX + n, d] for n, d in near] for name, near in s.top_k.items()}
 
 
 @dataclass
@@ -142,19 +171,25 @@ def _why(strategy: str, cands: list[Candidate], best: int, import_mode: bool) ->
     return text + ("; tied, so the first path in byte order stays" if tie else "")
 
 
+def report_roots(image_dir: str, base_dir: str | None = None) -> dict[str, str]:
+    """The image dir per member prefix, as report.json records it: {"": image_dir} for a dedup
+    run; for an import run {"": import_dir, "base:": base_dir}."""
+    return {"": image_dir} | ({BASE_PREFIX: base_dir} if base_dir is not None else {})
+
+
 def build_review(
     s: RunSummary, roots: Mapping[str, str], *, strategy: str, dry_run: bool
 ) -> list[ReviewGroup]:
     """The groups of a run with everything a person needs to check them before files move.
 
     Args:
-        roots: image dir per member prefix: {"": image_dir} for a dedup run; for an import run
-            {"": import_dir, "base:": base_dir}.
+        roots: see `report_roots`.
     """
     import_mode = BASE_PREFIX in roots
     out = []
-    for gid, g in enumerate(s.groups, 1):
-        moves = {m.rel: m for m in g.moved}
+    for gid, typed in enumerate(s.groups, 1):
+        g = labelled(typed)
+        moves = {m.rel: m for m in typed.moved}
         members, cands = [], []
         for p in g.members:
             src, m = _abs(roots, p), moves.get(p)

@@ -12,22 +12,13 @@ import errno
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 
-from clipdedup.scan import FileEntry
+from clipdedup.records import FileEntry, MoveResult
 from clipdedup.trash.journal import Journal, content_hash
 from clipdedup.trash.keep import Candidate, choose_keep
 
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES)
 MAX_NAME_TRIES = 1000
-
-
-@dataclass
-class MoveResult:
-    rel: str
-    source: str
-    dest: str | None  # None when skipped
-    reason: str | None = None  # why skipped
 
 
 def free_destination(path: str) -> str:

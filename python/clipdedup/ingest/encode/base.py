@@ -94,6 +94,31 @@ def load_encoder(
     return ENCODERS.get("open_clip").fn.load(model_id, **kw)
 
 
+class LazyEncoder:
+    """An encoder loaded on first use and then kept: one model for a whole run (import mode's two
+    DBs included), and none at all when nothing needs encoding."""
+
+    def __init__(self, load: Callable[[], Encoder]) -> None:
+        self._load = load
+        self._encoder: Encoder | None = None
+
+    @classmethod
+    def of(cls, encoder: Encoder) -> LazyEncoder:
+        """One that is loaded already."""
+        lazy = cls(lambda: encoder)
+        lazy._encoder = encoder
+        return lazy
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def get(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = self._load()
+        return self._encoder
+
+
 def default_threshold(model_id: str) -> float:
     """The euclidean threshold a model's embeddings are matched with when -th is not given.
 

@@ -1,0 +1,135 @@
+"""The plain records handed from one stage to the next: what a scan found, the DB's metadata, what an
+update did, how a load went, what a move did, the groups of a run and its summary. Every stage
+imports these from here; none of them imports a stage."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+FORMAT_VERSION = 1  # of the DB metadata file
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    rel: str
+    mtime_ns: int
+    size: int
+
+
+@dataclass
+class ScanResult:
+    entries: list[FileEntry]
+    errors: list[tuple[str, str]]  # (path, one-line reason), sorted
+
+
+@dataclass
+class DBMeta:
+    model_id: str
+    dim: int
+    dtype: str = "float32"
+    normalized: bool = True
+    preprocess: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def describe(self) -> str:
+        return f"model {self.model_id}, dim {self.dim}"
+
+
+class SnapshotState(str, enum.Enum):
+    """What a load made of a DB's packed snapshot (`LoadInfo.snapshot`)."""
+
+    NOT_USED = "not used"  # not asked to use one
+    USED = "used"
+    MISSING = "missing"
+    CORRUPT = "corrupt"  # damaged; the rows were read from the .npy files (detail says how)
+    UNREADABLE = "unreadable"  # an I/O error reading it
+    OTHER_DIM = "other dim"  # written for another embedding dim
+
+
+class SnapshotStatus(NamedTuple):
+    state: SnapshotState
+    detail: str = ""  # what was wrong with it, for the one line a run prints
+
+    def line(self) -> str:
+        return f"{self.state.value}: {self.detail}" if self.detail else self.state.value
+
+
+@dataclass
+class LoadInfo:
+    """How a load went, for logs and tests."""
+
+    snapshot: SnapshotState = SnapshotState.NOT_USED
+    snapshot_detail: str = ""  # what was wrong with it (corrupt, unreadable, other dim)
+    from_snapshot: int = 0  # rows taken from the snapshot
+    from_files: int = 0  # rows read from .npy / .npz files
+    written: bool = False  # a new snapshot was written
+    write_error: str = ""
+
+
+@dataclass
+class UpdateSummary:
+    scanned: int = 0
+    encoded: int = 0
+    copied: int = 0  # byte-identical copies given the embedding of their twin (clipdedup.ingest.prepass)
+    up_to_date: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
+    removed: list[str] = field(default_factory=list)  # DB files removed as orphans
+    orphans: list[str] = field(default_factory=list)  # orphans found (removed or not)
+    scan_errors: list[tuple[str, str]] = field(default_factory=list)
+    # Embeddings computed but not written (dry run): image rel -> vector.
+    in_memory: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    meta: DBMeta | None = None
+
+
+@dataclass
+class MoveResult:
+    rel: str
+    source: str
+    dest: str | None  # None when skipped
+    reason: str | None = None  # why skipped
+
+
+@dataclass
+class Group:
+    """One group of duplicates. Dedup mode: `members` are paths relative to the image dir, `kept`
+    is one of them, `distances` are (member, member, d). Import mode: `members` holds the one
+    import-dir file, `base_members` the base-dir files it matched (nearest first), `kept` is the
+    nearest base file (`kept_in_base`), and each distance is (import member, base member, d)."""
+
+    members: list[str]
+    kept: str
+    moved: list[MoveResult]
+    distances: list[tuple[str, str, float]]
+    base_members: list[str] = field(default_factory=list)
+    kept_in_base: bool = False
+
+
+@dataclass
+class RunSummary:
+    updates: dict[str, UpdateSummary] = field(default_factory=dict)
+    loaded: int = 0
+    not_in_db: int = 0
+    load_errors: list[tuple[str, str]] = field(default_factory=list)
+    threshold: float = 0.0
+    backend: str = ""
+    pairs: int = 0
+    # name -> [[neighbour, distance], ...]; import mode: import file -> base files
+    top_k: dict[str, list[list]] = field(default_factory=dict)
+    groups: list[Group] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
+    journal: str | None = None  # the journal file, when something moved
+    import_mode: bool = False  # groups are import files matched to base files (see Group)
+
+    @property
+    def moved(self) -> list[MoveResult]:
+        return [m for g in self.groups for m in g.moved if m.dest is not None]
+
+    @property
+    def move_skipped(self) -> list[MoveResult]:
+        return [m for g in self.groups for m in g.moved if m.dest is None]
