@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, main  # noqa: E402
+from common import Row, main, testdata_dir  # noqa: E402
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "imagededup"
+TESTDATA = testdata_dir()
 SET_DIR = Path("/tmp/clipdedup-bench-dct-set")
 SET_VERSION = 1
 DUPLICATES = (

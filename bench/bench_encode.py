@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, main  # noqa: E402
+from common import Row, main, testdata_dir  # noqa: E402
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "imagededup"
+TESTDATA = testdata_dir()
 GEN_DIR = Path("/tmp/clipdedup-bench-jpegs")
 MODEL_DIR = Path("/tmp/clipdedup-bench-vit-b-32-random")
 BATCH = 32

@@ -17,6 +17,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def testdata_dir() -> Path:
+    """The repository's real test images (tests/data), laid out once under bench/out (a cache)."""
+    import sys
+
+    dest = REPO / "bench" / "out" / "testdata" / "imagededup"
+    if not (dest / "ground_truth.json").is_file():
+        sys.path.insert(0, str(REPO / "tests"))
+        import shutil
+
+        from testdata import materialize
+
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        materialize(dest)
+    return dest
+
 
 @dataclass
 class Row:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from testdata import materialize
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub from the test suite
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "imagededup"
+# The real test images, laid out once per session from tests/data (copies made, see testdata.py).
+_TESTDATA_ROOT = Path(tempfile.mkdtemp(prefix="clipdedup-testdata-"))
+atexit.register(shutil.rmtree, _TESTDATA_ROOT, True)
+TESTDATA = materialize(_TESTDATA_ROOT / "imagededup")
 
 TINY_CFG = {
     "model_cfg": {
@@ -70,8 +77,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def testdata() -> Path:
-    if not TESTDATA.is_dir():
-        pytest.skip(f"{TESTDATA} not found (the shared test images sit beside the checkout)")
     return TESTDATA
 
 

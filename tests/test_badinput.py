@@ -201,3 +201,37 @@ def test_cli_json_and_lines_with_non_utf8_names(testdata: Path, tmp_path: Path, 
     assert d["moved"] == 1
     moved = next(m for g in d["groups"] for m in g["moves"])
     assert os.path.exists(os.fsencode(moved["to"]))  # the name in the JSON leads to the real file
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--backend", "triton"], {}),
+        (["--backend", "no-such-matcher"], {}),
+        ([], {"CLIPDEDUP_BACKEND": "no-such-matcher"}),
+        ([], {"CLIPDEDUP_DECODER": "no-such-decoder"}),
+    ],
+)
+def test_an_unusable_backend_is_one_line_and_exit_2(
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Naming a backend that does not exist, or cannot run here, is a usage error, not a traceback."""
+    from clipdedup.cli import dedup_cmd, run_cli
+    from clipdedup.match import MATCHERS
+
+    if args[-1:] == ["triton"] and MATCHERS.entries["triton"].unavailable_reason() is None:
+        pytest.skip("triton runs here")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(pics / "a.png")
+    shutil.copy(pics / "a.png", pics / "b.png")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cmd = ["-i", str(pics), "-d", str(tmp_path / "db"), "-m", "builtin:dct", "-n", "-q", *args]
+    code = run_cli(dedup_cmd, "clip-image-deduper", cmd)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("clip-image-deduper: error: "), err

@@ -141,10 +141,8 @@ def cuda_present() -> bool:
     """Whether torch sees a CUDA device, without importing torch on a machine with no NVIDIA driver."""
     if "torch" not in sys.modules and not os.path.exists("/proc/driver/nvidia/version"):
         return False
-    try:
-        import torch
-    except ImportError:
-        return False
+    import torch
+
     return bool(torch.cuda.is_available())
 
 

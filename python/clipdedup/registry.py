@@ -13,11 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from clipdedup.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnavailableError(Exception):
-    """A requested backend exists but cannot run here; the message says why."""
+class UnavailableError(UserError):
+    """A requested backend exists but cannot run here, or no such backend exists; the message says
+    why, and the CLI prints it as one line (exit 2)."""
 
 
 def always() -> str | None:

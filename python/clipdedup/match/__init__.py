@@ -3,16 +3,16 @@
 The answer is defined by `exact_distances`: sqrt(sum((float64(a_k) - float64(b_k))^2)) computed from
 the float32 inputs. Fast backends screen tiles with a matmul in float32 or lower precision, keep
 every pair within the threshold plus a margin derived from the screening precision's rounding-error
-bound (`match_bounds`), and re-check those candidates with `exact_distances`. So each backend returns
+bound (`match.bounds`), and re-check those candidates with `exact_distances`. So each backend returns
 the reference's pairs, pair for pair, including pairs exactly at the threshold. Memory is
 O(N*D + tile + pairs); no N x N matrix is ever built.
 
 Backends (`MATCHERS`, best available first; `clip-image-deduper backends` lists them):
-    triton      fused float16 kernel on CUDA (`clipdedup.match.kernels.pairwise`), match_gpu.py
-    torch-cuda  blocked float16 torch matmuls on CUDA, match_backends.py / match_torch.py
+    triton      fused float16 kernel on CUDA (`kernels/pairwise.py`), `triton.py`
+    torch-cuda  blocked float16 torch matmuls on CUDA, `cpu.py` / `torch_screen.py`
     cpu-bf16    blocked bfloat16 torch matmuls on CPUs with fast bf16 (principal-subspace
-                pre-screen, match_project.py), match_backends.py
-    cpu-fp32    blocked float32 torch matmuls, match_backends.py
+                pre-screen, `project.py`), `cpu.py`
+    cpu-fp32    blocked float32 torch matmuls, `cpu.py`
     reference   float64 row by row, here
 """
 

@@ -12,7 +12,7 @@ candidate when C~ >= 0. The shifts are
 na/nb being the float64 squared norms, so that in exact arithmetic C~ = (t^2 + delta_i + delta_j - d^2) / 2.
 `Screen` bounds |C~ - (a.b + alpha + beta)| for a given way of computing C~; `margins` picks
 delta_i, delta_j large enough that no pair the float64 reference accepts (d_ref <= t) is dropped.
-The derivation is in README ("Matching: exactness"); each step is commented below.
+The derivation is in docs/matching.md; each step is commented below.
 """
 
 from __future__ import annotations

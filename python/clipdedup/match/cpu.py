@@ -1,6 +1,6 @@
 """The torch-based matching backends: `cpu-bf16`, `cpu-fp32` and `torch-cuda`, each a screen of
-`match_torch` with its `Recipe`, then the exact re-check. `cpu-bf16` runs the principal-subspace
-pre-screen of `match_project` first when the problem is big enough for it to pay.
+`torch_screen` with its `Recipe`, then the exact re-check. `cpu-bf16` runs the principal-subspace
+pre-screen of `project` first when the problem is big enough for it to pay.
 """
 
 from __future__ import annotations
@@ -10,18 +10,7 @@ from clipdedup.match.project import PROJECT_DIM, projected_candidates
 from clipdedup.match.torch_screen import RECIPES, torch_screen
 
 
-def _torch_why_not() -> str | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return "torch is not installed"
-    return None
-
-
 def _bf16_why_not() -> str | None:
-    why = _torch_why_not()
-    if why:
-        return why
     import torch
 
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -41,9 +30,6 @@ def _bf16_why_not() -> str | None:
 
 
 def _cuda_why_not() -> str | None:
-    why = _torch_why_not()
-    if why:
-        return why
     import torch
 
     if not torch.cuda.is_available():
@@ -104,9 +90,9 @@ MATCHERS.register(
     why_not=_bf16_why_not,
     doc="bfloat16 screening (principal-subspace pre-screen) + exact re-check",
 )(pairs_cpu_bf16)
-pairs_cpu_fp32 = MATCHERS.register(
-    "cpu-fp32", priority=10, why_not=_torch_why_not, doc="float32 BLAS screening + exact re-check"
-)(_matcher("float32", "cpu", 2048))
+pairs_cpu_fp32 = MATCHERS.register("cpu-fp32", priority=10, doc="float32 BLAS screening + exact re-check")(
+    _matcher("float32", "cpu", 2048)
+)
 pairs_torch_cuda = MATCHERS.register(
     "torch-cuda", priority=30, why_not=_cuda_why_not, doc="blocked torch float16 screening on CUDA"
 )(_matcher("float16", "cuda", 8192))

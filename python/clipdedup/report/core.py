@@ -239,11 +239,6 @@ def _distances(members: list[Member], pairs: list[tuple[str, str, float]], kept:
                 m.to_kept = d
 
 
-def shown(path: str) -> str:
-    """A path as text that always encodes: undecodable bytes of the name become \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace") if path else path
-
-
 def write_report(
     s: RunSummary,
     out_dir: str,

@@ -24,6 +24,11 @@ GROUPS_PER_PAGE = 200
 THUMB_DIR = "thumbs"
 
 
+def shown(path: str) -> str:
+    """A path as text that always encodes: undecodable bytes of the name become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if path else path
+
+
 def thumb_name(path: str, mtime_ns: int | None, size: int | None) -> str:
     """Cache file name (relative to the report dir) of `path`'s thumbnail at this mtime and size.
 
@@ -98,8 +103,6 @@ window.addEventListener("load", function () {
 
 
 def _e(text: Any) -> str:
-    from clipdedup.report.core import shown
-
     return html.escape(shown(text) if isinstance(text, str) else str(text), quote=True)
 
 

@@ -58,7 +58,7 @@ def pillow_simd_version() -> str | None:
     """The pillow-simd version when it replaces Pillow in this environment, else None.
 
     pillow-simd installs as the `PIL` package under its own distribution name and versions like
-    9.5.0.post1; it is an opt-in swap (see README), never a dependency.
+    9.5.0.post1; it is an opt-in swap (see docs/backends.md), never a dependency.
     """
     try:
         return importlib.metadata.version("pillow-simd")

@@ -63,12 +63,9 @@ class Encoder:
 
 
 def default_device() -> str:
-    try:
-        import torch
+    import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_encoder(

@@ -180,10 +180,8 @@ class ClassTokenBlock(nn.Module):
 def class_token_only(visual: nn.Module) -> bool:
     """Makes the last block of an open_clip VisionTransformer that pools its class token compute
     that token only (`ClassTokenBlock`); False when `visual` is not such a tower."""
-    try:
-        from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-    except ImportError:
-        return False
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
     if type(visual) is not VisionTransformer:
         return False
     transformer: Any = visual.transformer

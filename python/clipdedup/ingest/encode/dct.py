@@ -8,7 +8,7 @@ horizontal frequency, so mirrored images are far apart. The distance stays a rea
 euclidean threshold serves the same matcher and DB as the CLIP encoders.
 
 Two refinements over the plain vector, both chosen by bench/bench_dct_quality.py (recall at
-precision 1.0 on its tuning set rose from 0.64 to 0.99, see the README's Numbers):
+precision 1.0 on its tuning set rose from 0.64 to 0.99, see docs/benchmarks.md):
 - before the DCT the mean is removed and the image is tapered by a raised-cosine window, so the
   border (what a crop or a caption changes first) weighs less than the centre;
 - each coefficient is compressed to sign(c) |c|^0.2 before normalising, so the few strongest
@@ -32,7 +32,7 @@ BLOCK = 12  # K: the K x K lowest frequencies are kept, DC dropped -> K*K - 1 di
 WINDOW = 0.8  # raised-cosine taper: weight (1 - a cos(2 pi (i + 1/2) / n)) / (1 + a), 0.11 at the border
 POWER = 0.2  # coefficient compression sign(c) |c|^POWER
 # Chosen by bench/bench_dct_quality.py: the middle of the range (0.84..0.94) where its tuning half
-# has precision 1.0 and recall no longer grows (see the README's Numbers section).
+# has precision 1.0 and recall no longer grows (see docs/benchmarks.md).
 DEFAULT_THRESHOLD = 0.88
 FLAT_NORM = 1e-2  # AC norm (grey levels) below which an image counts as flat
 
