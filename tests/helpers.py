@@ -7,7 +7,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from clipdedup.cli import run_cli
+from clipdedup.match import exact_distances
 from clipdedup.trash import journal as jm
 
 
@@ -49,3 +52,33 @@ def open_clip_transform(spec):
         interpolation=spec.interpolation,
         fill_color=spec.fill,
     )
+
+
+# Matching: planted rows and thresholds at a pair's exact distance (tests/match/).
+
+
+def planted(n: int, d: int, seed: int, frac: float = 0.2, scale: float = 1.0) -> np.ndarray:
+    """Random rows, a fraction of them near-copies of others (noise 0.5%..5% of the norm)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    k = int(n * frac)
+    if k and n > 1:
+        src, dst = rng.integers(0, n, k), rng.integers(0, n, k)
+        noise = rng.standard_normal((k, d)).astype(np.float32)
+        noise *= rng.uniform(0.005, 0.05, (k, 1)) * np.sqrt(d) / np.linalg.norm(noise, axis=1, keepdims=True)
+        x[dst] = x[src] + noise
+    return (x * scale).astype(np.float32)
+
+
+def all_distances(x, y=None):
+    other = x if y is None else y
+    i, j = np.meshgrid(np.arange(len(x)), np.arange(len(other)), indexing="ij")
+    return exact_distances(x[i.ravel()], other[j.ravel()]).reshape(len(x), len(other))
+
+
+def threshold_on_a_pair(x, y=None, q=0.05):
+    """A threshold equal to one pair's exact reference distance (a pair right at the threshold)."""
+    d = all_distances(x, y)
+    if y is None:
+        d = d[np.triu_indices(len(x), 1)]
+    return float(np.quantile(d.ravel(), q, method="lower"))

@@ -18,10 +18,9 @@ import torch
 pytest.importorskip("triton")
 
 
-from test_match import all_distances, planted, threshold_on_a_pair  # noqa: E402
-
 from clipdedup.match import find_pairs  # noqa: E402
 from clipdedup.match.triton import ChunkLoader, Step, pairs_triton, plan_steps, run_steps  # noqa: E402
+from helpers import all_distances, planted, threshold_on_a_pair  # noqa: E402
 
 SMALL = (16, 16, 32)  # BM, BN, BK: keeps the interpreter quick and makes tiles much smaller than n
 

@@ -12,21 +12,9 @@ from clipdedup.match.core import Tiles, scaled_problem
 from clipdedup.match.cpu import pairs_cpu_bf16
 from clipdedup.match.project import principal_projection, project, projected_candidates, projected_threshold
 from clipdedup.match.torch_screen import RECIPES, AugmentedScreen, torch_screen
+from helpers import all_distances, planted, threshold_on_a_pair
 
 CPU_BACKENDS = [b for b in ("cpu-fp32", "cpu-bf16") if MATCHERS.entries[b].unavailable_reason() is None]
-
-
-def planted(n: int, d: int, seed: int, frac: float = 0.2, scale: float = 1.0) -> np.ndarray:
-    """Random rows, a fraction of them near-copies of others (noise 0.5%..5% of the norm)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    k = int(n * frac)
-    if k and n > 1:
-        src, dst = rng.integers(0, n, k), rng.integers(0, n, k)
-        noise = rng.standard_normal((k, d)).astype(np.float32)
-        noise *= rng.uniform(0.005, 0.05, (k, 1)) * np.sqrt(d) / np.linalg.norm(noise, axis=1, keepdims=True)
-        x[dst] = x[src] + noise
-    return (x * scale).astype(np.float32)
 
 
 def ref(x, t, y=None):
@@ -36,20 +24,6 @@ def ref(x, t, y=None):
 def assert_same(got, want):
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])  # distances from one function: bit for bit
-
-
-def all_distances(x, y=None):
-    other = x if y is None else y
-    i, j = np.meshgrid(np.arange(len(x)), np.arange(len(other)), indexing="ij")
-    return exact_distances(x[i.ravel()], other[j.ravel()]).reshape(len(x), len(other))
-
-
-def threshold_on_a_pair(x, y=None, q=0.05):
-    """A threshold equal to one pair's exact reference distance (a pair right at the threshold)."""
-    d = all_distances(x, y)
-    if y is None:
-        d = d[np.triu_indices(len(x), 1)]
-    return float(np.quantile(d.ravel(), q, method="lower"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
