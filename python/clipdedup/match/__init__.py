@@ -23,9 +23,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipdedup.match import cpu as _match_backends  # noqa: F401  (registers torch backends)
-from clipdedup.match import triton as _match_gpu  # noqa: F401  (registers triton)
-from clipdedup.match.core import MATCHERS, RECHECK_BYTES, exact_distances, recheck
+from clipdedup.match import cpu, triton  # noqa: F401  (register the torch backends and triton)
+from clipdedup.match.core import MATCHERS, exact_distances, recheck
+from clipdedup.match.neighbours import nearest_by_name, nearest_within
+from clipdedup.match.reference import pairs_ref
 
 __all__ = [
     "MATCHERS",
@@ -93,83 +94,3 @@ def find_pairs(
         i, j, d = fn(np.ascontiguousarray(x[ix]), sub_y, threshold, progress=progress)
         i, j = ix[i], iy[j]
     return _sorted_result(np.asarray(i, np.int64), np.asarray(j, np.int64), np.asarray(d))
-
-
-@MATCHERS.register("reference", priority=-100, doc="float64, row by row; slow, always present")
-def pairs_ref(
-    x: np.ndarray, y: np.ndarray | None, threshold: float, *, progress=None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The definition of the answer: every pair's `exact_distances` compared with the threshold."""
-    other = x if y is None else y
-    chunk = max(1, RECHECK_BYTES // (8 * max(1, x.shape[1])))
-    out_i, out_j, out_d = [], [], []
-    for r in range(x.shape[0]):
-        start = r + 1 if y is None else 0
-        for s in range(start, other.shape[0], chunk):
-            cols = np.arange(s, min(other.shape[0], s + chunk))
-            d = exact_distances(np.broadcast_to(x[r], (cols.size, x.shape[1])), other[cols])
-            m = d <= threshold
-            out_i.append(np.full(int(m.sum()), r, np.int64))
-            out_j.append(cols[m])
-            out_d.append(d[m])
-        if progress:
-            progress(1)
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
-
-
-def nearest_within(
-    pairs: np.ndarray, distances: np.ndarray, n: int, k: int, *, symmetric: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest neighbours of each row among its pairs (those within the threshold).
-
-    Args:
-        pairs: int64 (P, 2) as `find_pairs` returns them; distances: float32 (P,).
-        n: number of rows (of x).
-        k: neighbours per row (>= 1).
-        symmetric: self-matching; pair (i, j) makes j a neighbour of i and i one of j. In import
-            mode (pairs of x against y) pass False: neighbours are rows of y.
-
-    Returns:
-        int64 (n, k) neighbour indices (-1 where a row has fewer than k) and float32 (n, k)
-        distances (inf there), nearest first; ties broken by the smaller index.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    i, j, d = pairs[:, 0], pairs[:, 1], distances
-    if symmetric:
-        i, j, d = np.concatenate([i, j]), np.concatenate([j, i]), np.concatenate([d, d])
-    order = np.lexsort((j, d, i))
-    i, j, d = i[order], j[order], d[order]
-    starts = np.searchsorted(i, i, side="left")
-    rank = np.arange(i.size) - starts
-    keep = rank < k
-    idx = np.full((n, k), -1, np.int64)
-    dist = np.full((n, k), np.inf, np.float32)
-    idx[i[keep], rank[keep]] = j[keep]
-    dist[i[keep], rank[keep]] = d[keep]
-    return idx, dist
-
-
-def nearest_by_name(
-    names: list[str],
-    other_names: list[str],
-    pairs: np.ndarray,
-    distances: np.ndarray,
-    k: int,
-    *,
-    symmetric: bool = True,
-) -> dict[str, list[list]]:
-    """`nearest_within` as {name: [[neighbour name, distance], ...]} for rows that have any.
-
-    Args:
-        names: names of the rows of x; other_names: of y (import mode) or `names` again.
-        pairs, distances: as `find_pairs` returns them.
-        k: neighbours per row; symmetric: see `nearest_within`.
-    """
-    idx, dist = nearest_within(pairs, distances, len(names), k, symmetric=symmetric)
-    return {
-        names[r]: [[other_names[c], float(d)] for c, d in zip(idx[r].tolist(), dist[r].tolist()) if c >= 0]
-        for r in np.flatnonzero(idx[:, 0] >= 0).tolist()
-    }
