@@ -5,9 +5,16 @@ and test commands; the subcommands are attached to clip-image-deduper below, in 
 
 from clipdedup.cli.common import console_entry, run_cli
 from clipdedup.cli.runs import dedup_cmd, import_cmd
-from clipdedup.cli.tools import backends_cmd, calibrate_cmd, db_test_cmd, encoding_test_cmd, undo_cmd
+from clipdedup.cli.tools import (
+    apply_cmd,
+    backends_cmd,
+    calibrate_cmd,
+    db_test_cmd,
+    encoding_test_cmd,
+    undo_cmd,
+)
 
-for _sub in (backends_cmd, calibrate_cmd, undo_cmd):
+for _sub in (backends_cmd, calibrate_cmd, undo_cmd, apply_cmd):
     dedup_cmd.add_command(_sub)
 
 dedup_main = console_entry(dedup_cmd, "clip-image-deduper")

@@ -1,4 +1,4 @@
-"""The tool commands: `backends`, `calibrate` and `undo` (subcommands of clip-image-deduper), and
+"""The tool commands: `backends`, `calibrate`, `undo` and `apply` (subcommands of clip-image-deduper), and
 the two test commands `clip-image-deduper-db-test` and `clip-image-encoding-test`."""
 
 from __future__ import annotations
@@ -145,6 +145,44 @@ def undo_cmd(trash_dir: str, run_id: str | None, list_runs: bool, dry_run: bool,
         err=True,
     )
     return 1 if counts["refused"] or counts["missing"] else 0
+
+
+@click.command(
+    "apply",
+    help="Move what the review page of REPORT_DIR (written with --report, usually by a dry run) shows "
+    "as moving: the report's plan with the decisions exported from the page on top. Each file must "
+    "still have the size, mtime and content hash the report recorded, or it stays; moves are "
+    "journaled and undone with `undo`, as in a normal run.",
+)
+@click.argument("report_dir", type=existing_dir)
+@click.option("-t", "--trash-dir", type=any_dir, required=True, help="Where the files are moved.")
+@click.option(
+    "--decisions",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="decisions.json exported from the report's page. [default: the report's plan as it is]",
+)
+@click.option(
+    "-i", "--image-dir", type=existing_dir, default=None, help="Refuse unless the report is for this dir."
+)
+@click.option("-n", "--dry-run", is_flag=True, help="Print what would move; change nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the summary line.")
+def apply_cmd(
+    report_dir: str, trash_dir: str, decisions: str | None, image_dir: str | None, dry_run: bool, quiet: bool
+) -> int:
+    from clipdedup.report import apply as report_apply
+
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    res = report_apply.apply_report(
+        report_dir, trash_dir, decisions=decisions, image_dir=image_dir, dry_run=dry_run, log=log
+    )
+    if not quiet:
+        for line in report_apply.result_lines(res, dry_run=dry_run):
+            click.echo(line)
+    click.echo(report_apply.summary_text(res, dry_run=dry_run), err=True)
+    if res.journal and not quiet:
+        click.echo(f"to undo: clip-image-deduper undo -t {trash_dir} --run {res.run_id}", err=True)
+    return 0
 
 
 @click.command(

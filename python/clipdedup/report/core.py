@@ -135,6 +135,7 @@ class Member:
     exact_of: str | None = None  # the first member byte-identical to this one, if any
     nearest: float | None = None  # distance to the closest other member (within the threshold)
     to_kept: float | None = None  # distance to the kept file, when that pair is within the threshold
+    hash: str | None = None  # journal.content_hash of `file` when the report was written (apply checks it)
 
 
 @dataclass
@@ -147,7 +148,8 @@ class ReviewGroup:
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-def _abs(roots: Mapping[str, str], path: str) -> str:
+def member_path(roots: Mapping[str, str], path: str) -> str:
+    """The absolute path of a report member (`path` as in the run summary)."""
     if path.startswith(BASE_PREFIX) and BASE_PREFIX in roots:
         return os.path.join(roots[BASE_PREFIX], path[len(BASE_PREFIX) :])
     return os.path.join(roots[""], path)
@@ -192,7 +194,7 @@ def build_review(
         moves = {m.rel: m for m in typed.moved}
         members, cands = [], []
         for p in g.members:
-            src, m = _abs(roots, p), moves.get(p)
+            src, m = member_path(roots, p), moves.get(p)
             now = src if os.path.lexists(src) or m is None or m.dest is None else m.dest
             size: int | None
             mtime: int | None
@@ -254,10 +256,14 @@ def write_report(
     Re-running with the same `out_dir` rewrites these files and reuses the cached thumbnails.
     """
     from clipdedup.report import html as report_html
+    from clipdedup.trash.journal import new_run_id
 
     groups = build_review(s, roots, strategy=strategy, dry_run=dry_run)
+    _hash_members(groups)
     os.makedirs(out_dir, exist_ok=True)
     head = {
+        "report_id": new_run_id(),  # decisions made on the page name it; `apply` checks them against it
+        "run_id": s.run_id,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "dry_run": dry_run,
         "roots": dict(roots),
@@ -273,6 +279,24 @@ def write_report(
     _write_csvs(groups, out_dir)
     report_html.write_html(groups, head, out_dir, thumb_size=thumb_size)
     return groups
+
+
+def _hash_members(groups: list[ReviewGroup]) -> None:
+    """Content hash of every member's current file, so `apply` moves only what the page showed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipdedup.trash.journal import content_hash
+
+    members = [m for g in groups for m in g.members if m.size is not None]
+
+    def one(m: Member) -> None:
+        try:
+            m.hash = content_hash(m.file)
+        except OSError:
+            m.hash = None
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(one, members))
 
 
 def _atomic_text(path: str, text: str) -> None:
