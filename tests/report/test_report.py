@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -62,12 +63,22 @@ def test_dry_run_report_files(testdata: Path, tmp_path: Path, tiny_model: str, c
     assert len(pairs) == 3 and all(float(p["distance"]) <= 1e-4 for p in pairs)
 
     page = (rep / "index.html").read_text(encoding="utf-8")
-    assert "<b>&" not in page and "&lt;b&gt;&amp;&quot;x&#x27;.jpg" in page
-    assert page.count('class="group"') == 1 and "exact copies" in page
+    assert "<b>" not in page  # every '<' of the data is escaped inside its <script>
+    data = _page_data(rep)
+    assert data["report_id"] == doc["report_id"] and data["applicable"] is True
+    (pg,) = data["groups"]
+    assert {m["p"] for m in pg["members"]} == set(NASTY + ["plain.jpg"]) and pg["exact"] is True
     thumbs = list((rep / "thumbs").rglob("*.jpg"))
     assert len(thumbs) == len(NASTY) + 1  # one per member; the unrelated image is in no group
-    for t in thumbs:
-        assert f'src="{t.relative_to(rep).as_posix()}"' in page
+    assert {m["t"] for m in pg["members"]} == {t.relative_to(rep).as_posix() for t in thumbs}
+
+
+def _page_data(rep: Path) -> dict:
+    """The groups' data embedded in index.html, as its script reads it."""
+    page = (rep / "index.html").read_text(encoding="utf-8")
+    m = re.search(r'<script id="clipdedup-data" type="application/json">(.*?)</script>', page, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
 
 
 def test_real_run_report_and_thumbnail_cache(
@@ -158,23 +169,20 @@ def test_build_review_without_files(tmp_path: Path) -> None:
     assert (by["b.jpg"].nearest, by["b.jpg"].to_kept) == (0.25, 0.25)
     assert (by["c.jpg"].nearest, by["c.jpg"].to_kept) == (0.5, None)
     assert not g.exact and all(m.size is None for m in g.members)
-    page = (tmp_path / "rep" / "index.html").read_text()
-    assert page.count("no preview") == 3
+    assert [m["t"] for m in _page_data(tmp_path / "rep")["groups"][0]["members"]] == [None] * 3
 
 
-def test_pages_split_and_every_group_present(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(report_html, "GROUPS_PER_PAGE", 2)
+def test_every_group_in_the_page_data(tmp_path: Path) -> None:
     s = RunSummary(threshold=0.1)
     for k in range(5):
         s.groups.append(
-            Group([f"{k}a.jpg", f"{k}b.jpg"], f"{k}a.jpg", [], [(f"{k}a.jpg", f"{k}b.jpg", 0.01)])
+            Group([f"{k}a.jpg", f"{k}b.jpg"], f"{k}a.jpg", [], [(f"{k}a.jpg", f"{k}b.jpg", 0.01 * k)])
         )
     report.write_report(s, str(tmp_path), {"": str(tmp_path / "none")}, strategy="largest", dry_run=True)
-    pages = [report_html.page_name(k) for k in range(3)]
-    text = "".join((tmp_path / p).read_text() for p in pages)
-    assert not (tmp_path / report_html.page_name(3)).exists()
-    for k in range(1, 6):
-        assert text.count(f'data-group="{k}"') == 1
+    data = _page_data(tmp_path)
+    assert [g["id"] for g in data["groups"]] == [1, 2, 3, 4, 5]
+    assert [g["dmax"] for g in data["groups"]] == [0.01 * k for k in range(5)]
+    assert [g["kept"] for g in data["groups"]] == [f"{k}a.jpg" for k in range(5)]
 
 
 def test_thumb_name_changes_with_file(tmp_path: Path) -> None:
@@ -193,7 +201,7 @@ def test_summary_functions_still_work() -> None:
 
 
 def test_non_utf8_names_are_written(tmp_path: Path, testdata: Path) -> None:
-    """A file name that is not UTF-8 survives JSON (escaped), CSV (its bytes) and HTML (\\xNN)."""
+    """A file name that is not UTF-8 survives JSON (escaped), CSV (its bytes) and the page (\\xNN shown)."""
     root = tmp_path / "pics"
     root.mkdir()
     odd = os.fsdecode(b"caf\xe9 <1>.jpg")
@@ -207,5 +215,6 @@ def test_non_utf8_names_are_written(tmp_path: Path, testdata: Path) -> None:
     doc = json.loads((rep / "report.json").read_text(encoding="ascii"))
     assert doc["groups"][0]["members"][0]["path"] == odd
     assert b"caf\xe9 <1>.jpg" in (rep / "groups.csv").read_bytes()
-    page = (rep / "index.html").read_text(encoding="utf-8")
-    assert "caf\\xe9 &lt;1&gt;.jpg" in page and page.count("<img ") == 2
+    (pg,) = _page_data(rep)["groups"]
+    assert pg["members"][0]["p"] == odd and pg["members"][0]["s"] == "caf\\xe9 <1>.jpg"
+    assert all(m["t"] for m in pg["members"])

@@ -1,16 +1,20 @@
 """The review report's HTML contact sheet and its thumbnail cache.
 
-One static page per GROUPS_PER_PAGE groups (index.html, page-2.html, ...), no external resources:
-thumbnails sit in DIR/thumbs/, named by a hash of (path, mtime, size), so a file that changes gets a
-new thumbnail and an unchanged one is never decoded twice. Every path and message is HTML-escaped.
-A small inline script marks thumbnails that fail to load (and logs them to the console), so a broken
-page is visible to a reader and detectable by a headless browser.
+One static page, index.html, with no external resources and no server (it works from file://): the
+groups' data sits in the page as JSON, and its script (report_page.js, inlined) renders PER_PAGE
+groups at a time, with filters, and keeps the user's decisions (kept file, "do not move", skipped
+group) in localStorage under the report's id, exported as decisions.json for `apply`. Thumbnails sit
+in DIR/thumbs/, named by a hash of (path, mtime, size), so a file that changes gets a new thumbnail
+and an unchanged one is never decoded twice; the page loads them lazily. Every name reaches the page
+as text (textContent), never as markup. Thumbnails that fail to load are marked, logged to the
+console and counted in <body data-broken>, so a broken page is detectable by a headless browser.
 """
 
 from __future__ import annotations
 
 import hashlib
 import html
+import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +24,6 @@ from typing import Any
 from clipdedup.ingest.decode.base import DecodeError, decode_pil
 from clipdedup.util.fsutil import atomic_file
 
-GROUPS_PER_PAGE = 200
 THUMB_DIR = "thumbs"
 
 
@@ -68,116 +71,107 @@ def ensure_thumbs(
         return list(pool.map(one, range(len(items))))
 
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;background:#f6f6f4;color:#222}
-header p{margin:.2em 0;color:#555} nav a{margin-right:.6em}
-section.group{background:#fff;border:1px solid #ddd;border-radius:6px;margin:1em 0;padding:.6em 1em}
-section.group h2{font-size:1.05em;margin:.2em 0 .5em}
-.exact{background:#2a6;color:#fff;border-radius:3px;padding:0 .4em;font-size:.85em}
-.members{display:flex;flex-wrap:wrap;gap:.8em}
-figure{margin:0;width:260px;border:3px solid #ccc;border-radius:4px;padding:4px;background:#fafafa}
-figure.kept{border-color:#2a6} figure.moving{border-color:#c33}
-figure img{display:block;max-width:256px;max-height:256px;margin:auto}
-figure img.broken{outline:3px dashed #c33}
-.noprev{height:120px;display:flex;align-items:center;justify-content:center;color:#888}
-figcaption{font-size:.8em;word-break:break-all;margin-top:.3em}
-.badge{font-weight:bold} figure.kept .badge{color:#2a6} figure.moving .badge{color:#c33}
-.why{font-size:.85em;color:#444} table{font-size:.8em;border-collapse:collapse}
-td,th{padding:1px 6px;border-bottom:1px solid #eee;text-align:left}
-"""
-
-# Marks thumbnails that fail to load; the count ends up in <body data-broken>.
-SCRIPT = """
-var clipdedupBroken = 0;
-document.addEventListener("error", function (e) {
-  var t = e.target;
-  if (t && t.tagName === "IMG") {
-    clipdedupBroken++; t.classList.add("broken");
-    console.error("thumbnail failed to load: " + t.getAttribute("src"));
-  }
-}, true);
-window.addEventListener("load", function () {
-  document.body.setAttribute("data-broken", String(clipdedupBroken));
-});
-"""
-
-
 def _e(text: Any) -> str:
     return html.escape(shown(text) if isinstance(text, str) else str(text), quote=True)
 
 
-def _dist(d: float | None) -> str:
-    return "–" if d is None else f"{d:.4f}"
+PER_PAGE = 50  # groups rendered at a time; the page holds every group's data, the DOM only these
+ASSETS = Path(__file__).parent
+BROWSER_KEYS = (
+    "keys: j/k next/previous group, h/l previous/next file, x or Enter keep this file, 1-9 keep file N, "
+    "m do not move, s skip group, u reset group, n/p next/previous page"
+)
 
 
-def _member_html(m: Any, thumb: str | None) -> str:
-    cls = "kept" if m.kept else ("moving" if m.dest else "other")
-    img = f'<img src="{_e(thumb)}" alt="{_e(m.path)}">' if thumb else '<div class="noprev">no preview</div>'
+def _member(m: Any, thumb: str | None) -> dict[str, Any]:
+    from clipdedup.report import BASE_PREFIX, shown
+
+    d: dict[str, Any] = {"p": m.path, "t": thumb, "z": m.size, "k": m.to_kept, "n": m.nearest}
+    if shown(m.path) != m.path:
+        d["s"] = shown(m.path)  # what the page prints for a name that is not UTF-8
+    if m.exact_of:
+        d["x"] = shown(m.exact_of)
+    if m.dest:
+        d["dest"] = shown(m.dest)
+    if m.path.startswith(BASE_PREFIX):
+        d["b"] = True
+    if m.status.startswith("stays: "):
+        d["note"] = m.status
     try:
-        uri = Path(m.file).resolve().as_uri()
-        img = f'<a href="{_e(uri)}">{img}</a>'
+        d["u"] = Path(m.file).resolve().as_uri()
     except ValueError:
         pass
-    lines = [f'<span class="badge">{_e(m.status.upper() if m.kept else m.status)}</span>', _e(m.path)]
-    if m.dest:
-        lines.append("&rarr; " + _e(m.dest))
-    facts = [f"{m.size:,} bytes" if m.size is not None else "size unknown"]
-    if not m.kept:
-        facts.append(f"to kept {_dist(m.to_kept)}")
-    facts.append(f"nearest {_dist(m.nearest)}")
-    lines.append(_e(", ".join(facts)))
-    if m.exact_of:
-        lines.append("byte-identical to " + _e(m.exact_of))
-    return f'<figure class="{cls}">{img}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
+    return d
 
 
-def _group_html(g: Any, thumbs: dict[str, str | None]) -> str:
-    tag = ' <span class="exact">exact copies</span>' if g.exact else ""
-    title = f"Group {g.id} &middot; {len(g.members)} files{tag}"
-    figs = "".join(_member_html(m, thumbs.get(m.file)) for m in g.members)
-    rows = "".join(f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{d:.6f}</td></tr>" for a, b, d in g.pairs)
-    pairs = (
-        f"<details><summary>{len(g.pairs)} pairs within the threshold</summary>"
-        f"<table><tr><th>a</th><th>b</th><th>distance</th></tr>{rows}</table></details>"
-    )
-    return (
-        f'<section class="group" id="g{g.id}" data-group="{g.id}"><h2>{title}</h2>'
-        f'<div class="members">{figs}</div><p class="why">kept: {_e(g.why)}</p>{pairs}</section>'
-    )
+def page_data(groups: Sequence[Any], head: dict[str, Any], thumbs: dict[str, str | None]) -> dict[str, Any]:
+    """Everything the page's script renders: the groups with their members, and the report's id."""
+    from clipdedup.report import shown
+
+    out = []
+    for g in groups:
+        ds = [d for _, _, d in g.pairs]
+        out.append(
+            {
+                "id": g.id,
+                "kept": g.kept,
+                "why": g.why,
+                "exact": g.exact,
+                "dmax": max(ds) if ds else 0.0,
+                "pairs": [[shown(a), shown(b), d] for a, b, d in g.pairs],
+                "members": [_member(m, thumbs.get(m.file)) for m in g.members],
+            }
+        )
+    moved = any(m.status == "moved" for g in groups for m in g.members)
+    return {
+        "report_id": head.get("report_id"),
+        "image_dir": head.get("roots", {}).get(""),
+        "applicable": not moved,
+        "per_page": PER_PAGE,
+        "groups": out,
+    }
 
 
-def page_name(k: int) -> str:
-    return "index.html" if k == 0 else f"page-{k + 1}.html"
+def _json_in_script(doc: dict[str, Any]) -> str:
+    """JSON that cannot end its <script> element: every '<' (only ever inside strings) is escaped."""
+    return json.dumps(doc, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
 
 
 def write_html(
     groups: Sequence[Any], head: dict[str, Any], out_dir: str, *, thumb_size: int = 256
 ) -> list[str]:
-    """Writes the contact sheet pages; returns their file names."""
+    """Writes index.html (every group, decisions on the page); returns its file name in a list."""
     items = sorted({(m.source, m.file, m.mtime_ns, m.size) for g in groups for m in g.members})
     thumbs = dict(zip([t[1] for t in items], ensure_thumbs(items, out_dir, thumb_size)))
-    n_pages = max(1, -(-len(groups) // GROUPS_PER_PAGE))
     mode = "dry run: nothing was moved" if head.get("dry_run") else "files were moved as shown"
     summary = (
         f"{len(groups)} groups ({head.get('exact_groups', 0)} of exact copies), threshold "
         f"{head.get('threshold')}, model {head.get('model')}, matcher {head.get('backend')}, keeping logic "
-        f"{head.get('keeping_logic')}; {mode}. Generated {head.get('generated')}."
+        f"{head.get('keeping_logic')}; {mode}. Generated {head.get('generated')}, report "
+        f"{head.get('report_id')}."
     )
     roots = "; ".join(f"{k or 'images'} = {v}" for k, v in head.get("roots", {}).items())
-    nav = " ".join(f'<a href="{page_name(k)}">{k + 1}</a>' if n_pages > 1 else "" for k in range(n_pages))
-    names = []
-    for k in range(n_pages):
-        chunk = groups[k * GROUPS_PER_PAGE : (k + 1) * GROUPS_PER_PAGE]
-        body = "".join(_group_html(g, thumbs) for g in chunk) or "<p>No duplicate groups.</p>"
-        page = (
-            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f"<title>clip-image-deduper review: {len(groups)} groups (page {k + 1}/{n_pages})</title>"
-            f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body><header>"
-            f"<h1>Duplicate groups for review</h1><p>{_e(summary)}</p><p>{_e(roots)}</p>"
-            f"<nav>{nav}</nav></header><main>{body}</main></body></html>\n"
-        )
-        name = page_name(k)
-        with atomic_file(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            f.write(page)
-        names.append(name)
-    return names
+    css = (ASSETS / "report_page.css").read_text(encoding="utf-8")
+    js = (ASSETS / "report_page.js").read_text(encoding="utf-8")
+    data = _json_in_script(page_data(groups, head, thumbs))
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>clip-image-deduper review: {len(groups)} groups</title><style>{css}</style></head><body>"
+        f"<header><h1>Duplicate groups for review</h1><p>{_e(summary)}</p><p>{_e(roots)}</p></header>"
+        '<div id="bar"><span id="decide"><button type="button" id="export">export decisions.json</button> '
+        '<label>import <input type="file" id="import" accept=".json,application/json"></label> '
+        '<button type="button" id="clear">forget all decisions</button> <span id="count"></span></span>'
+        '<label>show <select id="f-decided"><option value="all">all groups</option>'
+        '<option value="decided">groups with decisions</option><option value="undecided">groups '
+        'without decisions</option></select></label> <label><input type="checkbox" id="f-exact"> exact '
+        'copies only</label> <label>farthest pair from <input type="number" id="f-min" step="any" '
+        'min="0"> to <input type="number" id="f-max" step="any" min="0"></label> '
+        '<button type="button" id="prev">&larr; previous</button> <span id="where"></span> '
+        '<button type="button" id="next">next &rarr;</button> <span id="message"></span>'
+        f'<span class="keys">{_e(BROWSER_KEYS)}</span></div><main id="groups"></main>'
+        f'<script id="clipdedup-data" type="application/json">{data}</script>'
+        f"<script>{js}</script></body></html>\n"
+    )
+    with atomic_file(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
+        f.write(page)
+    return ["index.html"]

@@ -1,0 +1,154 @@
+"""The review workflow in a real headless browser (Debian's chromium, through chromedriver): a dry
+run writes the report, the page changes a kept file, skips a group and marks a file "do not move"
+(clicks and keys), exports decisions.json through its button; `apply` then moves exactly the files
+the page showed as moving, and `undo` puts them back byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipdedup.cli import dedup_cmd, run_cli
+from clipdedup.undo import undo
+from helpers import tree_hashes
+
+# Byte-identical copies: group 1 = a1..a3, group 2 = b1, b2, group 3 = c1, c2 (kept: the first of
+# each, "largest" ties fall to byte order); d is in no group.
+COPIES = {"a": 3, "b": 2, "c": 2, "d": 1}
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run")
+FLAGS += ("--window-size=1300,1600",)
+
+
+def _driver(profile: Path, downloads: Path):  # -> selenium WebDriver
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    drv = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        exe = None
+    if exe is None or drv is None:
+        if os.environ.get("CLIPDEDUP_REQUIRE_BROWSER"):
+            pytest.fail("chromium, chromedriver or selenium missing, and CLIPDEDUP_REQUIRE_BROWSER is set")
+        pytest.skip("needs chromium, chromium-driver and selenium (pip install '.[test]')")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = exe
+    for flag in FLAGS + (f"--user-data-dir={profile}",):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads)})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=drv), options=opts)
+    # Downloads (the export button) go to `downloads`, with no prompt, also in headless mode.
+    where = {"behavior": "allow", "downloadPath": str(downloads)}
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", where)
+    return driver
+
+
+def _tree(root: Path) -> None:
+    rng = np.random.default_rng(5)
+    root.mkdir()
+    for name, n in COPIES.items():
+        img = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+        img.save(root / f"{name}1.png")
+        for k in range(2, n + 1):
+            shutil.copy2(root / f"{name}1.png", root / f"{name}{k}.png")
+
+
+def _states(driver) -> dict[str, str]:
+    figs = driver.find_elements("css selector", "figure[data-path]")
+    return {f.get_attribute("data-path"): f.get_attribute("data-state") for f in figs}
+
+
+def _sections(driver) -> list[str]:
+    return [s.get_attribute("data-group") for s in driver.find_elements("tag name", "section")]
+
+
+def _wait(pred, what: str, timeout: float = 20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, capsys) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    pics, rep, trash, dl = tmp_path / "pics", tmp_path / "rep", tmp_path / "trash", tmp_path / "dl"
+    _tree(pics)
+    dl.mkdir()
+    before = tree_hashes(pics)
+    args = ["-i", str(pics), "-d", str(tmp_path / "db"), "-t", str(trash), "-m", tiny_model, "-th", "1e-4"]
+    assert run_cli(dedup_cmd, "test", args + ["-n", "-q", "--report", str(rep)]) == 0
+    groups = json.loads((rep / "report.json").read_text())["groups"]
+    assert [[m["path"] for m in g["members"]] for g in groups] == [
+        ["a1.png", "a2.png", "a3.png"],
+        ["b1.png", "b2.png"],
+        ["c1.png", "c2.png"],
+    ]
+
+    driver = _driver(tmp_path / "profile", dl)
+    try:
+        driver.get((rep / "index.html").as_uri())
+        _wait(lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready"), "the page")
+        assert _states(driver) == {
+            "a1.png": "kept", "a2.png": "move", "a3.png": "move",
+            "b1.png": "kept", "b2.png": "move", "c1.png": "kept", "c2.png": "move",
+        }  # fmt: skip
+        driver.find_element(By.CSS_SELECTOR, '#g1 figure[data-path="a3.png"] img').click()  # keep a3
+        driver.find_element(By.CSS_SELECTOR, "#g2 button.skip").click()
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys("j", "j", "l", "m")  # group 3, its second file: do not move
+        shown = _states(driver)
+        assert shown == {
+            "a1.png": "move", "a2.png": "move", "a3.png": "kept",
+            "b1.png": "kept", "b2.png": "skip", "c1.png": "kept", "c2.png": "stay",
+        }  # fmt: skip
+        driver.find_element(By.ID, "export").click()
+        exported = _wait(lambda: list(dl.glob("decisions*.json")), "decisions.json in the download dir")
+        assert [p.name for p in exported] == ["decisions.json"]
+
+        driver.refresh()  # the decisions persist in localStorage
+        _wait(lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready"), "the reload")
+        assert _states(driver) == shown
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys("u")  # the focused group (1) back to the tool's plan
+        assert _states(driver)["a1.png"] == "kept"
+        Select(driver.find_element(By.ID, "f-decided")).select_by_value("decided")
+        assert _sections(driver) == ["2", "3"]
+        Select(driver.find_element(By.ID, "f-decided")).select_by_value("undecided")
+        assert _sections(driver) == ["1"]
+        Select(driver.find_element(By.ID, "f-decided")).select_by_value("all")
+        driver.find_element(By.ID, "f-min").send_keys("0.5", Keys.ENTER)  # exact copies: distance 0
+        assert _sections(driver) == []
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-broken") == "0"
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+    finally:
+        driver.quit()
+
+    dec = json.loads((dl / "decisions.json").read_text())
+    assert dec["groups"] == {"1": {"kept": "a3.png"}, "2": {"skip": True}, "3": {"stay": ["c2.png"]}}
+    capsys.readouterr()
+    apply = ["apply", str(rep), "-t", str(trash), "--decisions", str(dl / "decisions.json")]
+    code = run_cli(dedup_cmd, "test", apply)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    moving = {p for p, s in shown.items() if s == "move"}
+    assert set(tree_hashes(trash)) == moving == {"a1.png", "a2.png"}
+    assert {p: h for p, h in tree_hashes(trash).items()} == {p: before[p] for p in moving}
+    assert "moved 2 (1 from the report's plan, 1 from your decisions)" in err
+    results = undo(str(trash))
+    assert [r.status for r in results] == ["restored", "restored"]
+    assert tree_hashes(pics) == before
