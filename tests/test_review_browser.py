@@ -152,3 +152,63 @@ def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, 
     results = undo(str(trash))
     assert [r.status for r in results] == ["restored", "restored"]
     assert tree_hashes(pics) == before
+
+
+def _big_report(rep: Path, n_groups: int) -> None:
+    """index.html of `n_groups` two-file groups (no image files: every thumbnail is one shared JPEG)."""
+    from clipdedup import report_html
+    from clipdedup.report import Member, ReviewGroup
+
+    rep.mkdir()
+    Image.new("RGB", (64, 48), (200, 90, 40)).save(rep / "t.jpg")
+    groups = []
+    for k in range(1, n_groups + 1):
+        a, b = f"dir{k % 97}/img{k:06d}.jpg", f"dir{k % 89}/copy{k:06d}.jpg"
+        members = [
+            Member(a, f"/x/{a}", f"/x/{a}", 1000 + k, 1, True, "kept"),
+            Member(b, f"/x/{b}", f"/x/{b}", 1000 + k, 1, False, "would move", f"/t/{b}", to_kept=k * 1e-6),
+        ]
+        groups.append(ReviewGroup(k, a, "largest", k % 3 == 0, members, [(a, b, k * 1e-6)]))
+    head = {"report_id": "big", "roots": {"": "/x"}, "dry_run": True}
+    real = report_html.ensure_thumbs
+    try:
+        report_html.ensure_thumbs = lambda items, out_dir, size: ["t.jpg"] * len(items)
+        report_html.write_html(groups, head, str(rep))
+    finally:
+        report_html.ensure_thumbs = real
+
+
+def test_page_at_50000_groups(tmp_path: Path) -> None:
+    """50,000 groups: the page is ready within seconds, renders one page of groups, and its filters,
+    pager and keys work across all of them."""
+    from selenium.webdriver.common.by import By
+
+    n = 50_000
+    rep = tmp_path / "rep"
+    _big_report(rep, n)
+    driver = _driver(tmp_path / "profile", tmp_path)
+    try:
+        t = time.monotonic()
+        driver.get((rep / "index.html").as_uri())
+        _wait(lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready"), "the page", 60)
+        ready = time.monotonic() - t
+        assert _sections(driver) == [str(k) for k in range(1, 51)]
+        where = driver.find_element(By.ID, "where").text
+        assert f"of {n:,}".replace(",", "") in where.replace(",", "") and "page 1 of 1000" in where
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys("n")
+        assert _sections(driver)[0] == "51"
+        for _ in range(50):
+            body.send_keys("j")  # past the page's last group: the next page opens
+        assert _sections(driver)[0] == "101"
+        driver.find_element(By.ID, "f-exact").click()
+        assert _sections(driver)[:3] == ["3", "6", "9"]
+        assert "of 16666" in driver.find_element(By.ID, "where").text
+        loaded = driver.execute_script(
+            "return Array.from(document.images).filter(function (i) { return i.complete; }).length"
+        )
+        assert 0 < loaded <= 100
+    finally:
+        driver.quit()
+    size = (rep / "index.html").stat().st_size / 1e6
+    print(f"50,000 groups: index.html {size:.1f} MB, ready in {ready:.1f} s")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from clipdedup.ingest.decode.base import DecodeError, decode_pil
 from clipdedup.util.fsutil import atomic_file
@@ -97,10 +98,7 @@ def _member(m: Any, thumb: str | None) -> dict[str, Any]:
         d["b"] = True
     if m.status.startswith("stays: "):
         d["note"] = m.status
-    try:
-        d["u"] = Path(m.file).resolve().as_uri()
-    except ValueError:
-        pass
+    d["u"] = "file://" + quote(os.fsencode(os.path.abspath(m.file)))  # any bytes, no symlink lookups
     return d
 
 
