@@ -1,7 +1,7 @@
 """The review report's HTML contact sheet and its thumbnail cache.
 
 One static page, index.html, with no external resources and no server (it works from file://): the
-groups' data sits in the page as JSON, and its script (report_page.js, inlined) renders PER_PAGE
+groups' data sits in the page as JSON, and its script (page.js, inlined) renders PER_PAGE
 groups at a time, with filters, and keeps the user's decisions (kept file, "do not move", skipped
 group) in localStorage under the report's id, exported as decisions.json for `apply`. Thumbnails sit
 in DIR/thumbs/, named by a hash of (path, mtime, size), so a file that changes gets a new thumbnail
@@ -85,7 +85,7 @@ BROWSER_KEYS = (
 
 
 def _member(m: Any, thumb: str | None) -> dict[str, Any]:
-    from clipdedup.report import BASE_PREFIX, shown
+    from clipdedup.report.core import BASE_PREFIX, shown
 
     d: dict[str, Any] = {"p": m.path, "t": thumb, "z": m.size, "k": m.to_kept, "n": m.nearest}
     if shown(m.path) != m.path:
@@ -104,7 +104,7 @@ def _member(m: Any, thumb: str | None) -> dict[str, Any]:
 
 def page_data(groups: Sequence[Any], head: dict[str, Any], thumbs: dict[str, str | None]) -> dict[str, Any]:
     """Everything the page's script renders: the groups with their members, and the report's id."""
-    from clipdedup.report import shown
+    from clipdedup.report.core import shown
 
     out = []
     for g in groups:
@@ -149,8 +149,8 @@ def write_html(
         f"{head.get('report_id')}."
     )
     roots = "; ".join(f"{k or 'images'} = {v}" for k, v in head.get("roots", {}).items())
-    css = (ASSETS / "report_page.css").read_text(encoding="utf-8")
-    js = (ASSETS / "report_page.js").read_text(encoding="utf-8")
+    css = (ASSETS / "page.css").read_text(encoding="utf-8")
+    js = (ASSETS / "page.js").read_text(encoding="utf-8")
     data = _json_in_script(page_data(groups, head, thumbs))
     page = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'

@@ -1,7 +1,7 @@
 // The review page: renders the report's groups one page at a time from the JSON embedded in
 // index.html, and keeps the user's decisions (kept file, "do not move", skipped group) in
 // localStorage under the report's id. Export writes decisions.json for `clip-image-deduper apply`.
-// `planOf` is report_apply.plan_group in JavaScript: what the page shows is what apply moves.
+// `planOf` is report/apply.py's plan_group in JavaScript: what the page shows is what apply moves.
 (function () {
   "use strict";
   var DATA = JSON.parse(document.getElementById("clipdedup-data").textContent);

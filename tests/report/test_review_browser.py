@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from clipdedup.cli import dedup_cmd, run_cli
-from clipdedup.undo import undo
+from clipdedup.trash.undo import undo
 from helpers import tree_hashes
 
 # Byte-identical copies: group 1 = a1..a3, group 2 = b1, b2, group 3 = c1, c2 (kept: the first of
@@ -156,8 +156,8 @@ def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, 
 
 def _big_report(rep: Path, n_groups: int) -> None:
     """index.html of `n_groups` two-file groups (no image files: every thumbnail is one shared JPEG)."""
-    from clipdedup import report_html
-    from clipdedup.report import Member, ReviewGroup
+    from clipdedup.report import html as report_html
+    from clipdedup.report.core import Member, ReviewGroup
 
     rep.mkdir()
     Image.new("RGB", (64, 48), (200, 90, 40)).save(rep / "t.jpg")
