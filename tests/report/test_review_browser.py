@@ -19,9 +19,10 @@ from clipdedup.cli import dedup_cmd, run_cli
 from clipdedup.trash.undo import undo
 from helpers import tree_hashes
 
-# Byte-identical copies: group 1 = a1..a3, group 2 = b1, b2, group 3 = c1, c2 (kept: the first of
-# each, "largest" ties fall to byte order); d is in no group.
-COPIES = {"a": 3, "b": 2, "c": 2, "d": 1}
+# Byte-identical copies: group 1 = a1..a3, group 2 = b1, b2, group 3 = c1, c2, group 4 = d1 and a
+# name that is not UTF-8 (kept: the first of each, "largest" ties fall to byte order); e is alone.
+COPIES = {"a": 3, "b": 2, "c": 2, "d": 1, "e": 1}
+ODD = os.fsdecode(b"d\xe9j\xe0.png")
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run")
 FLAGS += ("--window-size=1300,1600",)
 
@@ -59,11 +60,17 @@ def _tree(root: Path) -> None:
         img.save(root / f"{name}1.png")
         for k in range(2, n + 1):
             shutil.copy2(root / f"{name}1.png", root / f"{name}{k}.png")
+    shutil.copy2(root / "d1.png", os.path.join(root, ODD))
 
 
 def _states(driver) -> dict[str, str]:
-    figs = driver.find_elements("css selector", "figure[data-path]")
-    return {f.get_attribute("data-path"): f.get_attribute("data-state") for f in figs}
+    """Each shown file's state on the page. Read through JSON.stringify, which escapes a name that is
+    not UTF-8 (a lone surrogate in JavaScript) where chromedriver cannot pass it on."""
+    js = (
+        'return JSON.stringify(Array.from(document.querySelectorAll("figure[data-path]"), '
+        "function (f) { return [f.dataset.path, f.dataset.state]; }))"
+    )
+    return dict(json.loads(driver.execute_script(js)))
 
 
 def _sections(driver) -> list[str]:
@@ -96,6 +103,7 @@ def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, 
         ["a1.png", "a2.png", "a3.png"],
         ["b1.png", "b2.png"],
         ["c1.png", "c2.png"],
+        ["d1.png", ODD],
     ]
 
     driver = _driver(tmp_path / "profile", dl)
@@ -105,15 +113,18 @@ def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, 
         assert _states(driver) == {
             "a1.png": "kept", "a2.png": "move", "a3.png": "move",
             "b1.png": "kept", "b2.png": "move", "c1.png": "kept", "c2.png": "move",
+            "d1.png": "kept", ODD: "move",
         }  # fmt: skip
         driver.find_element(By.CSS_SELECTOR, '#g1 figure[data-path="a3.png"] img').click()  # keep a3
         driver.find_element(By.CSS_SELECTOR, "#g2 button.skip").click()
         body = driver.find_element(By.TAG_NAME, "body")
         body.send_keys("j", "j", "l", "m")  # group 3, its second file: do not move
+        body.send_keys("j", "2")  # group 4: keep its second file (the name that is not UTF-8)
         shown = _states(driver)
         assert shown == {
             "a1.png": "move", "a2.png": "move", "a3.png": "kept",
             "b1.png": "kept", "b2.png": "skip", "c1.png": "kept", "c2.png": "stay",
+            "d1.png": "move", ODD: "kept",
         }  # fmt: skip
         driver.find_element(By.ID, "export").click()
         exported = _wait(lambda: list(dl.glob("decisions*.json")), "decisions.json in the download dir")
@@ -126,7 +137,7 @@ def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, 
         body.send_keys("u")  # the focused group (1) back to the tool's plan
         assert _states(driver)["a1.png"] == "kept"
         Select(driver.find_element(By.ID, "f-decided")).select_by_value("decided")
-        assert _sections(driver) == ["2", "3"]
+        assert _sections(driver) == ["2", "3", "4"]
         Select(driver.find_element(By.ID, "f-decided")).select_by_value("undecided")
         assert _sections(driver) == ["1"]
         Select(driver.find_element(By.ID, "f-decided")).select_by_value("all")
@@ -139,19 +150,48 @@ def test_review_in_browser_then_apply_and_undo(tmp_path: Path, tiny_model: str, 
         driver.quit()
 
     dec = json.loads((dl / "decisions.json").read_text())
-    assert dec["groups"] == {"1": {"kept": "a3.png"}, "2": {"skip": True}, "3": {"stay": ["c2.png"]}}
+    assert dec["groups"] == {
+        "1": {"kept": "a3.png"}, "2": {"skip": True}, "3": {"stay": ["c2.png"]}, "4": {"kept": ODD},
+    }  # fmt: skip
+    _import_in_fresh_profile(tmp_path, rep, dl / "decisions.json", shown)
     capsys.readouterr()
-    apply = ["apply", str(rep), "-t", str(trash), "--decisions", str(dl / "decisions.json")]
+    # -q: the per-file lines would name the non-UTF-8 file, which pytest's captured stdout cannot
+    # encode (the console script prints its bytes, see cli._entry).
+    apply = ["apply", str(rep), "-t", str(trash), "--decisions", str(dl / "decisions.json"), "-q"]
     code = run_cli(dedup_cmd, "test", apply)
     out, err = capsys.readouterr()
     assert code == 0, err
     moving = {p for p, s in shown.items() if s == "move"}
-    assert set(tree_hashes(trash)) == moving == {"a1.png", "a2.png"}
-    assert {p: h for p, h in tree_hashes(trash).items()} == {p: before[p] for p in moving}
-    assert "moved 2 (1 from the report's plan, 1 from your decisions)" in err
+    assert set(tree_hashes(trash)) == moving == {"a1.png", "a2.png", "d1.png"}
+    assert tree_hashes(trash) == {p: before[p] for p in moving}
+    assert "moved 3 (1 from the report's plan, 2 from your decisions)" in err
     results = undo(str(trash))
-    assert [r.status for r in results] == ["restored", "restored"]
+    assert [r.status for r in results] == ["restored"] * 3
     assert tree_hashes(pics) == before
+
+
+def _import_in_fresh_profile(tmp_path: Path, rep: Path, decisions: Path, shown: dict[str, str]) -> None:
+    """A browser without the decisions in its storage imports decisions.json and shows the same
+    plan; a file made for another report is refused with a message."""
+    from selenium.webdriver.common.by import By
+
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps({"format": "clipdedup-decisions", "report_id": "x", "groups": {"1": {"skip": True}}})
+    )
+    driver = _driver(tmp_path / "profile2", tmp_path)
+    try:
+        driver.get((rep / "index.html").as_uri())
+        _wait(lambda: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready"), "the page")
+        assert set(_states(driver).values()) == {"kept", "move"}  # nothing decided in this profile
+        driver.find_element(By.ID, "import").send_keys(str(other))
+        _wait(lambda: "decisions for report x" in driver.find_element(By.ID, "message").text, "the refusal")
+        assert set(_states(driver).values()) == {"kept", "move"}
+        driver.find_element(By.ID, "import").send_keys(str(decisions))
+        _wait(lambda: "imported 4 group decisions" in driver.find_element(By.ID, "message").text, "import")
+        assert _states(driver) == shown
+    finally:
+        driver.quit()
 
 
 def _big_report(rep: Path, n_groups: int) -> None:

@@ -148,11 +148,11 @@ def _stale(path: str, m: dict[str, Any]) -> str | None:
     """Why `path` no longer is the file that report member `m` recorded; None if it still is."""
     if m.get("size") is None or m.get("mtime_ns") is None or not m.get("hash"):
         return "the report recorded no size, mtime or hash for it (unreadable when it was written)"
-    why = verify_unchanged(path, FileEntry(m["path"], m["mtime_ns"], m["size"]))
-    if why is not None:
-        return why.replace("since it was scanned", "since the report was written").replace(
-            "since the scan", "since the report was written"
-        )
+    if verify_unchanged(path, FileEntry(m["path"], m["mtime_ns"], m["size"])) is not None:
+        gone = not os.path.lexists(path)
+        return f"{'gone' if gone else 'size or mtime changed'} since the report was written"
+    # Hashed here and once more by the move (for its journal record), which re-checks size and mtime
+    # after hashing: a file written to between the two reads does not move.
     try:
         if content_hash(path) != m["hash"]:
             return "content changed since the report was written"

@@ -82,8 +82,8 @@
     var d = decisionOf(g);
     var kept = d.kept != null ? d.kept : g.kept;
     return g.members.map(function (m) {
-      if (m.b) return "base";
       if (m.p === kept) return "kept";
+      if (m.b) return "base";
       if (d.skip) return "skip";
       if (d.stay.indexOf(m.p) >= 0) return "stay";
       return "move";
@@ -96,7 +96,7 @@
   };
 
   function keep(g, m) {
-    if (!DATA.applicable || m.b) return;
+    if (!DATA.applicable) return;
     var d = decisionOf(g);
     d.kept = m.p;
     setDecision(g, d);
@@ -139,13 +139,15 @@
     if (m.note) cap.appendChild(el("div", { "class": "note" }, "report: " + m.note));
     var tools = el("div", { "class": "tools" });
     if (m.u) tools.appendChild(el("a", { href: m.u, target: "_blank" }, "open"));
-    if (DATA.applicable && !m.b) {
+    if (DATA.applicable) {
       var kb = el("button", { type: "button", "class": "keep" }, "keep this");
       kb.addEventListener("click", function () { keep(g, m); });
+      tools.appendChild(kb);
+    }
+    if (DATA.applicable && !m.b) {
       var sb = el("button", { type: "button", "class": "stay" }, state === "stay" ? "move it" : "do not move");
       sb.disabled = state === "kept" || state === "skip";
       sb.addEventListener("click", function () { toggleStay(g, m); });
-      tools.appendChild(kb);
       tools.appendChild(sb);
     }
     cap.appendChild(tools);
