@@ -183,6 +183,7 @@ def test_every_group_in_the_page_data(tmp_path: Path) -> None:
     assert [g["id"] for g in data["groups"]] == [1, 2, 3, 4, 5]
     assert [g["dmax"] for g in data["groups"]] == [0.01 * k for k in range(5)]
     assert [g["kept"] for g in data["groups"]] == [f"{k}a.jpg" for k in range(5)]
+    assert [g["pairs"] for g in data["groups"]][1] == [[0, 1, 0.01]]  # members by index
 
 
 def test_thumb_name_changes_with_file(tmp_path: Path) -> None:

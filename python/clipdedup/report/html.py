@@ -87,7 +87,7 @@ BROWSER_KEYS = (
 def _member(m: Any, thumb: str | None) -> dict[str, Any]:
     from clipdedup.report.core import BASE_PREFIX, shown
 
-    d: dict[str, Any] = {"p": m.path, "t": thumb, "z": m.size, "k": m.to_kept, "n": m.nearest}
+    d: dict[str, Any] = {"p": m.path, "t": thumb, "z": m.size, "n": m.nearest}
     if shown(m.path) != m.path:
         d["s"] = shown(m.path)  # what the page prints for a name that is not UTF-8
     if m.exact_of:
@@ -104,11 +104,11 @@ def _member(m: Any, thumb: str | None) -> dict[str, Any]:
 
 def page_data(groups: Sequence[Any], head: dict[str, Any], thumbs: dict[str, str | None]) -> dict[str, Any]:
     """Everything the page's script renders: the groups with their members, and the report's id."""
-    from clipdedup.report.core import shown
 
     out = []
     for g in groups:
         ds = [d for _, _, d in g.pairs]
+        index = {m.path: k for k, m in enumerate(g.members)}
         out.append(
             {
                 "id": g.id,
@@ -116,7 +116,7 @@ def page_data(groups: Sequence[Any], head: dict[str, Any], thumbs: dict[str, str
                 "why": g.why,
                 "exact": g.exact,
                 "dmax": max(ds) if ds else 0.0,
-                "pairs": [[shown(a), shown(b), d] for a, b, d in g.pairs],
+                "pairs": [[index[a], index[b], d] for a, b, d in g.pairs],  # members by index
                 "members": [_member(m, thumbs.get(m.file)) for m in g.members],
             }
         )

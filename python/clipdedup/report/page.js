@@ -116,6 +116,16 @@
     setDecision(g, d);
   }
 
+  // Distance from member k to the group's kept file under the plan; null if not within the threshold.
+  function toKept(g, k) {
+    var d = decisions[g.id], kept = d && d.kept != null ? d.kept : g.kept, best = null;
+    g.pairs.forEach(function (p) {
+      var other = p[0] === k ? p[1] : p[1] === k ? p[0] : -1;
+      if (other >= 0 && g.members[other].p === kept) best = p[2];
+    });
+    return best;
+  }
+
   function dist(d) { return d == null ? "\u2013" : d.toFixed(4); }
 
   function memberNode(g, m, state, k) {
@@ -132,7 +142,7 @@
     cap.appendChild(el("div", { "class": "path" }, m.s || m.p));
     if (state === "move" && m.dest) cap.appendChild(el("div", null, "\u2192 " + m.dest));
     var facts = [m.z != null ? m.z.toLocaleString("en") + " bytes" : "size unknown"];
-    if (state !== "kept") facts.push("to kept " + dist(m.k));
+    if (state !== "kept") facts.push("to kept " + dist(toKept(g, k)));
     facts.push("nearest " + dist(m.n));
     cap.appendChild(el("div", null, facts.join(", ")));
     if (m.x) cap.appendChild(el("div", null, "byte-identical to " + m.x));
@@ -188,9 +198,9 @@
       det.appendChild(el("summary", null, g.pairs.length + " pairs within the threshold"));
       var tab = el("table");
       g.pairs.forEach(function (p) {
-        var tr = el("tr");
-        tr.appendChild(el("td", null, p[0]));
-        tr.appendChild(el("td", null, p[1]));
+        var tr = el("tr"), a = g.members[p[0]], b = g.members[p[1]];
+        tr.appendChild(el("td", null, a.s || a.p));
+        tr.appendChild(el("td", null, b.s || b.p));
         tr.appendChild(el("td", null, p[2].toFixed(6)));
         tab.appendChild(tr);
       });
