@@ -116,6 +116,7 @@ def test_real_run_report_and_thumbnail_cache(
         else:
             assert m["status"] == "moved" and m["file"] == m["dest"] and os.path.exists(m["dest"])
     assert g["exact"] is True  # computed from the moved files' new places
+    assert _page_data(rep)["applicable"] is False  # moves done: the page offers no decisions
 
 
 def test_import_report_marks_base_files(testdata: Path, tmp_path: Path, tiny_model: str, capsys) -> None:
