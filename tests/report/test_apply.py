@@ -183,6 +183,9 @@ def test_unusable_reports_are_refused(setup, tmp_path: Path) -> None:
     (rep / "report.json").write_text(json.dumps(old))
     with pytest.raises(UserError, match="older version"):
         report_apply.apply_report(str(rep), str(trash))
+    (rep / "report.json").write_text(json.dumps(doc | {"groups": [{"id": 1}]}))
+    with pytest.raises(UserError, match="fields missing"):
+        report_apply.apply_report(str(rep), str(trash))
     doc["groups"][0]["members"][1]["status"] = "moved"
     (rep / "report.json").write_text(json.dumps(doc))
     with pytest.raises(UserError, match="already moved 1 files"):

@@ -90,13 +90,17 @@ def load_report(report_dir: str) -> Report:
         raise UserError(f"{path}: unreadable report ({str(e).splitlines()[0]})") from None
     if not isinstance(doc, dict) or not doc.get("report_id") or not isinstance(doc.get("groups"), list):
         raise UserError(f"{path}: written by an older version (no report id); write it again with --report")
-    moved = sum(1 for g in doc["groups"] for m in g["members"] if m["status"] == "moved")
+    try:
+        moved = sum(1 for g in doc["groups"] for m in g["members"] if m["status"] == "moved")
+        roots, groups = dict(doc["roots"]), [g for g in doc["groups"] if int(g["id"]) and g["kept"]]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a report written by clip-image-deduper (fields missing)") from None
     if moved:
         raise UserError(
             f"{path}: its run already moved {moved} files; undo that run first, or write a dry-run "
             "report (-n --report)"
         )
-    return Report(report_dir, doc["report_id"], doc["roots"], doc.get("keeping_logic") or "", doc["groups"])
+    return Report(report_dir, doc["report_id"], roots, doc.get("keeping_logic") or "", groups)
 
 
 def load_decisions(path: str, rep: Report) -> dict[int, Decision]:
