@@ -104,7 +104,8 @@ def test_decisions_on_top(setup, tmp_path: Path) -> None:
 
 
 def test_plan_group_is_the_pages_rule() -> None:
-    g = {"id": 7, "kept": "a", "members": [{"path": p} for p in ("a", "b", "c", "base:z")]}
+    members = [{"path": p} for p in ("a", "b", "c")] + [{"path": "base:z", "base": True}]
+    g = {"id": 7, "kept": "a", "members": members}
     plan = {p.path: (p.moves, p.origin) for p in report_apply.plan_group(g, None)}
     assert plan == {"a": (False, "tool"), "b": (True, "tool"), "c": (True, "tool")}
     d = report_apply.Decision(kept="c", stay=frozenset({"b"}))

@@ -135,6 +135,7 @@ def test_import_report_marks_base_files(testdata: Path, tmp_path: Path, tiny_mod
     by_path = {m["path"]: m for m in g["members"]}
     assert by_path["new.jpg"]["status"] == "would move"
     assert by_path["new.jpg"]["file"] == str(imp / "new.jpg")
+    assert {p for p, m in by_path.items() if m["base"]} == {p for p in by_path if p.startswith("base:")}
     for p, m in by_path.items():
         if p.startswith("base:") and not m["kept"]:
             assert m["status"] == "base file (never moved)"

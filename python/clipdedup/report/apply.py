@@ -140,7 +140,7 @@ def plan_group(group: dict[str, Any], d: Decision | None) -> list[Planned]:
     out = []
     for m in group["members"]:
         p = m["path"]
-        if p.startswith(BASE_PREFIX):
+        if m.get("base"):
             continue  # import mode: base files are only read
         by_tool = p != tool_kept
         moves = not d.skip and p != kept and p not in d.stay

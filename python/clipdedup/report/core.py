@@ -136,6 +136,7 @@ class Member:
     nearest: float | None = None  # distance to the closest other member (within the threshold)
     to_kept: float | None = None  # distance to the kept file, when that pair is within the threshold
     hash: str | None = None  # journal.content_hash of `file` when the report was written (apply checks it)
+    base: bool = False  # a base-dir file of an import run: never moved
 
 
 @dataclass
@@ -211,7 +212,9 @@ def build_review(
                 status = "base file (never moved)"
             else:
                 status = "not moved (no --trash-dir)"
-            members.append(Member(p, src, now, size, mtime, p == g.kept, status, m.dest if m else None))
+            row = Member(p, src, now, size, mtime, p == g.kept, status, m.dest if m else None)
+            row.base = import_mode and p.startswith(BASE_PREFIX)
+            members.append(row)
             cands.append(Candidate(p, now, -1 if size is None else size, mtime or 0))
         _distances(members, g.distances, g.kept)
         labels = identical_classes([m.file for m in members], [m.size or -1 for m in members])

@@ -85,8 +85,6 @@ BROWSER_KEYS = (
 
 
 def _member(m: Any, thumb: str | None) -> dict[str, Any]:
-    from clipdedup.report.core import BASE_PREFIX, shown
-
     d: dict[str, Any] = {"p": m.path, "t": thumb, "z": m.size, "n": m.nearest}
     if shown(m.path) != m.path:
         d["s"] = shown(m.path)  # what the page prints for a name that is not UTF-8
@@ -94,7 +92,7 @@ def _member(m: Any, thumb: str | None) -> dict[str, Any]:
         d["x"] = shown(m.exact_of)
     if m.dest:
         d["dest"] = shown(m.dest)
-    if m.path.startswith(BASE_PREFIX):
+    if m.base:
         d["b"] = True
     if m.status.startswith("stays: "):
         d["note"] = m.status
