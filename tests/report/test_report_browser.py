@@ -14,7 +14,7 @@ import pytest
 
 from clipdedup.cli import dedup_cmd, run_cli
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"  # the checkout's (git-ignored)
 FLAGS = [
     "--headless",
     "--no-sandbox",
