@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -162,6 +163,30 @@ def alloc_rows(n: int, dim: int, *, pinned: bool | None = None) -> np.ndarray:
         pinned = cuda_present()
     if not pinned or n * dim == 0:
         return np.empty((n, dim), np.float32)
+    return empty_pinned((n, dim)).numpy()
+
+
+_said_pageable: list[str] = []
+
+
+def empty_pinned(
+    shape: tuple[int, ...], dtype: Any = None, *, log: Callable[[str], None] | None = None
+) -> Any:
+    """An uninitialised page-locked torch tensor, or a pageable one when page-locking fails.
+
+    Page-locked memory can run out long before RAM does (limits, and torch's pinned allocator rounds
+    each block up to a power of two). The fallback only makes host-to-device copies slower, so it
+    is said once per process (on stderr, or to `log`) and the run goes on.
+    """
     import torch
 
-    return torch.empty((n, dim), dtype=torch.float32, pin_memory=True).numpy()
+    dt = torch.float32 if dtype is None else dtype
+    try:
+        return torch.empty(shape, dtype=dt, pin_memory=True)
+    except RuntimeError as e:
+        if not _said_pageable:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _said_pageable.append(first)
+            line = f"clipdedup: page-locked host memory unavailable ({first}); using pageable memory"
+            (log or (lambda msg: print(msg, file=sys.stderr)))(line)
+        return torch.empty(shape, dtype=dt)

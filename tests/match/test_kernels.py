@@ -76,6 +76,13 @@ def cases():
     mixed = (x * np.geomspace(1e-3, 1e3, 100)[:, None]).astype(np.float32)
     out.append(("mixed-norms", mixed, None, threshold_on_a_pair(mixed, q=0.02), {}))
     out.append(("overflow-rerun", x, None, threshold_on_a_pair(x, q=0.05), {"cap": 3}))
+    # 100 rows in 16-row tiles: 28 upper-triangle tiles in launches of 5 programs (the last one short).
+    out.append(("many-launches-self", x, None, threshold_on_a_pair(x, q=0.05), {"max_grid": 5, "cap": 1}))
+    out.append(("many-launches-rect", x, y, threshold_on_a_pair(x, y, q=0.05), {"max_grid": 3}))
+    out.append(("empty", x[:0], None, 1.0, {}))
+    out.append(("empty-rect", x[:0], y, 1.0, {}))
+    same64 = np.tile(x[:1], (64, 1))
+    out.append(("all-identical-64", same64, None, 0.0, {"max_grid": 4, "cap": 7}))
     out.append(("streamed-self", x, None, threshold_on_a_pair(x, q=0.05), {"budget": 30 * 2 * 400}))
     out.append(("streamed-rect", x, y, threshold_on_a_pair(x, y, q=0.05), {"budget": 20 * 2 * 400}))
     return out
@@ -100,6 +107,8 @@ def _interp_case(name: str) -> int:
         assert len(want) == 70 * 69 // 2
     if name == "all-identical":
         assert len(want) == 65 * 64 // 2
+    if name == "all-identical-64":
+        assert len(want) == 64 * 63 // 2
     if name == "threshold-zero-no-pairs":
         assert not want
     return len(want)
@@ -231,3 +240,81 @@ def test_streamed_steps_on_cpu_equal_reference():
         i, j, d = recheck(x, other, found[:, 0], found[:, 1], t)
         assert as_dict(i, j, d) == reference(x, t, None if self_mode else y)
         assert prefetched == steps
+
+
+def _interp_counters() -> None:
+    """The kernel itself, launched by hand: slots from a counter that starts negative (as a 32-bit
+    counter did after 2^31 hits) are never stored, the counter counts past 2^31 without wrapping,
+    and every program adds one to the tile counter."""
+    from clipdedup.match.kernels import pairwise
+
+    _interpreted()
+    n, d, bm = 40, 32, 16
+    q, _, hq, _ = kernel_inputs(n, n, d, seed=3)
+    hq = torch.full((n,), 1e4)  # every pair is a hit
+    guard = 64
+    buf = torch.full((guard + 2 * 1000,), -1, dtype=torch.int32)
+    out = buf[guard:]  # a store before `out` lands in the guard and fails the test
+    n_tm = -(-n // bm)
+    tiles = pairwise.tile_count(n_tm, n_tm, True)
+    hits = n * (n - 1) // 2
+    for start in (-5, (1 << 31) - 3):
+        buf.fill_(-1)
+        count = torch.tensor([start, 0], dtype=torch.int64)
+        for t0, programs in pairwise.launch_plan(tiles, 4):
+            pairwise.pairwise_within_kernel[(programs,)](
+                q, q, hq, hq, out, count, n, n, 0, 0, 1000, t0, n_tm, n_tm,
+                D=d, SELF=True, TRI=True, BM=bm, BN=bm, BK=32,
+            )  # fmt: skip
+        assert count.tolist() == [start + hits, tiles]
+        assert (buf[:guard] == -1).all(), "a negative slot was stored before the buffer"
+        stored = out.view(-1, 2)
+        written = stored[(stored >= 0).all(1)]
+        if start < 0:
+            assert len(written) == hits - 5  # the five negative slots were dropped, the rest kept
+            assert len(set(map(tuple, written.tolist()))) == hits - 5
+        else:
+            assert len(written) == 0  # every slot is past cap
+
+
+def test_kernel_counters_are_int64_and_negative_slots_dropped(interp):
+    interp.apply(_interp_counters, ())
+
+
+def _interp_skipped_launch() -> None:
+    """A launch that never runs (what Triton's launcher did when the grid product wrapped) makes
+    the tile count fall short: the wrapper raises instead of returning a partial answer."""
+    from clipdedup.match.kernels import pairwise
+
+    _interpreted()
+    q, _, hq, _ = kernel_inputs(50, 50, 32, seed=4)
+    planned = pairwise.launch_plan
+    pairwise.launch_plan = lambda tiles, mg: planned(tiles, mg)[:-1]
+    try:
+        with pytest.raises(RuntimeError, match="tiles ran"):
+            pairwise.pairwise_within(q, q, hq, hq, self_mode=True, blocks=SMALL, max_grid=3)
+    finally:
+        pairwise.launch_plan = planned
+    hq = torch.full((50,), 1e4)
+    with pytest.raises(pairwise.TooManyPairsError, match="1225 candidate pairs"):
+        pairwise.pairwise_within(q, q, hq, hq, self_mode=True, blocks=SMALL, cap=1, max_pairs=1000)
+    got = pairwise.pairwise_within(q, q, hq, hq, self_mode=True, blocks=SMALL, cap=1, max_pairs=1225)
+    assert len(got) == 1225
+
+
+def test_kernel_skipped_launch_and_pair_limit_raise(interp):
+    interp.apply(_interp_skipped_launch, ())
+
+
+def _interp_backend_limit() -> None:
+    from clipdedup.match.kernels.pairwise import TooManyPairsError
+
+    _interpreted()
+    x = np.tile(planted(1, 32, seed=5), (70, 1))
+    with pytest.raises(TooManyPairsError):
+        pairs_triton(x, None, 0.0, device="cpu", blocks=SMALL, budget=20 * 2 * 32 * 3, max_pairs=2000)
+
+
+def test_backend_pair_limit_counts_over_all_steps(interp):
+    """70 copies of one row: 2415 pairs over several streamed steps, each step under the limit."""
+    interp.apply(_interp_backend_limit, ())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from clipdedup.match.bounds import TINY16, U16, U32, Screen, screen_error
 from clipdedup.match.core import MATCHERS, recheck, scaled_problem
 
 BLOCKS = (128, 128, 64)  # BM, BN, BK on a GPU
+MIN_CAPABILITY = (8, 0)  # Triton's supported NVIDIA GPUs; the kernel was compiled for sm_80/86/90
 TARGET_EXP = 7  # scaled row norms in [64, 128): entries and shifts well inside float16 / float32
 
 
@@ -72,25 +74,48 @@ def plan_steps(n: int, m: int, row_bytes: int, budget: int, self_mode: bool) -> 
 class ChunkLoader:
     """Brings row ranges of a host float32 array to the device as scaled, zero-padded float16.
 
-    On CUDA, `start` allocates the float16 chunk and fills it piece by piece: each piece of rows is
-    copied by the host into one of two pinned staging buffers, sent on a side stream, and converted
-    there; while the device copies one piece the host fills the other buffer. `finish` makes the
-    compute stream wait for the last piece. Called while the device screens the previous chunk, the
-    whole transfer overlaps that work. Elsewhere (CPU tensors, tests) `start` converts at once.
+    On CUDA, `start` allocates and zeroes the float16 chunk on a side (copy) stream and fills it
+    piece by piece: each piece of rows is copied by the host into one of two staging buffers
+    (page-locked where possible), sent on the copy stream, and converted there; while the device
+    copies one piece the host fills the other buffer. Nothing on the copy stream waits for the
+    compute stream, so a `start` issued while the device screens the previous chunk overlaps that
+    work. `finish` makes the compute stream wait for the last piece and records the chunk as used
+    there (it was allocated on the copy stream). Elsewhere (CPU tensors, tests) `start` converts at
+    once.
+
+    Args:
+        cuda: the `torch.cuda` namespace (default); tests pass a recording stand-in to check the
+            stream discipline on CPU tensors.
+        log: one-line notices (page-locked memory unavailable).
     """
 
-    def __init__(self, host: np.ndarray, scale: float, width: int, device: str, piece_rows: int = 16384):
+    def __init__(
+        self,
+        host: np.ndarray,
+        scale: float,
+        width: int,
+        device: str,
+        piece_rows: int = 16384,
+        *,
+        cuda: Any = None,
+        log: Callable[[str], None] | None = None,
+    ):
         import torch
+
+        from clipdedup.native import empty_pinned
 
         self.torch, self.host, self.scale, self.width = torch, host, scale, width
         self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        if cuda is None and self.device.type == "cuda":
+            cuda = torch.cuda
+        self.cu: Any = cuda
+        self.cuda = cuda is not None
+        if cuda is not None:
             rows = max(1, min(piece_rows, host.shape[0]))
             self.piece = rows
-            self.staging = [torch.empty((rows, host.shape[1]), pin_memory=True) for _ in range(2)]
+            self.staging = [empty_pinned((rows, host.shape[1]), log=log) for _ in range(2)]
             self.free: list = [None, None]  # event: the copy out of that staging buffer is done
-            self.copy_stream = torch.cuda.Stream(self.device)
+            self.copy_stream = cuda.Stream(self.device)
             self.turn = 0
 
     def _empty(self, rows: int):
@@ -98,38 +123,43 @@ class ChunkLoader:
 
     def start(self, r0: int, r1: int):
         torch = self.torch
-        out = self._empty(r1 - r0)
         d = self.host.shape[1]
         if not self.cuda:
+            out = self._empty(r1 - r0)
             out[:, :d] = torch.from_numpy(self.host[r0:r1]).to(self.device) * self.scale
             return out
-        current = torch.cuda.current_stream(self.device)
-        self.copy_stream.wait_stream(current)  # `out` is zeroed on the compute stream
-        out.record_stream(self.copy_stream)
-        for s in range(r0, r1, self.piece):
-            e = min(r1, s + self.piece)
-            b, self.turn = self.turn, 1 - self.turn
-            if self.free[b] is not None:
-                self.free[b].synchronize()  # its previous piece has left: it may be overwritten
-            stage = self.staging[b][: e - s]
-            stage.copy_(torch.from_numpy(self.host[s:e]))
-            with torch.cuda.stream(self.copy_stream):
+        cu = self.cu
+        with cu.stream(self.copy_stream):
+            out = self._empty(r1 - r0)  # allocated and zeroed on the copy stream
+            for s in range(r0, r1, self.piece):
+                e = min(r1, s + self.piece)
+                b, self.turn = self.turn, 1 - self.turn
+                if self.free[b] is not None:
+                    self.free[b].synchronize()  # its previous piece has left: it may be overwritten
+                stage = self.staging[b][: e - s]
+                stage.copy_(torch.from_numpy(self.host[s:e]))
                 dev = stage.to(self.device, non_blocking=True)
-                ev = torch.cuda.Event()
+                ev = cu.Event()
                 ev.record(self.copy_stream)
                 # exact power-of-two scaling, then one rounding to float16
                 out[s - r0 : e - r0, :d] = dev * self.scale
-            self.free[b] = ev
-        done = torch.cuda.Event()
-        done.record(self.copy_stream)
+                self.free[b] = ev
+            done = cu.Event()
+            done.record(self.copy_stream)
         return out, done
 
     def finish(self, pending):
         if not self.cuda:
             return pending
         out, done = pending
-        self.torch.cuda.current_stream(self.device).wait_event(done)
+        current = self.cu.current_stream(self.device)
+        current.wait_event(done)
+        self._record(out, current)
         return out
+
+    def _record(self, t, stream) -> None:
+        """Tells the caching allocator that `t` (allocated on the copy stream) is used on `stream`."""
+        t.record_stream(stream)
 
 
 def run_steps(
@@ -175,6 +205,9 @@ def pairs_triton(
     blocks: tuple[int, int, int] = BLOCKS,
     cap: int = 1 << 20,
     pairwise: Callable | None = None,
+    max_grid: int | None = None,
+    max_pairs: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs within `threshold` (see `find_pairs`) with the fused kernel, then the exact re-check.
 
@@ -185,13 +218,22 @@ def pairs_triton(
         cap: initial capacity of the candidate buffer of one launch.
         pairwise: the host wrapper to use (default `clipdedup.match.kernels.pairwise.pairwise_within`;
             tests pass an interpreted copy).
+        max_grid: programs per kernel launch (default the kernel's `MAX_GRID`; tests force several).
+        max_pairs: candidates allowed over the whole run (default the kernel's `MAX_PAIRS`);
+            beyond it `TooManyPairsError`.
+
+    Raises:
+        TooManyPairsError: more than `max_pairs` candidates (thousands of copies of one image).
+        RuntimeError: a launch did not run all of its tiles (never a silently partial answer).
     """
     import torch
 
-    if pairwise is None:
-        from clipdedup.match.kernels.pairwise import pairwise_within
+    from clipdedup.match.kernels import pairwise as kmod
 
-        pairwise = pairwise_within
+    if pairwise is None:
+        pairwise = kmod.pairwise_within
+    limit = kmod.MAX_PAIRS if max_pairs is None else max_pairs
+    launch = {} if max_grid is None else {"max_grid": max_grid}
 
     other = x if y is None else y
     self_mode = y is None
@@ -204,14 +246,17 @@ def pairs_triton(
     chunk, steps = plan_steps(x.shape[0], other.shape[0], row_bytes, budget, self_mode)
     hq = torch.from_numpy(sp.alpha.astype(np.float32)).to(device)  # rows of x
     hk = torch.from_numpy(sp.beta.astype(np.float32)).to(device)  # rows of y (x itself in self mode)
-    load_q = ChunkLoader(x, sp.scale, width, device)
-    load_k = load_q if self_mode else ChunkLoader(other, sp.scale, width, device)
+    load_q = ChunkLoader(x, sp.scale, width, device, log=log)
+    load_k = load_q if self_mode else ChunkLoader(other, sp.scale, width, device, log=log)
+    total = [0]
 
     def compute(q, k, st: Step, overlap):
         out = pairwise(
             q, k, hq[st.q0 : st.q1], hk[st.k0 : st.k1], self_mode=self_mode,
             row_base=st.q0, col_base=st.k0, cap=cap, blocks=blocks, overlap=overlap,
+            max_pairs=limit - total[0], **launch,
         )  # fmt: skip
+        total[0] += out.shape[0]
         if progress:
             progress(1)
         return out.cpu().numpy()
@@ -231,6 +276,12 @@ def _triton_why_not() -> str | None:
         return "triton is not installed (pip install 'clip-image-deduper[gpu]')"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < MIN_CAPABILITY:
+        return (
+            f"compute capability {major}.{minor}: Triton supports {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+            "and newer (torch-cuda runs instead)"
+        )
     return None
 
 
