@@ -166,8 +166,10 @@ def test_two_batches_in_flight_and_growth() -> None:
     pa, pb = runner.submit(a), runner.submit(b)
     np.testing.assert_allclose(pa.result(), ref.encode(a), atol=1e-6)
     np.testing.assert_allclose(pb.result(), ref.encode(b), atol=1e-6)
+    model.shapes.clear()
     np.testing.assert_allclose(runner.submit(c).result(), ref.encode(c), atol=1e-6)
-    assert runner.batch_size == 6
+    # Larger than the fitted shape: run eagerly at its own size, never captured again.
+    assert runner.batch_size == 4 and model.shapes[0][0] == 6
     with pytest.raises(ValueError):
         runner.submit([])
     runner.fit(3)  # a smaller fixed shape: every forward at 3 from now on

@@ -193,11 +193,15 @@ def _encode_into_db(
 
         def collect(indices: list[int], vecs: np.ndarray) -> None:
             for i, v in zip(indices, vecs):
+                if not np.isfinite(v).all():  # never written: matching would silently drop it
+                    s.failed.append((paths[i], "the model's embedding is not finite"))
+                    log(f"{paths[i]}: skipped: the model's embedding is not finite")
+                    continue
                 if writer is None:
                     s.in_memory[todo[i].rel] = np.array(v, np.float32)
                 else:
                     writer.put(todo[i].rel, v, todo[i].mtime_ns)
-            s.encoded += len(indices)
+                s.encoded += 1
             bar.update(len(indices))
 
         in_flight: tuple[list[int], Any] | None = None

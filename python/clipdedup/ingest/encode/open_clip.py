@@ -137,6 +137,7 @@ def load_open_clip(
         dtype=tdtype,
         channels_last=on_cpu and CPU_CHANNELS_LAST,
         log=log,
+        fp32=None if tdtype == torch.float32 else lambda: _create(model_id, name, pretrained, device).visual,
     )
     with torch.inference_mode():
         dim = int(visual(torch.zeros(1, 3, *spec.size, device=device, dtype=tdtype)).shape[-1])
