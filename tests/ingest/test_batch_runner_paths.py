@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from clipdedup.batchrun import BatchRunner, capture_cuda_graph, capture_eager
-from clipdedup.encode import load_encoder
-from clipdedup.prep import PrepSpec
-from clipdedup.update import update_db
+from clipdedup.ingest.encode.base import load_encoder
+from clipdedup.ingest.encode.batch_runner import BatchRunner, capture_cuda_graph, capture_eager
+from clipdedup.ingest.prep import PrepSpec
+from clipdedup.ingest.update import update_db
 
 SPEC = PrepSpec((8, 8))
 
