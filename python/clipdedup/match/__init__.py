@@ -9,7 +9,7 @@ O(N*D + tile + pairs); no N x N matrix is ever built.
 
 Backends (`MATCHERS`, best available first; `clip-image-deduper backends` lists them):
     triton      fused float16 kernel on CUDA (`kernels/pairwise.py`), `triton.py`
-    torch-cuda  blocked float16 torch matmuls on CUDA, `cpu.py` / `torch_screen.py`
+    torch-cuda  blocked float16 torch matmuls on CUDA in memory-budget steps, `torch_cuda.py`
     cpu-bf16    blocked bfloat16 torch matmuls on CPUs with fast bf16 (principal-subspace
                 pre-screen, `project.py`), `cpu.py`
     cpu-fp32    blocked float32 torch matmuls, `cpu.py`
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipdedup.match import cpu, triton  # noqa: F401  (register the torch backends and triton)
+from clipdedup.match import cpu, torch_cuda, triton  # noqa: F401  (register the backends)
 from clipdedup.match.core import MATCHERS, exact_distances, recheck
 from clipdedup.match.neighbours import nearest_by_name, nearest_within
 from clipdedup.match.reference import pairs_ref

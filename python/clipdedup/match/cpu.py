@@ -1,6 +1,7 @@
-"""The torch-based matching backends: `cpu-bf16`, `cpu-fp32` and `torch-cuda`, each a screen of
-`torch_screen` with its `Recipe`, then the exact re-check. `cpu-bf16` runs the principal-subspace
-pre-screen of `project` first when the problem is big enough for it to pay.
+"""The torch-based CPU matching backends: `cpu-bf16` and `cpu-fp32` (`torch-cuda` is in
+`torch_cuda`), each a screen of `torch_screen` with its `Recipe`, then the exact re-check.
+`cpu-bf16` runs the principal-subspace pre-screen of `project` first when the problem is big enough
+for it to pay.
 """
 
 from __future__ import annotations
@@ -26,14 +27,6 @@ def _bf16_why_not() -> str | None:
         return "cannot read CPU flags"
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
         return "this CPU has no avx512_bf16/amx_bf16 (bf16 matmul would be slower than float32)"
-    return None
-
-
-def _cuda_why_not() -> str | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
     return None
 
 
@@ -93,6 +86,3 @@ MATCHERS.register(
 pairs_cpu_fp32 = MATCHERS.register("cpu-fp32", priority=10, doc="float32 BLAS screening + exact re-check")(
     _matcher("float32", "cpu", 2048)
 )
-pairs_torch_cuda = MATCHERS.register(
-    "torch-cuda", priority=30, why_not=_cuda_why_not, doc="blocked torch float16 screening on CUDA"
-)(_matcher("float16", "cuda", 8192))

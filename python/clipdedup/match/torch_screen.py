@@ -153,11 +153,30 @@ class AugmentedScreen:
         """C~ of rows `a` (an `a_block`) against columns j0:j1, written into `out` (flat buffer)."""
         h, w = a.shape[0], j1 - j0
         if a.is_cuda:
-            # float32 output: keeps cuBLAS from reducing split-K partial sums in float16.
-            return self.torch.mm(a, self.b_block(j0, j1).T, out_dtype=self.torch.float32)
+            return mm_float32_out(a, self.b_block(j0, j1))
         c = out[: h * w].view(h, w)
         self.torch.mm(a, self.b_block(j0, j1).T, out=c)
         return c
+
+
+_NO_OUT_DTYPE: list[bool] = []  # set once torch.mm has refused out_dtype (torch < 2.8)
+
+
+def mm_float32_out(a, b):
+    """a @ b.T with a float32 result, for float16 a, b.
+
+    float32 output keeps cuBLAS from reducing split-K partial sums in float16. torch < 2.8 has no
+    `out_dtype`: then the operands are converted to float32 (float16 values and their products are
+    exact in float32, the sums are float32 as the error bound assumes; slower, same answer).
+    """
+    import torch
+
+    if not _NO_OUT_DTYPE:
+        try:
+            return torch.mm(a, b.T, out_dtype=torch.float32)
+        except TypeError:
+            _NO_OUT_DTYPE.append(True)
+    return torch.mm(a.float(), b.float().T)
 
 
 def tile_hits(c, diagonal_mask=None) -> tuple[np.ndarray, np.ndarray]:
