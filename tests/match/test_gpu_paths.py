@@ -220,3 +220,44 @@ def test_triton_unavailable_below_compute_capability_8(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert _triton_why_not() is None
     assert MATCHERS.get().name == "triton"
+
+
+def test_kernel_wrapper_checks_before_launching() -> None:
+    from clipdedup.match.kernels.pairwise import pairwise_within
+
+    q = torch.zeros((0, 32), dtype=torch.float16)
+    h = torch.zeros(0)
+    assert pairwise_within(q, q, h, h, self_mode=True, blocks=(16, 16, 32)).shape == (0, 2)
+    q1, h1 = torch.zeros((2, 32), dtype=torch.float16), torch.zeros(2)
+    with pytest.raises(ValueError, match="int32"):
+        pairwise_within(q1, q1, h1, h1, self_mode=False, row_base=(1 << 31) - 1, blocks=(16, 16, 32))
+
+
+def test_triton_driver_with_a_reference_screen_and_progress() -> None:
+    """pairs_triton's driver (scaling, steps, offsets, limit bookkeeping, progress) with the kernel's
+    float64 reference standing in for the kernel: the reference's answer, one progress tick a step."""
+    from clipdedup.match import find_pairs
+    from clipdedup.match.kernels.pairwise import pairwise_within_ref
+    from clipdedup.match.triton import pairs_triton
+    from helpers import planted, threshold_on_a_pair
+
+    calls: list[dict] = []
+
+    def screen(q, k, hq, hk, *, self_mode, row_base, col_base, overlap, **kw):
+        calls.append(kw)
+        overlap()
+        return pairwise_within_ref(q, k, hq, hk, self_mode=self_mode, row_base=row_base, col_base=col_base)[0]
+
+    x = planted(70, 40, seed=9)
+    t = threshold_on_a_pair(x, q=0.05)
+    ticks: list[int] = []
+    i, j, d = pairs_triton(
+        x, None, t, device="cpu", blocks=(16, 16, 32), budget=3 * 2 * 64 * 20, pairwise=screen,
+        progress=ticks.append, max_grid=7, max_pairs=10**6,
+    )  # fmt: skip
+    want = find_pairs(x, t, backend="reference")
+    order = np.lexsort((j, i))
+    np.testing.assert_array_equal(np.stack([i[order], j[order]], 1), want[0])
+    np.testing.assert_array_equal(d[order].astype(np.float32), want[1])
+    assert len(ticks) == len(calls) == 10  # 4 chunks of 20 rows: 10 steps of the upper triangle
+    assert {c["max_grid"] for c in calls} == {7} and max(c["max_pairs"] for c in calls) == 10**6

@@ -141,7 +141,7 @@ class BatchRunner:
             self._events = [None, None]
         if self.fixed_shape and self._replay is None:
             with torch.inference_mode():
-                self._ensure_buffers()
+                self._make_buffers()  # the replay and the buffers are always dropped together
                 self._replay = self._build_replay()
 
     def step(self, u8: torch.Tensor) -> torch.Tensor:
@@ -235,9 +235,7 @@ class BatchRunner:
     def _from_host(self, item: Any) -> torch.Tensor:
         return torch.from_numpy(np.array(item, np.uint8)).to(self.device)  # a copy: PIL arrays are read-only
 
-    def _ensure_buffers(self) -> None:
-        if self._static is not None:
-            return
+    def _make_buffers(self) -> None:
         from clipdedup.native import empty_pinned
 
         h, w = self.spec.size
