@@ -79,10 +79,8 @@ def pairs_torch_cuda(
 
 
 def _cuda_why_not() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
+    import torch
+
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     return None

@@ -268,10 +268,8 @@ def pairs_triton(
 
 
 def _triton_why_not() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
+    import torch
+
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'clip-image-deduper[gpu]')"
     if not torch.cuda.is_available():
