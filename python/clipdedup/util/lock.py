@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from clipdedup.errors import UserError
 
-DB_LOCK_NAME = ".clipdedup.util.lock"
+DB_LOCK_NAME = ".clipdedup.lock"
 
 
 def pid_alive(pid: int) -> bool:
