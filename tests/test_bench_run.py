@@ -13,8 +13,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import run as bench_run  # noqa: E402
 import common  # noqa: E402
+import run as bench_run  # noqa: E402
 from common import Row, interleaved, write_json  # noqa: E402
 
 
