@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -173,3 +174,32 @@ def test_interleaved_gives_every_contender_the_same_rounds_in_rotating_order() -
     assert {k: (t.ok, t.rounds) for k, t in got.items()} == {"a": (True, 3), "b": (False, 3), "c": (True, 3)}
     assert all(0 <= t.seconds < 1 for t in got.values())
     assert interleaved({"a": make("a")}, 2)["a"].ok is None  # no check given: unchecked
+
+
+def test_bench_match_check_is_independent_and_can_fail() -> None:
+    """bench_match's check (plain numpy float64) accepts a right answer and rejects a missed pair,
+    an extra pair, a wrong distance and a row that misses a pair found by another row."""
+    import bench_match as bm
+
+    x = bm.planted(300, d=48, seed=3)
+    loop_rows = np.arange(0, 299, 7)
+    sample = np.random.default_rng(0).choice(300, 40, replace=False)
+    check = bm.IndependentCheck(x, np.concatenate([sample, loop_rows]), loop_rows)
+    pairs, _ = bm.numpy_blocked(x, bm.THRESHOLD)
+    dist = bm.exact_distances64(x, pairs[:, 0], pairs[:, 1]).astype(np.float32)  # as an exact backend
+    assert len(pairs) > 5 and len(check.truth) > 0
+    assert check("cpu-bf16", (pairs, dist))
+    touching = np.isin(pairs, check.sample).any(1)
+    assert not check("missed", (pairs[~touching], dist[~touching]))
+    far = np.array([[0, 1]], np.int64)
+    assert not check("extra", (np.vstack([pairs, far]), np.append(dist, 1.0).astype(np.float32)))
+    assert not check("distance", (pairs, dist + np.float32(1e-4)))  # beyond the 1e-6 of an exact row
+    assert check(bm.NUMPY, (pairs, dist + np.float32(1e-4)))  # within a float32 baseline's tolerance
+    outside = pairs[~touching][:1]  # a true pair no sampled row touches: only the union catches it
+    keep = ~(pairs == outside).all(1)
+    assert check("blind spot", (pairs[keep], dist[keep]))
+    est = "loop ESTIMATED: 1 row in 7 timed"
+    mine = np.isin(pairs[:, 0], loop_rows)
+    assert check(est, (pairs[mine], dist[mine]))
+    agreed = check.agreed()
+    assert agreed["cpu-bf16"] and agreed[est] and not agreed["blind spot"] and not agreed["missed"]
