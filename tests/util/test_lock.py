@@ -104,8 +104,12 @@ def test_a_child_spawned_while_locked_does_not_hold_the_lock(tmp_path: Path) -> 
     path = tmp_path / DB_LOCK_NAME
     lk = DirLock(str(path), "x").acquire()
     assert lk._fd is not None
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], close_fds=False)
+    code = "import time; print('running', flush=True); time.sleep(120)"
+    child = subprocess.Popen([sys.executable, "-c", code], close_fds=False, stdout=subprocess.PIPE, text=True)
     try:
+        # Popen may return before the kernel has closed the child's close-on-exec descriptors
+        # (the vfork parent wakes early in execve): wait until the new program runs.
+        assert child.stdout is not None and child.stdout.readline().strip() == "running"
         os.close(lk._fd)  # the holder dies: no LOCK_UN, no truncate
         lk._fd = None
         lines: list[str] = []
