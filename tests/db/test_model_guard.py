@@ -1,6 +1,6 @@
 """A DB written by one model is never extended by another, also when the caller hands update_db a
-loaded encoder (or a function that loads one) instead of a model id: then only the metadata
-check after loading can tell."""
+loaded encoder (or a LazyEncoder) instead of a model id: then only the metadata check after
+loading can tell."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipdedup import db as dbmod
 from clipdedup.errors import DBMismatchError
-from clipdedup.ingest.encode.base import load_encoder
+from clipdedup.ingest.encode.base import LazyEncoder, load_encoder
 from clipdedup.ingest.update import update_db
 from conftest import make_tiny_model
 
@@ -30,7 +30,7 @@ def test_a_loaded_encoder_of_another_model_is_refused(tmp_path: Path, tiny_model
     before = (db / "1.png.npy").read_bytes()
     other = load_encoder("local-dir:" + str(make_tiny_model(tmp_path / "other", seed=1)), device="cpu")
     assert other.dim == dbmod.read_meta(db).dim  # only the model id tells them apart
-    for encoder in (other, lambda: other):
+    for encoder in (other, LazyEncoder(lambda: other)):
         with pytest.raises(DBMismatchError, match="use a separate --db-dir"):
             update_db(img, db, encoder=encoder, log=lambda line: None)
     assert dbmod.read_meta(db).model_id == tiny_model
