@@ -5,7 +5,8 @@ D=1280 as a `.npy` mirror DB, the same vectors as the original tool's `.npz` fil
 (np.savez_compressed, key clip_embedding), and an image tree of N empty `.jpg` files (plus 5% other
 files) in the same 500-per-directory layout. N = 100k, or 10k with --quick.
 
-Rows (each checked against the generated vectors / an os.walk listing):
+Rows (each checked against the generated vectors / an os.walk listing; every row of a table is
+timed in the same number of rounds, interleaved):
 - load: the original's approach (`.npz` + multiprocessing.Pool np.load, pool start included), a
   plain `np.load` loop over the `.npy` files, and the native reader (`native.read_npy_into`);
 - snapshot: the raw snapshot read, GB/s: into a fresh (pinnable) buffer with `native.gather_rows`,
@@ -34,7 +35,7 @@ from clipdedup import native
 from clipdedup.db import snapshot
 from clipdedup.db.load import SnapshotPrefetch
 from clipdedup.scan import scan_tree, scan_tree_ref
-from common import Row, best_of, main
+from common import Row, interleaved, main
 
 ROOT = Path("/tmp/clipdedup-bench-io")
 DIM = 1280
@@ -113,20 +114,25 @@ def _load_rows(n: int, truth: np.ndarray, db: Path, npz: Path, repeat: int) -> l
     rels = [_rel(k) for k in range(n)]
     npy_paths = [str(db / (r + ".npy")) for r in rels]
     npz_paths = [str(npz / (r + ".npz")) for r in rels]
-    rows = []
     orig, loop, nat = "original: .npz + Pool np.load", "np.load loop (.npy)", "native reader (.npy)"
-    todo = [(orig, original_load, npz_paths, 1)]
+    todo = {orig: (original_load, npz_paths)}
     if native.npz_supported():
-        todo.append(("native reader (.npz)", native_npz_load, npz_paths, repeat))
-    todo += [(loop, npload_loop, npy_paths, repeat), (nat, native_load, npy_paths, repeat + 2)]
-    for impl, fn, paths, rep in todo:
+        todo["native reader (.npz)"] = (native_npz_load, npz_paths)
+    todo |= {loop: (npload_loop, npy_paths), nat: (native_load, npy_paths)}
+    for fn, paths in todo.values():
         fn(paths[: min(n, 2000)])  # warm the page cache and the code paths
-        t, got = best_of(lambda fn=fn, paths=paths: fn(paths), rep)
-        ok = np.array_equal(got, truth)
+    timed = interleaved(
+        {impl: (lambda fn=fn, paths=paths: fn(paths)) for impl, (fn, paths) in todo.items()},
+        repeat,
+        lambda impl, got: np.array_equal(got, truth),
+    )
+    rows = []
+    for impl, tm in timed.items():
         base = None if impl == orig else orig
-        rows.append(Row("load", impl, n, t, n / t, "files/s", ok if base else None, base))
-        del got
-    rows.append(Row("load", nat + " ", n, rows[-1].seconds, rows[-1].rate, "files/s", rows[-1].correct, loop))
+        rows.append(Row("load", impl, n, tm.seconds, n / tm.seconds, "files/s", tm.ok, base))
+    rows.append(
+        Row("load", nat + " ", n, timed[nat].seconds, n / timed[nat].seconds, "files/s", timed[nat].ok, loop)
+    )
     return rows
 
 
@@ -160,56 +166,92 @@ def _snapshot_rows(n: int, truth: np.ndarray, db: Path, repeat: int) -> list[Row
         assert got is not None and pre.fatal is None and not pre.bad
         return got
 
-    rows = []
     mm = "np.memmap + copy"
-    for impl, fn in (
-        (mm, memmap_copy),
-        ("native gather_rows (checked)", gather),
-        ("mapped COW + checked", mapped),
-    ):
+    raw = {mm: memmap_copy, "native gather_rows (checked)": gather, "mapped COW + checked": mapped}
+    for fn in raw.values():
         fn()
-        t, got = best_of(fn, repeat + 2)
-        ok = np.array_equal(got, truth)
-        rows.append(
-            Row(
-                "snapshot", impl, n, t, gb / t, "GB/s", None if impl == mm else ok, None if impl == mm else mm
-            )
-        )
+    timed = interleaved(raw, repeat, lambda impl, got: np.array_equal(got, truth))
+    rows = [
+        Row("snapshot", impl, n, tm.seconds, gb / tm.seconds, "GB/s", tm.ok, None if impl == mm else mm)
+        for impl, tm in timed.items()
+    ]
+
     every = "load_db, every .npy"
-    for impl in (every, "load_db via snapshot"):
-        kw = {"write_snapshot": False} if impl == every else {}
-        if impl == every:
-            os.replace(snap.path, snap.path + ".off")
+
+    def load_every() -> tuple[list[str], np.ndarray, dbmod.LoadInfo]:
+        os.replace(snap.path, snap.path + ".off")  # microseconds, beside a load of n files
         try:
             info = dbmod.LoadInfo()
-            t, (paths, x) = best_of(lambda kw=kw, info=info: dbmod.load_db(db, info=info, **kw), repeat)
+            return (*dbmod.load_db(db, info=info, write_snapshot=False), info)
         finally:
-            if impl == every:
-                os.replace(snap.path + ".off", snap.path)
+            os.replace(snap.path + ".off", snap.path)
+
+    def load_snap() -> tuple[list[str], np.ndarray, dbmod.LoadInfo]:
+        info = dbmod.LoadInfo()
+        return (*dbmod.load_db(db, info=info), info)
+
+    def loaded_ok(impl: str, got: tuple[list[str], np.ndarray, dbmod.LoadInfo]) -> bool:
+        paths, x, info = got
         ok = paths == [_rel(k) for k in range(n)] and np.array_equal(x, truth)
-        if impl != every:
-            ok = ok and info.from_snapshot == n
+        return ok and info.from_snapshot == (0 if impl == every else n)
+
+    timed = interleaved({every: load_every, "load_db via snapshot": load_snap}, repeat, loaded_ok)
+    for impl, tm in timed.items():
         base = None if impl == every else every
         rows.append(
-            Row("snapshot", impl, n, t, gb / t, "GB/s", ok if base else None, base, {"files/s": n / t})
+            Row(
+                "snapshot",
+                impl,
+                n,
+                tm.seconds,
+                gb / tm.seconds,
+                "GB/s",
+                tm.ok,
+                base,
+                {"files/s": n / tm.seconds},
+            )
         )
     return rows
 
 
 def _scan_rows(n: int, images: Path, repeat: int) -> list[Row]:
+    """Every walker must list exactly the N generated images; the native scanner's mtimes must
+    equal the original's os.walk + getmtime (taken once outside the timing) and its result the
+    Python reference walker's."""
     root = str(images)
-    rows = []
-    orig_t, orig = best_of(lambda: original_scan(root), repeat)
-    want = sorted(r for r, _ in orig)
-    rows.append(Row("scan", "original: os.walk + getmtime", n, orig_t, n / orig_t, "files/s"))
-    ref_t, ref = best_of(lambda: scan_tree_ref(root), 1)
-    for impl, threads in (("native scanner, 1 thread", 1), ("native scanner", None)):
-        t, got = best_of(lambda threads=threads: scan_tree(root, threads=threads), repeat + 2)
-        ok = got == ref and sorted(e.rel for e in got.entries) == want
-        ok = ok and all(abs(e.mtime_ns / 1e9 - m) < 1e-6 for e, (_, m) in zip(got.entries, sorted(orig)))
-        rows.append(Row("scan", impl, n, t, n / t, "files/s", ok, "original: os.walk + getmtime"))
-    rows.insert(1, Row("scan", "Python reference (os.scandir)", n, ref_t, n / ref_t, "files/s", None))
-    return rows
+    orig = "original: os.walk + getmtime"
+    images_made = sorted(_rel(k) for k in range(n))  # ASCII names: str order is byte order
+    walk = sorted(original_scan(root))
+    ref = scan_tree_ref(root)
+
+    def check(impl: str, got) -> bool:
+        if impl == orig:
+            return [r for r, _ in sorted(got)] == images_made
+        listed = [(e.rel, e.mtime_ns) for e in got.entries]
+        ok = [r for r, _ in listed] == images_made
+        ok = ok and all(abs(ns / 1e9 - m) < 1e-6 for (_, ns), (_, m) in zip(listed, walk))
+        return ok and (impl == "Python reference (os.scandir)" or got == ref)
+
+    fns = {
+        orig: lambda: original_scan(root),
+        "Python reference (os.scandir)": lambda: scan_tree_ref(root),
+        "native scanner, 1 thread": lambda: scan_tree(root, threads=1),
+        "native scanner": lambda: scan_tree(root, threads=None),
+    }
+    timed = interleaved(fns, repeat, check)
+    return [
+        Row(
+            "scan",
+            impl,
+            n,
+            tm.seconds,
+            n / tm.seconds,
+            "files/s",
+            tm.ok,
+            None if "native" not in impl else orig,
+        )
+        for impl, tm in timed.items()
+    ]
 
 
 _RSS_CHILD = """

@@ -6,9 +6,16 @@ The original loop costs minutes at N=20k: the full run times it whole at N=2000 
 times every s-th row (against all its later rows, as in the loop) and scales by the number of rows;
 those rows are labelled ESTIMATED. The N=2000 pair of rows shows how close the estimate is.
 
-Every row's pairs AND distances are compared with a check set: the float64 reference (`reference`
-backend) for N <= 2000, above that `cpu-fp32` (float32 BLAS screening + the float64 exact re-check;
-the row says so). A row whose pairs differ is marked wrong and gets no speedup.
+Every row, baselines included, at every N, is checked against plain numpy float64 arithmetic that
+shares no code with clipdedup (`IndependentCheck`):
+- every pair a row reports is re-measured, sqrt(sum((x_i - x_j)^2)) in float64, and must be within
+  the threshold with its reported distance (1e-6 for clipdedup's backends, 5e-3 for the float32
+  baselines);
+- for a sample of rows (all rows up to N = 2000; above, 256 random rows plus the rows the loop
+  estimate times) every true pair touching them must be reported;
+- every true pair that any row reported must be reported by every row.
+A row that fails gets correct=False and no speedup. Every implementation, the loop baselines
+included, is timed in the same number of rounds, interleaved (common.interleaved).
 
     python bench/bench_match.py --quick          # < 1 min on the 2-core dev machine
     python bench/bench_match.py --json out.json  # full: N up to 100k, peak memory at 100k
@@ -27,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, best_of, main  # noqa: E402
+from common import Row, interleaved, main  # noqa: E402
 
 D = 1280
 THRESHOLD = 0.1
@@ -143,14 +150,106 @@ def fresh_process_peak_mb(n: int, name: str, **kw) -> int:
     return int(out.stdout.split()[-1])
 
 
-def _row(impl, n, seconds, result, check, check_name, baseline, extra=None):
-    same = None
-    if check is not None:
-        same = bool(np.array_equal(result[0], check[0]) and np.array_equal(result[1], check[1]))
-        if impl in (LOOP, NUMPY):  # float32 baselines: same pairs suffice, their distances are float32 math
-            same = bool(np.array_equal(result[0], check[0]))
-    extra = dict(extra or {}, pairs=len(result[0]), checked_against=check_name, load_avg=os.getloadavg()[0])
-    return Row("match", impl, n, seconds, n / seconds, "rows/s", same, baseline, extra)
+FLOAT32_BASELINE_TOL = 5e-3  # float32 |a|^2 + |b|^2 - 2ab (numpy, torch.cdist): cancellation
+EXACT_TOL = 1e-6  # clipdedup re-checks in float64 and stores float32
+SAMPLE = 256
+
+
+def exact_pairs_of(x: np.ndarray, rows: np.ndarray, t: float) -> dict[tuple[int, int], float]:
+    """Every pair (i < j) with i or j in `rows` and float64 sqrt(sum((x_i - x_j)^2)) <= t.
+
+    Plain numpy, no clipdedup code: a float64 Gram screen with a generous margin finds the
+    candidates, whose distances are then computed from the differences.
+
+    Args:
+        x: float32 (N, D).
+        rows: int (S,) distinct row indices.
+    """
+    a = x[rows].astype(np.float64)  # [S, D]
+    na = np.einsum("ij,ij->i", a, a)
+    found: dict[tuple[int, int], float] = {}
+    for c0 in range(0, len(x), 4096):
+        b = x[c0 : c0 + 4096].astype(np.float64)
+        d2 = na[:, None] + np.einsum("ij,ij->i", b, b)[None, :] - 2 * (a @ b.T)  # [S, B]
+        si, cj = np.nonzero(d2 <= (t + 1e-3) ** 2)
+        i, j = rows[si], cj + c0
+        keep = i != j
+        i, j = i[keep], j[keep]
+        d = exact_distances64(x, i, j)
+        for p, q, dist in zip(i[d <= t].tolist(), j[d <= t].tolist(), d[d <= t].tolist()):
+            found[(min(p, q), max(p, q))] = dist
+    return found
+
+
+def exact_distances64(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """float64 (K,) sqrt(sum((x_i - x_j)^2)) of K pairs, in chunks."""
+    out = np.empty(len(i), np.float64)
+    for s in range(0, len(i), 8192):
+        diff = x[i[s : s + 8192]].astype(np.float64) - x[j[s : s + 8192]].astype(np.float64)
+        out[s : s + 8192] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return out
+
+
+class IndependentCheck:
+    """The check of every row at one N (see the module docstring); `__call__` is a round's check."""
+
+    def __init__(self, x: np.ndarray, sample: np.ndarray, loop_rows: np.ndarray):
+        self.x, self.sample, self.loop_rows = x, np.unique(sample), loop_rows
+        self.loop_set = set(loop_rows.tolist())
+        self.truth = exact_pairs_of(x, self.sample, THRESHOLD)
+        self.in_sample = np.zeros(len(x), bool)
+        self.in_sample[self.sample] = True
+        self.kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # impl -> its last result
+        self.why: dict[str, str] = {}
+
+    def _scope(self, impl: str, pairs: np.ndarray) -> tuple[np.ndarray, dict[tuple[int, int], float]]:
+        """The pairs this impl claims to cover, and the true ones among the sample's."""
+        if impl.startswith("loop ESTIMATED"):  # only pairs (i, j > i) of the timed rows i
+            mine = np.isin(pairs[:, 0], self.loop_rows)
+            want = {p: d for p, d in self.truth.items() if p[0] in self.loop_set}
+            return mine, want
+        return self.in_sample[pairs[:, 0]] | self.in_sample[pairs[:, 1]], self.truth
+
+    def __call__(self, impl: str, result: tuple[np.ndarray, np.ndarray]) -> bool:
+        pairs, dist = result
+        self.kept[impl] = result
+        tol = FLOAT32_BASELINE_TOL if impl in (NUMPY, LOOP) or impl.startswith("loop") else EXACT_TOL
+        exact = exact_distances64(self.x, pairs[:, 0], pairs[:, 1])
+        if len(pairs) and (exact.max() > THRESHOLD or np.abs(exact - dist).max() > tol):
+            self.why[impl] = "reports a pair beyond the threshold or a wrong distance"
+            return False
+        if len(pairs) and not (pairs[:, 0] < pairs[:, 1]).all():
+            self.why[impl] = "a pair not in (i < j) order"
+            return False
+        mine, want = self._scope(impl, pairs)
+        got = {(int(p), int(q)) for p, q in pairs[mine]}
+        if got != set(want):
+            self.why[impl] = (
+                f"sampled rows: {len(set(want) - got)} pairs missed, {len(got - set(want))} extra"
+            )
+            return False
+        return True
+
+    def agreed(self) -> dict[str, bool]:
+        """Per impl: reports every true pair that any impl reported (all are verified true)."""
+        claimed = sorted(set().union(*({(int(p), int(q)) for p, q in r[0]} for r in self.kept.values())))
+        ij = np.array(claimed, np.int64).reshape(-1, 2)
+        true = exact_distances64(self.x, ij[:, 0], ij[:, 1]) <= THRESHOLD
+        union = {p for p, ok in zip(claimed, true.tolist()) if ok}
+        out = {}
+        for impl, (pairs, _) in self.kept.items():
+            got = {(int(p), int(q)) for p, q in pairs}
+            need = {p for p in union if p[0] in self.loop_set} if impl.startswith("loop") else union
+            out[impl] = need <= got
+            if not out[impl]:
+                self.why.setdefault(impl, f"misses {len(need - got)} true pairs another row found")
+        return out
+
+
+def _row(impl, n, seconds, result, ok, baseline, extra=None):
+    extra = dict(extra or {}, pairs=len(result[0]), checked_against="numpy float64 (IndependentCheck)")
+    extra["load_avg"] = os.getloadavg()[0]
+    return Row("match", impl, n, seconds, n / seconds, "rows/s", ok, baseline, extra)
 
 
 def run(quick: bool) -> list[Row]:
@@ -162,94 +261,78 @@ def run(quick: bool) -> list[Row]:
     sizes = [2000, 5000] if quick else [2000, 20000, 100000]
     if os.environ.get("CLIPDEDUP_BENCH_MATCH_SIZES"):  # e.g. "20000" to repeat one point
         sizes = [int(v) for v in os.environ["CLIPDEDUP_BENCH_MATCH_SIZES"].split(",")]
-    sample = 100 if quick else 200  # rows of the per-row loop timed for its estimate
+    loop_sample = 100 if quick else 200  # rows of the per-row loop timed for its estimate
     gpu = [b for b in ("triton", "torch-cuda") if MATCHERS.entries[b].unavailable_reason() is None]
     for n in sizes:
         x = planted(n)
         reps = 1 if (quick or n >= 100000) else 5
-        if n <= 2000:
-            check_name = "reference (float64)"
-            check = backend("reference")(x, THRESHOLD)
-        else:
-            check_name = "cpu-fp32 (float32 BLAS + float64 exact re-check)"
-            check = None
-        impls = [
-            ("cpu-bf16", backend("cpu-bf16")),
-            (FULL, backend("cpu-bf16", project=False)),
-            ("cpu-fp32", backend("cpu-fp32")),
-        ] + [(g, backend(g)) for g in gpu]
-        impls.insert(0, (NUMPY, numpy_blocked))
-        impls = [(impl, fn) for impl, fn in impls if not (n >= 100000 and impl in (NUMPY, FULL))]
-        # (minutes each on 2 cores at 100k; that point is about the fast path and memory)
-        for _, fn in impls:
-            fn(x[: min(n, 3000)], THRESHOLD)  # warm-up: thread pools, oneDNN kernels
-        # Round robin: each round runs every implementation once, so a burst of load from other
-        # processes on a shared machine hits all of them alike; the best round of each counts.
-        results = {}
-        for _ in range(reps):
-            for impl, fn in impls:
+        stride = max(1, (n - 1) // loop_sample)
+        loop_rows = np.arange(0, n - 1, stride)
+        rng = np.random.default_rng(n)
+        sample = np.arange(n) if n <= 2000 else np.concatenate([rng.choice(n, SAMPLE, False), loop_rows])
+        check = IndependentCheck(x, sample, loop_rows)
+        est = f"loop ESTIMATED: 1 row in {stride} timed"
+        impls = {
+            NUMPY: numpy_blocked,
+            "cpu-bf16": backend("cpu-bf16"),
+            FULL: backend("cpu-bf16", project=False),
+            "cpu-fp32": backend("cpu-fp32"),
+            **{g: backend(g) for g in gpu},
+            est: lambda x, t, r=loop_rows: per_row_loop(x, t, r),
+        }
+        if not quick and n <= 2000:
+            impls[LOOP] = per_row_loop
+        if n >= 100000:  # minutes each on 2 cores at 100k; that point is about the fast path and memory
+            del impls[NUMPY], impls[FULL]
+        for impl, fn in impls.items():
+            if not impl.startswith("loop") and impl != LOOP:
+                fn(x[: min(n, 3000)], THRESHOLD)  # warm-up: thread pools, oneDNN kernels
+        peak: dict[str, float] = {}
+
+        def measured(impl: str, fn, x=x, peak=peak):
+            def call():
                 with PeakRSS() as mem:
-                    t, res = best_of(lambda fn=fn, x=x: fn(x, THRESHOLD), 1)
-                old = results.get(impl)
-                if old is None or t < old[0]:
-                    results[impl] = (t, res, max(mem.extra_mb, old[2] if old else 0))
-        if check is None:
-            check = results["cpu-fp32"][1]
-        for impl, (t, res, mb) in results.items():
-            is_check = check_name.startswith(impl)
-            base = NUMPY if impl != NUMPY and NUMPY in results else None
-            rows.append(
-                _row(
-                    impl,
-                    n,
-                    t,
-                    res,
-                    None if is_check else check,
-                    check_name,
-                    base,
-                    {"peak_extra_mb": round(mb)},
+                    res = fn(x, THRESHOLD)
+                peak[impl] = max(peak.get(impl, 0.0), mem.extra_mb)
+                return res
+
+            return call
+
+        timed = interleaved({k: measured(k, f) for k, f in impls.items()}, reps, check)
+        agreed = check.agreed()
+        for impl, tm in timed.items():
+            ok = bool(tm.ok and agreed[impl])
+            extra = {
+                "peak_extra_mb": round(peak[impl]),
+                "rounds": tm.rounds,
+                "checked_rows": len(check.sample),
+            }
+            if impl.startswith("loop ESTIMATED"):
+                secs = tm.seconds * (n - 1) / len(loop_rows)
+                extra |= {"timed_rows": len(loop_rows), "timed_s": tm.seconds}
+            else:
+                secs = tm.seconds
+            if impl in check.why:
+                extra["why_wrong"] = check.why[impl]
+            base = None if impl in (NUMPY, LOOP) or impl.startswith("loop") else NUMPY
+            if base is not None and NUMPY not in impls:
+                base = None
+            rows.append(_row(impl, n, secs, check.kept[impl], ok, base, extra))
+        bf = next(r for r in rows if r.impl == "cpu-bf16" and r.n == n)
+        for label, against in (("cpu-bf16 (vs loop)", LOOP), ("cpu-bf16 (vs estimated loop)", est)):
+            if against in impls:
+                rows.append(
+                    _row(label, n, bf.seconds, check.kept["cpu-bf16"], bf.correct, against, dict(bf.extra))
                 )
-            )
-        rows.extend(_loop_rows(x, n, check, check_name, results, full=not quick and n <= 2000, sample=sample))
         if n >= 100000:
-            row = next(r for r in rows if r.impl == "cpu-bf16" and r.n == n)
-            row.extra["peak_extra_mb_fresh_process"] = fresh_process_peak_mb(n, "cpu-bf16")
+            bf.extra["peak_extra_mb_fresh_process"] = fresh_process_peak_mb(n, "cpu-bf16")
             # The fallback when the pre-screen leaves too many candidates holds a bf16 copy of the rows.
             full = fresh_process_peak_mb(n, "cpu-bf16", project=False)
-            row.extra["peak_extra_mb_full_rows_fresh_process"] = full
+            bf.extra["peak_extra_mb_full_rows_fresh_process"] = full
         print(f"  match: N={n} done", file=sys.stderr)
     if torch.cuda.is_available():
         print("  match: GPU rows measured on " + torch.cuda.get_device_name(), file=sys.stderr)
     return rows
-
-
-def _loop_rows(x, n, check, check_name, results, *, full: bool, sample: int):
-    """Rows for the original per-row loop at this N.
-
-    With `full`, the whole loop is timed. Otherwise (and also with `full`, to validate the method)
-    every s-th row is timed against all its later rows, as in the full loop, and the time is scaled
-    by (rows in the loop) / (rows timed): an ESTIMATE at this very N (the loop's cost per row is
-    mostly a fixed overhead per cdist call, so extrapolating from a smaller N would mislead). The
-    timed rows' pairs are checked against the check set's pairs of those rows.
-    """
-    out = []
-    bf_t, bf_res, _ = results["cpu-bf16"]
-    if full:
-        t, res = best_of(lambda: per_row_loop(x, THRESHOLD), 1)
-        out.append(_row(LOOP, n, t, res, check, check_name, None))
-        out.append(_row("cpu-bf16 (vs loop)", n, bf_t, bf_res, check, check_name, LOOP))
-    stride = max(1, (n - 1) // sample)
-    rows = np.arange(0, n - 1, stride)
-    t, res = best_of(lambda: per_row_loop(x, THRESHOLD, rows), 1)
-    want = check[0][np.isin(check[0][:, 0], rows)]
-    est = t * (n - 1) / len(rows)
-    label = f"loop ESTIMATED: 1 row in {stride} timed"
-    extra = {"timed_rows": len(rows), "timed_s": t, "load_avg": os.getloadavg()[0]}
-    out.append(
-        Row("match", label, n, est, n / est, "rows/s", bool(np.array_equal(res[0], want)), None, extra)
-    )
-    out.append(_row("cpu-bf16 (vs estimated loop)", n, bf_t, bf_res, check, check_name, label))
-    return out
 
 
 if __name__ == "__main__":

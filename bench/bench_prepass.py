@@ -3,7 +3,8 @@
 The fast path (clipdedup.ingest.prepass.identical_classes) reads only files whose size collides, first
 64 KiB head + tail, and hashes in full only what still collides. The baseline hashes every file
 with sha256 (the obvious way); its classes are also the reference answer, and at small N the
-whole-file comparison reference (identical_classes_ref) is checked too.
+whole-file comparison reference (identical_classes_ref) is checked too. All rows are timed in the
+same 3 rounds, interleaved, and each round's answer is checked.
 
 Files: random bytes of 20-80 KB (random sizes collide now and then, as photo sizes do) and 10% exact
 copies of other files. Rate: files/s; extra['MB/s'] counts all bytes of all files.
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from clipdedup.ingest.prepass import identical_classes, identical_classes_ref
-from common import Row, best_of, main
+from common import Row, interleaved, main
 
 
 def make_files(root: Path, n: int, seed: int = 0) -> tuple[list[str], list[int]]:
@@ -63,33 +64,31 @@ def run(quick: bool) -> list[Row]:
         with tempfile.TemporaryDirectory(prefix="bench-prepass-") as tmp:
             paths, sizes = make_files(Path(tmp), n, seed=n)
             total_mb = sum(sizes) / 1e6
-            t_ref, ref = best_of(lambda p=paths: sha256_classes(p), 2)
+            ref = sha256_classes(paths)  # the reference answer, taken outside the timing
             if n <= 1000:
                 assert identical_classes_ref(paths) == ref, "sha256 classes disagree with byte compare"
-            rows.append(
-                Row(
-                    "copies",
-                    "baseline: sha256 every file",
-                    n,
-                    t_ref,
-                    n / t_ref,
-                    "files/s",
-                    extra={"MB/s": round(total_mb / t_ref, 1)},
-                )
-            )
-            for workers, label in ((1, "size+probe+blake3, 1 thread"), (None, "size+probe+blake3, threads")):
-                t, got = best_of(lambda w=workers, p=paths, s=sizes: identical_classes(p, s, workers=w), 3)
+            base = "baseline: sha256 every file"
+            fns = {
+                base: lambda p=paths: sha256_classes(p),
+                "size+probe+blake3, 1 thread": lambda p=paths, s=sizes: identical_classes(p, s, workers=1),
+                "size+probe+blake3, threads": lambda p=paths, s=sizes: identical_classes(p, s, workers=None),
+            }
+            timed = interleaved(fns, 3, lambda impl, got, ref=ref: got == ref)
+            for impl, tm in timed.items():
+                extra = {"MB/s": round(total_mb / tm.seconds, 1), "rounds": tm.rounds}
+                if impl != base:
+                    extra["threads"] = 1 if impl.endswith("1 thread") else os.cpu_count()
                 rows.append(
                     Row(
                         "copies",
-                        label,
+                        impl,
                         n,
-                        t,
-                        n / t,
+                        tm.seconds,
+                        n / tm.seconds,
                         "files/s",
-                        correct=got == ref,
-                        baseline="baseline: sha256 every file",
-                        extra={"MB/s": round(total_mb / t, 1), "threads": workers or os.cpu_count()},
+                        correct=None if impl == base else tm.ok,  # the baseline is the reference
+                        baseline=None if impl == base else base,
+                        extra=extra,
                     )
                 )
     return rows

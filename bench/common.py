@@ -2,8 +2,11 @@
 
 Every bench/bench_<stage>.py exposes `run(quick: bool) -> list[Row]` and can run on its own
 (`python bench/bench_<stage>.py [--quick] [--json PATH]`); bench/run.py runs them all.
-A row whose result failed its correctness check carries correct=False, and `speedup` refuses to
-report a speedup for it.
+A row gets a speedup only when its own result passed a correctness check against something
+independent of the code it measures (correct=True) and its baseline's result did not fail one:
+a wrong row (correct=False) and an unchecked row (correct=None) that names a baseline get a reason
+instead of a ratio. `interleaved` times every contender and baseline with the same number of
+rounds, each round running all of them once in a rotating order.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Row:
     seconds: float
     rate: float  # items per second
     unit: str = "items/s"
-    correct: bool | None = None  # None: this row is the reference itself
+    correct: bool | None = None  # None: not checked (no speedup is reported for such a row)
     baseline: str | None = None  # impl name this row is compared with
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -60,8 +63,44 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
     return best, result
 
 
+@dataclass
+class Timed:
+    seconds: float  # the best round's wall time
+    ok: bool | None  # every round's result passed the check; None when no check was given
+    rounds: int
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeat: int,
+    check: Callable[[str, Any], bool] | None = None,
+) -> dict[str, Timed]:
+    """Best wall time of each callable over `repeat` rounds; each round calls every one once, the
+    order rotating from round to round, so a burst of load on a shared machine (or a cache warmed
+    by the previous call) favours none of them and every row gets the same number of tries.
+
+    Each call's result is passed to `check(name, result)` at once and then dropped, so the
+    results of all contenders are never held in memory together.
+    """
+    names = list(fns)
+    best = dict.fromkeys(names, float("inf"))
+    ok: dict[str, bool | None] = dict.fromkeys(names, None if check is None else True)
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t = time.perf_counter()
+            result = fns[name]()
+            best[name] = min(best[name], time.perf_counter() - t)
+            if check is not None:
+                ok[name] = bool(ok[name] and check(name, result))
+            del result
+    return {k: Timed(best[k], ok[k], repeat) for k in names}
+
+
 def speedups(rows: list[Row]) -> dict[int, str]:
-    """Speedup text per row index: 'x12.3' against its baseline at the same n, or why none."""
+    """Speedup text per row index: 'x12.3' against its baseline at the same n, or why none.
+
+    Only a row whose check passed (correct is True) gets a ratio, and only against a baseline row
+    whose own check did not fail."""
     out = {}
     for k, r in enumerate(rows):
         if r.baseline is None:
@@ -69,8 +108,12 @@ def speedups(rows: list[Row]) -> dict[int, str]:
         base = [b for b in rows if b.stage == r.stage and b.impl == r.baseline and b.n == r.n]
         if r.correct is False:
             out[k] = "WRONG RESULT: no speedup reported"
+        elif r.correct is not True:
+            out[k] = "UNCHECKED: no speedup reported"
         elif not base:
             out[k] = "no baseline at this n"
+        elif base[0].correct is False:
+            out[k] = "baseline WRONG: no speedup reported"
         else:
             out[k] = f"x{base[0].seconds / r.seconds:.1f}" if r.seconds > 0 else "n/a"
     return out

@@ -5,9 +5,10 @@
 
 Each stage module (bench/bench_<stage>.py) exposes `run(quick) -> list[Row]`, measures its fast
 paths against baselines after the original tool's algorithms and plain numpy/torch versions, and
-sets Row.correct from a comparison with a reference result. A row whose check failed gets no
-speedup (see common.speedups) and makes the exit code 1; a stage module that is missing or fails is
-reported as such and the others still run.
+sets Row.correct from a comparison with a result computed independently of the code measured.
+A row that names a baseline but whose check failed (correct=False) or never ran (correct=None) gets
+no speedup (see common.speedups), is listed under the table and makes the exit code 1; a stage
+module that is missing or fails is reported as such and the others still run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from common import Row, table, write_json  # noqa: E402
+from common import Row, speedups, table, write_json  # noqa: E402
 
 # (stage label, module in bench/); the order is the pipeline's.
 STAGES = [
@@ -46,6 +47,17 @@ class Outcome:
     @property
     def wrong(self) -> list[Row]:
         return [r for r in self.rows if r.correct is False]
+
+    @property
+    def unchecked(self) -> list[Row]:
+        """Rows compared with a baseline whose own result was never checked: a bench defect."""
+        return [r for r in self.rows if r.baseline is not None and r.correct is None]
+
+
+def unverified_speedups(rows: Sequence[Row]) -> list[Row]:
+    """Rows that would be published with a ratio although their check did not pass (must be none)."""
+    sp = speedups(list(rows))
+    return [r for k, r in enumerate(rows) if sp.get(k, "").startswith("x") and r.correct is not True]
 
 
 def _load(module: str) -> Callable[[bool], list[Row]]:
@@ -94,6 +106,8 @@ def report_text(o: Outcome) -> str:
     lines = [table(o.rows)] if o.rows else ["(no rows)"]
     for r in o.wrong:
         lines.append(f"WRONG RESULT: {r.stage} / {r.impl} at n={r.n}: no speedup reported")
+    for r in o.unchecked:
+        lines.append(f"UNCHECKED: {r.stage} / {r.impl} at n={r.n}: its result was never checked")
     for module, why in o.problems:
         lines.append(f"PROBLEM: {module}: {why}")
     times = ", ".join(f"{m} {s:.1f}s" for m, s in o.seconds.items())
@@ -188,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.perf_counter()
     o = run_all(args.quick, STAGES, only=only, loader=_load)
     print(report_text(o))
-    if args.json:
+    refused = unverified_speedups(o.rows)
+    for r in refused:
+        print(f"REFUSED: {r.stage} / {r.impl} at n={r.n} has a speedup but correct={r.correct}")
+    if args.json and not refused:
         write_json(o.rows, args.json)
     if args.plot:
         try:
@@ -198,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             print("plot: skipped (pip install '.[bench]' for matplotlib)")
     print(f"total {time.perf_counter() - t:.1f}s")
-    return 1 if o.wrong or o.problems else 0
+    return 1 if o.wrong or o.unchecked or o.problems or refused else 0
 
 
 if __name__ == "__main__":

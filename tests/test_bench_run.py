@@ -1,5 +1,6 @@
-"""bench/run.py plumbing with stand-in stage modules (nothing is timed here): wrong results get no
-speedup, a missing or failing module is reported and the rest still run, JSON and plot are written."""
+"""bench/run.py plumbing with stand-in stage modules (nothing is timed here): wrong or unchecked
+results get no speedup, a missing or failing module is reported and the rest still run, JSON and
+plot are written; common.interleaved gives every contender the same rounds."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import common  # noqa: E402
 import run as bench_run  # noqa: E402
-from common import Row, write_json  # noqa: E402
+from common import Row, interleaved, write_json  # noqa: E402
 
 
 def _good(quick: bool) -> list[Row]:
@@ -102,3 +105,101 @@ def test_main_exit_code(tmp_path: Path, monkeypatch, capsys) -> None:
     code = bench_run.main(["--quick", "--json", str(tmp_path / "o.json"), "--plot", ""])
     assert code == 1  # the wrong rows make the run fail
     assert (tmp_path / "o.json").exists() and "WRONG RESULT" in capsys.readouterr().out
+
+
+def _unchecked(quick: bool) -> list[Row]:
+    base = "baseline: cdist loop"
+    return [
+        Row("match", base, 10, 2.0, 5.0, "rows/s"),
+        Row("match", "fast", 10, 0.5, 20.0, "rows/s", correct=True, baseline=base),
+        Row("match", "never checked", 10, 0.5, 20.0, "rows/s", correct=None, baseline=base),
+        Row("match", "wrong base", 10, 2.0, 5.0, "rows/s", correct=False),
+        Row("match", "fast vs wrong base", 10, 0.5, 20.0, "rows/s", correct=True, baseline="wrong base"),
+    ]
+
+
+def test_unchecked_rows_get_no_speedup_and_fail_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    o = bench_run.run_all(True, [("u", "bench_u")], loader=lambda name: _unchecked, log=lambda line: None)
+    assert [r.impl for r in o.unchecked] == ["never checked"]
+    text = bench_run.report_text(o)
+    assert "UNCHECKED: match / never checked at n=10" in text
+    assert [line for line in text.splitlines() if " never checked " in line and " x" in line] == []
+    sp = common.speedups(o.rows)
+    assert sp == {
+        1: "x4.0",
+        2: "UNCHECKED: no speedup reported",
+        4: "baseline WRONG: no speedup reported",
+    }
+    assert bench_run.unverified_speedups(o.rows) == []
+    monkeypatch.setattr(bench_run, "STAGES", [("u", "bench_u")])
+    monkeypatch.setattr(bench_run, "_load", lambda name: _unchecked)
+    code = bench_run.main(["--quick", "--json", str(tmp_path / "o.json"), "--plot", ""])
+    assert code == 1
+    doc = json.loads((tmp_path / "o.json").read_text())
+    with_ratio = [r for r in doc["rows"] if (r["speedup"] or "").startswith("x")]
+    assert [r["impl"] for r in with_ratio] == ["fast"] and all(r["correct"] is True for r in with_ratio)
+    assert "UNCHECKED" in capsys.readouterr().out
+
+
+def test_a_ratio_without_a_passed_check_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The last guard before the JSON: even a speedups() that forgot the rule cannot publish one."""
+    monkeypatch.setattr(bench_run, "speedups", lambda rows: {k: "x2.0" for k in range(len(rows))})
+    refused = bench_run.unverified_speedups(_unchecked(True))
+    assert [r.impl for r in refused] == [
+        "baseline: cdist loop",
+        "never checked",
+        "wrong base",
+    ]
+    monkeypatch.setattr(bench_run, "STAGES", [("u", "bench_u")])
+    monkeypatch.setattr(bench_run, "_load", lambda name: _unchecked)
+    assert bench_run.main(["--quick", "--json", str(tmp_path / "o.json"), "--plot", ""]) == 1
+    assert not (tmp_path / "o.json").exists()
+    assert capsys.readouterr().out.count("REFUSED:") == 3
+
+
+def test_interleaved_gives_every_contender_the_same_rounds_in_rotating_order() -> None:
+    calls: list[str] = []
+    checked: list[tuple[str, int]] = []
+
+    def make(name: str):
+        return lambda: calls.append(name) or len(calls)
+
+    def check(name: str, result: int) -> bool:
+        checked.append((name, result))
+        return name != "b" or result < 5  # b's second call (the 5th call overall) fails
+
+    got = interleaved({"a": make("a"), "b": make("b"), "c": make("c")}, 3, check)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert checked == [(name, k + 1) for k, name in enumerate(calls)]  # every result, at once
+    assert {k: (t.ok, t.rounds) for k, t in got.items()} == {"a": (True, 3), "b": (False, 3), "c": (True, 3)}
+    assert all(0 <= t.seconds < 1 for t in got.values())
+    assert interleaved({"a": make("a")}, 2)["a"].ok is None  # no check given: unchecked
+
+
+def test_bench_match_check_is_independent_and_can_fail() -> None:
+    """bench_match's check (plain numpy float64) accepts a right answer and rejects a missed pair,
+    an extra pair, a wrong distance and a row that misses a pair found by another row."""
+    import bench_match as bm
+
+    x = bm.planted(300, d=48, seed=3)
+    loop_rows = np.arange(0, 299, 7)
+    sample = np.random.default_rng(0).choice(300, 40, replace=False)
+    check = bm.IndependentCheck(x, np.concatenate([sample, loop_rows]), loop_rows)
+    pairs, _ = bm.numpy_blocked(x, bm.THRESHOLD)
+    dist = bm.exact_distances64(x, pairs[:, 0], pairs[:, 1]).astype(np.float32)  # as an exact backend
+    assert len(pairs) > 5 and len(check.truth) > 0
+    assert check("cpu-bf16", (pairs, dist))
+    touching = np.isin(pairs, check.sample).any(1)
+    assert not check("missed", (pairs[~touching], dist[~touching]))
+    far = np.array([[0, 1]], np.int64)
+    assert not check("extra", (np.vstack([pairs, far]), np.append(dist, 1.0).astype(np.float32)))
+    assert not check("distance", (pairs, dist + np.float32(1e-4)))  # beyond the 1e-6 of an exact row
+    assert check(bm.NUMPY, (pairs, dist + np.float32(1e-4)))  # within a float32 baseline's tolerance
+    outside = pairs[~touching][:1]  # a true pair no sampled row touches: only the union catches it
+    keep = ~(pairs == outside).all(1)
+    assert check("blind spot", (pairs[keep], dist[keep]))
+    est = "loop ESTIMATED: 1 row in 7 timed"
+    mine = np.isin(pairs[:, 0], loop_rows)
+    assert check(est, (pairs[mine], dist[mine]))
+    agreed = check.agreed()
+    assert agreed["cpu-bf16"] and agreed[est] and not agreed["blind spot"] and not agreed["missed"]

@@ -196,11 +196,15 @@ def test_construct_equals_calling_the_class() -> None:
         native.construct(FileEntry, ["rel", "mtime_ns", "size"], [["a"], [1], []])
 
 
+_NO_PRIVILEGE_DROP = 3  # the child's exit code when it could not become nobody: the only skip
+
+
 def _scan_unprivileged(root: str) -> tuple[ScanResult, ScanResult]:
     """Both walkers run where a mode-000 directory really is unreadable.
 
     Root reads any directory whatever its mode, so as root the scans run in a forked child that
-    has dropped to uid/gid 65534 (nobody); the child sends its results back through a pipe.
+    has dropped to uid/gid 65534 (nobody); the child sends its results back through a pipe. Only a
+    failure to drop privileges skips; anything the walkers raise fails the test.
     """
     if os.geteuid() != 0:
         return scan_tree(root, threads=2), scan_tree_ref(root)
@@ -210,10 +214,14 @@ def _scan_unprivileged(root: str) -> tuple[ScanResult, ScanResult]:
         code = 0
         try:
             os.close(r)
-            os.setgid(65534)
-            os.setuid(65534)
-            data = pickle.dumps((scan_tree(root, threads=2), scan_tree_ref(root)))
-        except BaseException as e:  # reported to the parent
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+            except OSError as e:
+                data, code = pickle.dumps(repr(e)), _NO_PRIVILEGE_DROP
+            else:
+                data = pickle.dumps((scan_tree(root, threads=2), scan_tree_ref(root)))
+        except BaseException as e:  # reported to the parent, which fails the test
             data, code = pickle.dumps(repr(e)), 1
         with os.fdopen(w, "wb") as f:
             f.write(data)
@@ -223,8 +231,10 @@ def _scan_unprivileged(root: str) -> tuple[ScanResult, ScanResult]:
         data = f.read()
     _, status = os.waitpid(pid, 0)
     result = pickle.loads(data)
-    if os.waitstatus_to_exitcode(status) != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code == _NO_PRIVILEGE_DROP:
         pytest.skip(f"cannot drop root privileges here to make a directory unreadable: {result}")
+    assert code == 0, f"the scan of a tree with an unreadable directory raised: {result}"
     return result
 
 

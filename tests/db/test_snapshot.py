@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,19 +128,26 @@ def test_reencode_with_same_mtime_is_seen(tmp_path: Path, trusting) -> None:
     assert (again.from_snapshot, again.written) == (5, False)
 
 
-def test_inplace_rewrite_keeping_mtime_and_size_is_seen(tmp_path: Path) -> None:
-    """Same size, same inode, mtime set back: only the ctime tells."""
+def test_inplace_rewrite_keeping_mtime_and_size_is_seen(tmp_path: Path, trusting) -> None:
+    """Same size, same inode, mtime set back: only the ctime tells. The racy window is off
+    (`trusting`), so nothing but the ctime comparison can send these rows back to the mirror."""
     vecs = _make_db(tmp_path, 8)
     _load(tmp_path)
+    before = {rel: (tmp_path / (rel + ".npy")).stat() for rel in vecs}
+    time.sleep(0.05)  # past any clock tick of the file system's ctime (jiffies: <= 10 ms)
     for rel, v in vecs.items():
         p = tmp_path / (rel + ".npy")
-        st = p.stat()
+        st = before[rel]
         with open(p, "r+b") as f:
             f.seek(st.st_size - DIM * 4)
             f.write((v + 3).tobytes())
         os.utime(p, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        now = p.stat()
+        assert (now.st_mtime_ns, now.st_size, now.st_ino) == (st.st_mtime_ns, st.st_size, st.st_ino)
+        assert now.st_ctime_ns != st.st_ctime_ns  # the precondition: ctime moved, nothing else did
     _, x, info = _load(tmp_path)
-    assert info.from_files == 8
+    assert info.from_files == 8 and info.from_snapshot == 0
+    np.testing.assert_array_equal(x, np.stack([vecs[r] + 3 for r in sorted(vecs, key=os.fsencode)]))
 
 
 def test_reusable_rows_rules() -> None:
@@ -160,7 +168,7 @@ def test_reusable_rows_rules() -> None:
     snap.mtime_ns[1] += 1
     snap.size[2] += 1
     snap.ino[3] += 1
-    snap.ctime_ns[4] += 1  # differs, and is inside the racy window too
+    snap.ctime_ns[4] -= 1  # differs, and is outside the racy window: only the ctime rule drops it
     src, dst, stale = snap_mod.reusable_rows(snap, keys, stats)
     assert src.tolist() == dst.tolist() == [0, 5] and stale == 4
     stats["ctime_ns"][:] = snap.ctime_ns[:] = written - snap_mod.RACY_NS + 1  # all racy

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import signal
@@ -97,12 +96,29 @@ def test_without_flock_the_pid_decides(tmp_path: Path, monkeypatch) -> None:
         DirLock(str(path), "x").acquire()
 
 
-def test_lock_survives_fork_exec_of_children(tmp_path: Path) -> None:
-    # The lock fd is close-on-exec: a child process started by a run does not keep the lock.
+def test_a_child_spawned_while_locked_does_not_hold_the_lock(tmp_path: Path) -> None:
+    """A process a run starts (a decoder, a browser) must not keep the run's lock after the run
+    is gone. The child is spawned with close_fds=False, so only the descriptor's close-on-exec
+    flag keeps it out; the run then vanishes without unlocking (its descriptor closed as a kill
+    would close it), and a new run must get the lock while the child still lives."""
     path = tmp_path / DB_LOCK_NAME
-    with DirLock(str(path), "x") as lk:
-        assert lk._fd is not None
-        assert fcntl.fcntl(lk._fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    lk = DirLock(str(path), "x").acquire()
+    assert lk._fd is not None
+    code = "import time; print('running', flush=True); time.sleep(120)"
+    child = subprocess.Popen([sys.executable, "-c", code], close_fds=False, stdout=subprocess.PIPE, text=True)
+    try:
+        # Popen may return before the kernel has closed the child's close-on-exec descriptors
+        # (the vfork parent wakes early in execve): wait until the new program runs.
+        assert child.stdout is not None and child.stdout.readline().strip() == "running"
+        os.close(lk._fd)  # the holder dies: no LOCK_UN, no truncate
+        lk._fd = None
+        lines: list[str] = []
+        with DirLock(str(path), "x", lines.append):  # raises "in use" if the child kept the lock
+            assert child.poll() is None
+        assert len(lines) == 1 and "taking over a stale lock" in lines[0]
+    finally:
+        child.kill()
+        child.wait()
 
 
 def _opts(**kw) -> RunOptions:
