@@ -160,3 +160,8 @@ def test_import_locks_the_import_db_and_not_the_base_db(tmp_path: Path) -> None:
     with db_lock(str(idb)):
         with pytest.raises(UserError, match="in use by another run"):
             run_import(str(base), str(bdb), str(imp), str(idb), None, _opts())
+
+
+def test_db_lock_file_name_is_the_released_one() -> None:
+    """Two versions of the tool on one DB must exclude each other: the name is part of the format."""
+    assert lockmod.DB_LOCK_NAME == ".clipdedup.lock"
