@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +85,34 @@ def threshold_on_a_pair(x, y=None, q=0.05):
     if y is None:
         d = d[np.triu_indices(len(x), 1)]
     return float(np.quantile(d.ravel(), q, method="lower"))
+
+
+# Mounts and full disks (tests/trash/, tests/util/).
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str = "size=64m") -> Iterator[Path]:
+    """A tmpfs mounted at `where` (created) for the block; skips the test where mounting is not
+    allowed. A tmpfs is another file system (moves become copies) and a small one fills up."""
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()[:200]}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill_up(d: Path) -> None:
+    """Fills the file system of `d` to the last byte (a file `d/filler`)."""
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size) == size:
+                    pass
+    finally:
+        os.close(fd)
