@@ -21,7 +21,15 @@ from clipdedup.errors import UserError
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
 from clipdedup.ingest.update import load_embeddings, resolve_model_id, scan_images, update_db
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
-from clipdedup.records import FileEntry, Group, RunSummary, SnapshotState, SnapshotStatus, UpdateSummary
+from clipdedup.records import (
+    FileEntry,
+    Group,
+    RunSummary,
+    ScanResult,
+    SnapshotState,
+    SnapshotStatus,
+    UpdateSummary,
+)
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
@@ -116,6 +124,42 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
     return LazyEncoder(load)
 
 
+def _reencode_damaged(
+    image_dir: str,
+    db_dir: str,
+    entries: list[FileEntry],
+    load_errors: list[tuple[str, str]],
+    u: UpdateSummary,
+    opts: RunOptions,
+    encoder: LazyEncoder,
+) -> bool:
+    """Re-encodes the images whose .npy could not be read although it looked up to date (right
+    size and mtime, but a bad header or dtype): left alone, such a file is skipped on every run.
+    Returns whether anything was re-encoded (then the caller loads again)."""
+    by_npy = {dbmod.npy_path(db_dir, e.rel): e for e in entries}
+    damaged = [(by_npy[p], why) for p, why in load_errors if p in by_npy]
+    if not damaged:
+        return False
+    for e, why in damaged:
+        opts.say(f"{dbmod.npy_path(db_dir, e.rel)}: damaged ({why}); re-encoding {e.rel}")
+    again = update_db(
+        image_dir,
+        db_dir,
+        opts.model_id,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        force=True,
+        clean_orphans=False,  # this scan holds only the damaged images
+        scan=ScanResult([e for e, _ in damaged], []),
+        log=opts.say,
+        encoder=encoder,
+    )
+    u.encoded += again.encoded
+    u.copied += again.copied
+    u.failed += again.failed
+    return again.encoded + again.copied > 0
+
+
 def _encoded_as_scanned(
     image_dir: str, db_dir: str, entries: list[FileEntry], u: UpdateSummary, opts: RunOptions
 ) -> list[FileEntry]:
@@ -197,7 +241,8 @@ def _run_dedup_locked(
 ) -> RunSummary:
     s = RunSummary()
     t = time.perf_counter()
-    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, _lazy_encoder([db_dir], opts))
+    encoder = _lazy_encoder([db_dir], opts)
+    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
@@ -205,6 +250,15 @@ def _run_dedup_locked(
     kept, x, s.load_errors, s.not_in_db = load_embeddings(
         db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
     )
+    if (
+        s.load_errors
+        and not (opts.dry_run or opts.skip_update)
+        and _reencode_damaged(image_dir, db_dir, entries, s.load_errors, u, opts, encoder)
+    ):
+        info = dbmod.LoadInfo()
+        kept, x, s.load_errors, s.not_in_db = load_embeddings(
+            db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
+        )
     s.loaded = len(kept)
     s.seconds["load"] = time.perf_counter() - t
     _say_snapshot(db_dir, info, opts)

@@ -36,7 +36,8 @@ class DBMeta:
     format_version: int = FORMAT_VERSION
 
     def describe(self) -> str:
-        return f"model {self.model_id}, dim {self.dim}"
+        unit = "" if self.normalized else ", vectors not normalized"
+        return f"model {self.model_id}, dim {self.dim}{unit}"
 
 
 class SnapshotState(str, enum.Enum):

@@ -110,6 +110,10 @@ def update_db(
             raise dbmod.mismatch_error(db_dir, have, f"model {asked}")
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
+    for img in plan.unnamable:
+        path = os.path.join(image_dir, img.rel)
+        s.failed.append((path, dbmod.unnamable_reason(img.rel)))
+        log(f"{path}: {dbmod.unnamable_reason(img.rel)}")
     if plan.to_encode or have is None:
         copies = None
         if have is not None:
