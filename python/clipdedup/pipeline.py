@@ -52,6 +52,7 @@ class RunOptions:
     progress: bool = False
     log: Callable[[str], object] | None = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
+    cross_devices: bool = False  # a followed symlink may lead onto another file system
 
     def say(self, line: str) -> None:
         (self.log or (lambda s: print(s, file=sys.stderr)))(line)
@@ -88,7 +89,13 @@ def _update_or_read(
     """Scans `image_dir` and brings its DB up to date. `read_only` (import mode's base DB): images
     missing from the DB or newer than their entry are encoded in memory only, and nothing is
     written to or removed from the DB."""
-    scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks, progress=opts.progress)
+    scan = scan_images(
+        image_dir,
+        exclude,
+        follow_symlinks=opts.follow_symlinks,
+        cross_devices=opts.cross_devices,
+        progress=opts.progress,
+    )
     entries = scan.entries
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))

@@ -32,15 +32,25 @@ def scan_images(
     exclude: Sequence[str | os.PathLike[str]] = (),
     *,
     follow_symlinks: bool = False,
+    cross_devices: bool = False,
     progress: bool = False,
 ) -> ScanResult:
-    """Scans an image tree. The native scanner returns everything at once, so the bar shows the
-    count and rate when it is done (no ETA: the total is unknown until the walk ends)."""
+    """Scans an image tree. The bar counts the directory entries walked so far while the walk
+    runs (no ETA: the total is unknown until it ends), so a long walk shows it is alive."""
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory does not exist")
-    bar = tqdm(desc=f"scan {os.fspath(image_dir)}", unit="file", disable=not progress, file=sys.stderr)
-    res = scan_tree(image_dir, exclude=list(exclude), follow_symlinks=follow_symlinks)
-    bar.update(len(res.entries))
+    bar = tqdm(desc=f"scan {os.fspath(image_dir)}", unit="entry", disable=not progress, file=sys.stderr)
+
+    def seen(n: int) -> None:
+        bar.update(n - bar.n)
+
+    res = scan_tree(
+        image_dir,
+        exclude=list(exclude),
+        follow_symlinks=follow_symlinks,
+        cross_devices=cross_devices,
+        progress=seen if progress else None,
+    )
     bar.close()
     return res
 
