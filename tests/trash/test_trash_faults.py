@@ -127,6 +127,43 @@ def test_file_replaced_after_the_last_check_is_not_moved(tmp_path: Path, monkeyp
     assert undo(str(trash)) == []
 
 
+def test_file_replaced_after_its_trash_name_is_made_is_put_back(tmp_path: Path, monkeypatch) -> None:
+    img, trash = tmp_path / "img", tmp_path / "trash"
+    (img / "sub").mkdir(parents=True)
+    (img / "keep.jpg").write_bytes(b"K" * 100)
+    (img / "sub" / "d.jpg").write_bytes(b"checked" * 100)
+    real_link = os.link
+
+    def link_then_replace(src, dst, **kw):
+        real_link(src, dst, **kw)
+        if str(trash) in os.fspath(dst):  # the last instant: after the link, before the unlink
+            new = img / "sub" / "new.tmp"
+            new.write_bytes(b"newcomer" * 100)
+            os.replace(new, img / "sub" / "d.jpg")
+
+    monkeypatch.setattr(act.os, "link", link_then_replace)
+    r = journaled_move(img, trash, "sub/d.jpg")
+    monkeypatch.undo()
+    assert r.dest is not None  # the checked file was moved ...
+    assert Path(r.dest).read_bytes() == b"checked" * 100
+    assert (img / "sub" / "d.jpg").read_bytes() == b"newcomer" * 100  # ... and the newcomer kept
+    assert sorted(p.name for p in (img / "sub").iterdir()) == ["d.jpg"]
+
+
+def test_undo_drops_the_name_a_killed_move_left_beside_the_source(tmp_path: Path) -> None:
+    img, trash = tmp_path / "img", tmp_path / "trash"
+    (img / "sub").mkdir(parents=True)
+    (img / "keep.jpg").write_bytes(b"K")
+    (img / "sub" / "d.jpg").write_bytes(b"D" * 50)
+    before = tree_hashes(img)
+    r = journaled_move(img, trash, "sub/d.jpg")
+    infos, _ = jm.runs(trash)
+    grab = jm.move_grab_path(str(img / "sub" / "d.jpg"), infos[0].run, infos[0].moves[0].seq)
+    os.link(r.dest, grab)  # as left by a kill between the rename and the unlink
+    assert [x.status for x in undo(str(trash))] == ["restored"]
+    assert tree_hashes(img) == before and tree_hashes(trash) == {}
+
+
 # 3. Undo never follows a symlink planted inside the trash dir.
 
 

@@ -51,6 +51,12 @@ def undo_stage_path(source: str, run: str, seq: int) -> str:
     return os.path.join(os.path.dirname(source), f".clipdedup-undo-{run}-{seq}.part")
 
 
+def move_grab_path(source: str, run: str, seq: int) -> str:
+    """The name beside `source` that a move renames the source to just before dropping it (see
+    `move.move_exact`); fixed per move, so undo finds and drops one that a crash left behind."""
+    return os.path.join(os.path.dirname(source), f".clipdedup-move-{run}-{seq}.part")
+
+
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time to the second plus 6 random hex digits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]

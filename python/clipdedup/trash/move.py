@@ -18,9 +18,10 @@ import errno
 import os
 import shutil
 import stat
+import uuid
 
 from clipdedup.records import FileEntry, MoveResult
-from clipdedup.trash.journal import Journal, content_hash, fsync_dir
+from clipdedup.trash.journal import Journal, content_hash, fsync_dir, move_grab_path
 from clipdedup.trash.keep import Candidate, choose_keep
 
 _NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES)
@@ -98,20 +99,46 @@ def _link_or_copy_no_replace(src: str, dst: str, expect: os.stat_result | None =
     _copy_exclusive(src, dst, expect)
 
 
-def move_exact(src: str, dst: str, *, expect: os.stat_result | None = None) -> None:
+def move_exact(src: str, dst: str, *, expect: os.stat_result | None = None, grab: str | None = None) -> None:
     """Moves src to exactly dst. Raises FileExistsError if dst exists; on any failure src stays.
 
     With `expect` (src's `os.lstat` when it was checked), raises `Replaced` and leaves src alone
-    when the file at src is no longer that one (another inode, size or mtime).
+    when the file at src is no longer that one (another inode, size or mtime). Once dst is made,
+    the source name is released by renaming it to `grab` (a name beside it; default a random one)
+    rather than by unlinking it, so a file put at src in the last instant is never unlinked: it is
+    put back, and the checked file stays at dst.
     """
     _link_or_copy_no_replace(src, dst, expect)
+    if expect is None:
+        try:
+            os.unlink(src)
+        except BaseException:
+            os.unlink(dst)  # dst is our link or copy; src still holds the content
+            raise
+        return
+    grab = grab or os.path.join(os.path.dirname(src), f".clipdedup-move-{uuid.uuid4().hex[:12]}.part")
     try:
-        if expect is not None and not _same_file(os.lstat(src), expect):
-            raise Replaced(src)
-        os.unlink(src)
+        os.rename(src, grab)  # whatever sits at src now is ours to look at, atomically
     except BaseException:
-        os.unlink(dst)  # dst is our link or copy; src still holds the content
-        raise
+        if _still(src, expect):
+            os.unlink(dst)  # src still holds the checked file: roll back
+        raise  # else dst is the checked file's only name left: it stays
+    if _same_file(os.lstat(grab), expect):
+        with contextlib.suppress(OSError):  # if it stays, it is another name of dst; undo drops it
+            os.unlink(grab)
+        return
+    # Replaced after dst was made: the checked file's only name is now dst (moved, as journaled);
+    # the newcomer goes back to its name, or stays at `grab` if that is taken yet again.
+    with contextlib.suppress(FileExistsError):
+        os.link(grab, src, follow_symlinks=False)
+        os.unlink(grab)
+
+
+def _still(path: str, expect: os.stat_result) -> bool:
+    try:
+        return _same_file(os.lstat(path), expect)
+    except OSError:
+        return False
 
 
 def restore_exact(src: str, dst: str, stage: str) -> None:
@@ -321,7 +348,7 @@ def _journaled_move(
             }
         )
         try:
-            move_exact(src, target, expect=checked)
+            move_exact(src, target, expect=checked, grab=move_grab_path(src, journal.run_id, seq))
         except FileExistsError:
             journal.failed(seq, "destination name taken meanwhile")
             continue

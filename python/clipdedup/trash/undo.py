@@ -20,6 +20,7 @@ from clipdedup.trash.journal import (
     append_record,
     content_hash,
     journal_path,
+    move_grab_path,
     open_for_append,
     runs,
     undo_stage_path,
@@ -167,6 +168,7 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
 
     if os.path.isabs(m.rec["dest"]) or not is_inside(os.path.dirname(dst), trash_dir):
         return res("refused", f"its trash path {dst} leads outside the trash dir {trash_dir}; not touched")
+    _drop_grab(src, dst, move_grab_path(src, m.run, m.seq), dry_run=dry_run)
     stage = undo_stage_path(src, m.run, m.seq)
     if os.path.lexists(stage):
         done = _resume_restore(src, dst, stage, dry_run=dry_run)
@@ -205,6 +207,15 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
     except OSError as e:
         return res("refused", f"cannot move back from {dst}: {e.strerror or e}")
     return res("restored", f"moved back from {dst}")
+
+
+def _drop_grab(src: str, dst: str, grab: str, *, dry_run: bool) -> None:
+    """Drops the name a move cut short between renaming its source to `grab` and unlinking that
+    (see `move.move_exact`), when it is just another name of the trash copy or of the source."""
+    if dry_run or not os.path.lexists(grab):
+        return
+    if any(os.path.lexists(p) and _same_inode(p, grab) for p in (dst, src)):
+        os.unlink(grab)
 
 
 def _resume_restore(src: str, dst: str, stage: str, *, dry_run: bool) -> str | None:
