@@ -6,11 +6,13 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from clipdedup.cli import run_cli
 from clipdedup.match import exact_distances
@@ -116,3 +118,31 @@ def fill_up(d: Path) -> None:
                     pass
     finally:
         os.close(fd)
+
+
+# Trees of real images for whole runs (tests/test_faults.py, tests/trash/, tests/db/).
+
+
+def distinct_images(testdata: Path, d: Path, per_source: int) -> list[Path]:
+    """`per_source` different crops of each real base image, as JPEGs (all distinct files)."""
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sorted((testdata / "base_images").glob("*.jpg")):
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        for k in range(per_source):
+            box = (8 * k, 6 * k, w - 5 * k, h - 7 * k)
+            p = d / f"{src.stem}_{k}.jpg"
+            im.crop(box).resize((320, 240)).save(p, quality=90)
+            out.append(p)
+    return out
+
+
+def dup_tree(testdata: Path, img: Path, copies: int) -> None:
+    """Groups of byte-identical copies spread over subdirs, so a run has many moves to make."""
+    srcs = distinct_images(testdata, img.parent / "src", 2)
+    for k in range(copies):
+        sub = img / f"dir{k % 3}" / f"copy{k}"
+        sub.mkdir(parents=True)
+        for s in srcs:
+            shutil.copyfile(s, sub / s.name)

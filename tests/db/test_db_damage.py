@@ -16,7 +16,7 @@ from clipdedup import db as dbmod
 from clipdedup.errors import UserError
 from clipdedup.ingest.update import update_db
 from clipdedup.util.fsutil import TMP_MARK, atomic_file
-from test_faults import distinct_images
+from helpers import distinct_images
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"
 GOOD_META = {"model_id": "builtin:dct", "dim": 143, "dtype": "float32", "normalized": True, "preprocess": {}}

@@ -20,8 +20,7 @@ from clipdedup.trash import journal as jm
 from clipdedup.trash import move as act
 from clipdedup.trash.move import REPLACED, Mover, move_duplicate
 from clipdedup.trash.undo import undo
-from helpers import fill_up, mounted_tmpfs, tree_hashes
-from test_faults import dup_tree
+from helpers import dup_tree, fill_up, mounted_tmpfs, tree_hashes
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"
 SEED = int(os.environ.get("CLIPDEDUP_FAULT_SEED", random.randrange(1 << 30)))
