@@ -26,7 +26,7 @@ from clipdedup.db import TMP_MARK, load_db, npy_file_size
 from clipdedup.ingest.update import update_db
 from clipdedup.trash import journal as jm
 from clipdedup.trash.undo import undo
-from helpers import distinct_images, dup_tree, tree_hashes
+from helpers import distinct_images, dup_tree, mounted_tmpfs, tree_hashes
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"
 SEED = int(os.environ.get("CLIPDEDUP_FAULT_SEED", random.randrange(1 << 30)))
@@ -184,17 +184,8 @@ def test_write_beyond_file_size_limit(testdata: Path, tmp_path: Path, tiny_model
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96k,nr_inodes=64", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()[:200]}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=96k,nr_inodes=64") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_disk_full_on_a_tiny_tmpfs(testdata: Path, tmp_path: Path, tiny_model: str, tiny_tmpfs: Path) -> None:

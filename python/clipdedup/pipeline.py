@@ -102,22 +102,37 @@ def _update_or_read(
         u.meta = dbmod.read_meta(db_dir)
         entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
     else:
-        u = update_db(
-            image_dir,
-            db_dir,
-            opts.model_id,
-            device=opts.device,
-            batch_size=opts.batch_size,
-            force=opts.force,
-            clean_orphans=opts.clean_orphans and not read_only,
-            dry_run=opts.dry_run or read_only,
-            scan=scan,
-            progress=opts.progress,
-            log=opts.say,
-            encoder=encoder,
-        )
+        clean = opts.clean_orphans and not read_only
+        u = _update(image_dir, db_dir, opts, encoder, scan, opts.force, clean, opts.dry_run or read_only)
     s.updates[label] = u
     return u, entries
+
+
+def _update(
+    image_dir: str,
+    db_dir: str,
+    opts: RunOptions,
+    encoder: LazyEncoder,
+    scan: ScanResult,
+    force: bool,
+    clean_orphans: bool,
+    dry_run: bool,
+) -> UpdateSummary:
+    """`update_db` of `scan` with the run's model, device, batch size, progress and log."""
+    return update_db(
+        image_dir,
+        db_dir,
+        opts.model_id,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        force=force,
+        clean_orphans=clean_orphans,
+        dry_run=dry_run,
+        scan=scan,
+        progress=opts.progress,
+        log=opts.say,
+        encoder=encoder,
+    )
 
 
 def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
@@ -149,17 +164,9 @@ def _reencode_damaged(
         return False
     for e, why in damaged:
         opts.say(f"{dbmod.npy_path(db_dir, e.rel)}: damaged ({why}); re-encoding {e.rel}")
-    again = update_db(
-        image_dir,
-        db_dir,
-        opts.model_id,
-        device=opts.device,
-        batch_size=opts.batch_size,
-        force=True,
-        clean_orphans=False,  # this scan holds only the damaged images
-        scan=ScanResult([e for e, _ in damaged], []),
-        log=opts.say,
-        encoder=encoder,
+    # force: these look up to date; no orphan clean-up: this scan holds only the damaged images
+    again = _update(
+        image_dir, db_dir, opts, encoder, ScanResult([e for e, _ in damaged], []), True, False, False
     )
     u.encoded += again.encoded
     u.copied += again.copied

@@ -80,9 +80,9 @@ def _copy_exclusive(src: str, dst: str, expect: os.stat_result | None) -> None:
         raise
 
 
-def _link_or_copy_no_replace(src: str, dst: str, expect: os.stat_result | None = None) -> None:
-    """Creates dst with src's content; raises FileExistsError instead of replacing anything, and
-    `Replaced` (dst not left behind) when src is not the file `expect` describes."""
+def _try_link(src: str, dst: str) -> bool:
+    """Hard-links src (itself, if a symlink) to dst: True if done, False where the file system
+    cannot (another device, no hard links); FileExistsError if dst exists, never replacing it."""
     try:
         os.link(src, dst, follow_symlinks=False)  # atomic, and fails if dst exists
     except FileExistsError:
@@ -90,7 +90,14 @@ def _link_or_copy_no_replace(src: str, dst: str, expect: os.stat_result | None =
     except OSError as e:
         if e.errno not in _NO_LINK:
             raise
-    else:
+        return False
+    return True
+
+
+def _link_or_copy_no_replace(src: str, dst: str, expect: os.stat_result | None = None) -> None:
+    """Creates dst with src's content; raises FileExistsError instead of replacing anything, and
+    `Replaced` (dst not left behind) when src is not the file `expect` describes."""
+    if _try_link(src, dst):
         if expect is not None and not _same_file(os.lstat(dst), expect):
             os.unlink(dst)  # our link, to a file that was never checked
             raise Replaced(src)
@@ -149,14 +156,7 @@ def restore_exact(src: str, dst: str, stage: str) -> None:
     stage alone (a partial copy; src intact), or stage and dst as one inode with src still there:
     `undo.restore_one` recognises both by the stage name and finishes or rolls back.
     """
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in _NO_LINK:
-            raise
-    else:
+    if _try_link(src, dst):
         try:
             os.unlink(src)
         except BaseException:
