@@ -19,13 +19,18 @@ from tqdm import tqdm
 from clipdedup import db as dbmod
 from clipdedup.errors import UserError
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
-from clipdedup.ingest.update import load_embeddings, resolve_model_id, scan_images, update_db
+from clipdedup.ingest.update import (
+    load_embeddings,
+    reencode_damaged,
+    resolve_model_id,
+    scan_images,
+    update_db,
+)
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.records import (
     FileEntry,
     Group,
     RunSummary,
-    ScanResult,
     SnapshotState,
     SnapshotStatus,
     UpdateSummary,
@@ -102,37 +107,22 @@ def _update_or_read(
         u.meta = dbmod.read_meta(db_dir)
         entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
     else:
-        clean = opts.clean_orphans and not read_only
-        u = _update(image_dir, db_dir, opts, encoder, scan, opts.force, clean, opts.dry_run or read_only)
+        u = update_db(
+            image_dir,
+            db_dir,
+            opts.model_id,
+            device=opts.device,
+            batch_size=opts.batch_size,
+            force=opts.force,
+            clean_orphans=opts.clean_orphans and not read_only,
+            dry_run=opts.dry_run or read_only,
+            scan=scan,
+            progress=opts.progress,
+            log=opts.say,
+            encoder=encoder,
+        )
     s.updates[label] = u
     return u, entries
-
-
-def _update(
-    image_dir: str,
-    db_dir: str,
-    opts: RunOptions,
-    encoder: LazyEncoder,
-    scan: ScanResult,
-    force: bool,
-    clean_orphans: bool,
-    dry_run: bool,
-) -> UpdateSummary:
-    """`update_db` of `scan` with the run's model, device, batch size, progress and log."""
-    return update_db(
-        image_dir,
-        db_dir,
-        opts.model_id,
-        device=opts.device,
-        batch_size=opts.batch_size,
-        force=force,
-        clean_orphans=clean_orphans,
-        dry_run=dry_run,
-        scan=scan,
-        progress=opts.progress,
-        log=opts.say,
-        encoder=encoder,
-    )
 
 
 def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
@@ -144,34 +134,6 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
         return load_encoder(resolve_model_id(opts.model_id, have), device=opts.device)
 
     return LazyEncoder(load)
-
-
-def _reencode_damaged(
-    image_dir: str,
-    db_dir: str,
-    entries: list[FileEntry],
-    load_errors: list[tuple[str, str]],
-    u: UpdateSummary,
-    opts: RunOptions,
-    encoder: LazyEncoder,
-) -> bool:
-    """Re-encodes the images whose .npy could not be read although it looked up to date (right
-    size and mtime, but a bad header or dtype): left alone, such a file is skipped on every run.
-    Returns whether anything was re-encoded (then the caller loads again)."""
-    by_npy = {dbmod.npy_path(db_dir, e.rel): e for e in entries}
-    damaged = [(by_npy[p], why) for p, why in load_errors if p in by_npy]
-    if not damaged:
-        return False
-    for e, why in damaged:
-        opts.say(f"{dbmod.npy_path(db_dir, e.rel)}: damaged ({why}); re-encoding {e.rel}")
-    # force: these look up to date; no orphan clean-up: this scan holds only the damaged images
-    again = _update(
-        image_dir, db_dir, opts, encoder, ScanResult([e for e, _ in damaged], []), True, False, False
-    )
-    u.encoded += again.encoded
-    u.copied += again.copied
-    u.failed += again.failed
-    return again.encoded + again.copied > 0
 
 
 def _encoded_as_scanned(
@@ -264,15 +226,13 @@ def _run_dedup_locked(
     kept, x, s.load_errors, s.not_in_db = load_embeddings(
         db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
     )
-    if (
-        s.load_errors
-        and not (opts.dry_run or opts.skip_update)
-        and _reencode_damaged(image_dir, db_dir, entries, s.load_errors, u, opts, encoder)
-    ):
-        info = dbmod.LoadInfo()
-        kept, x, s.load_errors, s.not_in_db = load_embeddings(
-            db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
-        )
+    if s.load_errors and not (opts.dry_run or opts.skip_update):
+        damaged = (entries, s.load_errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
+        if reencode_damaged(image_dir, db_dir, *damaged, into=u):
+            info = dbmod.LoadInfo()
+            kept, x, s.load_errors, s.not_in_db = load_embeddings(
+                db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
+            )
     s.loaded = len(kept)
     s.seconds["load"] = time.perf_counter() - t
     _say_snapshot(db_dir, info, opts)

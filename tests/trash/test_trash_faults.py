@@ -5,6 +5,7 @@ promise of docs/guarantees.md ("Moves and undo under attack")."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -247,6 +248,10 @@ def test_every_move_failing_exits_2_with_a_count_even_when_quiet(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "moves failed" in lines[0], lines
     assert tree_hashes(img) == before
+    r = subprocess.run(_dedup_cmd(img, db, trash, tiny_model, "--json", "-q"), capture_output=True, text=True)
+    d = json.loads(r.stdout)
+    due = [m for g in d["groups"] for m in g["moves"]]
+    assert r.returncode == 2 and d["moves_failed"] == len(due) > 0 and d["moved"] == 0
 
 
 # 9. Names with a newline stay one line; a symlink whose target moved says so.

@@ -49,6 +49,7 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
             for g, labels in ((g, labelled(g)) for g in s.groups)
         ],
         "moved": len(s.moved),
+        "moves_failed": sum(1 for m in s.move_skipped if m.failed),  # > 0: the exit code is 2
         "run_id": s.run_id,
         "journal": s.journal,
         "seconds": {k: round(v, 4) for u in ups for k, v in u.seconds.items()}

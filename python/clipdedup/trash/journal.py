@@ -46,14 +46,14 @@ def journal_path(trash_dir: str | os.PathLike[str]) -> str:
 
 def undo_stage_path(source: str, run: str, seq: int) -> str:
     """The name beside `source` where undo copies a file back across file systems before linking
-    it into place (see `act.restore_exact`); fixed per move, so a later undo finds a leftover.
+    it into place (see `fileops.restore_exact`); fixed per move, so a later undo finds a leftover.
     Short, whatever the source's name, so it always fits NAME_MAX."""
     return os.path.join(os.path.dirname(source), f".clipdedup-undo-{run}-{seq}.part")
 
 
 def move_grab_path(source: str, run: str, seq: int) -> str:
     """The name beside `source` that a move renames the source to just before dropping it (see
-    `move.move_exact`); fixed per move, so undo finds and drops one that a crash left behind."""
+    `fileops.move_exact`); fixed per move, so undo finds and drops one that a crash left behind."""
     return os.path.join(os.path.dirname(source), f".clipdedup-move-{run}-{seq}.part")
 
 
@@ -91,12 +91,16 @@ def open_for_append(path: str) -> int:
     """Opens the journal for appending. A line cut short by a crash is ended first, so the next
     record does not glue onto it (the reader skips the broken line)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    size = os.fstat(fd).st_size
-    if size:
-        with open(path, "rb") as f:
-            f.seek(size - 1)
-            if f.read(1) != b"\n":
-                os.write(fd, b"\n")
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n" and os.write(fd, b"\n") != 1:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    except BaseException:
+        os.close(fd)  # a full disk: the caller may try again later
+        raise
     return fd
 
 

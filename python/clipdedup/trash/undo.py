@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from clipdedup.errors import UserError
+from clipdedup.trash.fileops import restore_exact
 from clipdedup.trash.journal import (
     JOURNAL_NAME,
     META_DIR,
@@ -25,7 +26,7 @@ from clipdedup.trash.journal import (
     runs,
     undo_stage_path,
 )
-from clipdedup.trash.move import is_inside, restore_exact
+from clipdedup.trash.move import is_inside
 from clipdedup.util.lock import trash_lock
 
 
@@ -211,7 +212,7 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
 
 def _drop_grab(src: str, dst: str, grab: str, *, dry_run: bool) -> None:
     """Drops the name a move cut short between renaming its source to `grab` and unlinking that
-    (see `move.move_exact`), when it is just another name of the trash copy or of the source."""
+    (see `fileops.move_exact`), when it is just another name of the trash copy or of the source."""
     if dry_run or not os.path.lexists(grab):
         return
     if any(os.path.lexists(p) and _same_inode(p, grab) for p in (dst, src)):
