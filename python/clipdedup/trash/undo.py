@@ -169,7 +169,7 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
 
     if os.path.isabs(m.rec["dest"]) or not is_inside(os.path.dirname(dst), trash_dir):
         return res("refused", f"its trash path {dst} leads outside the trash dir {trash_dir}; not touched")
-    _drop_grab(src, dst, move_grab_path(src, m.run, m.seq), dry_run=dry_run)
+    _drop_grab(src, dst, move_grab_path(src, m.run, m.seq), want, dry_run=dry_run)
     stage = undo_stage_path(src, m.run, m.seq)
     if os.path.lexists(stage):
         done = _resume_restore(src, dst, stage, dry_run=dry_run)
@@ -210,12 +210,15 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
     return res("restored", f"moved back from {dst}")
 
 
-def _drop_grab(src: str, dst: str, grab: str, *, dry_run: bool) -> None:
+def _drop_grab(src: str, dst: str, grab: str, want: str, *, dry_run: bool) -> None:
     """Drops the name a move cut short between renaming its source to `grab` and unlinking that
-    (see `fileops.move_exact`), when it is just another name of the trash copy or of the source."""
+    (see `fileops.move_exact`), when another name holds the same file: the trash name or the
+    source as the same inode, or (a move across file systems) a copy with the journaled hash."""
     if dry_run or not os.path.lexists(grab):
         return
     if any(os.path.lexists(p) and _same_inode(p, grab) for p in (dst, src)):
+        os.unlink(grab)
+    elif _hash_or_none(grab) == want and any(_hash_or_none(p) == want for p in (dst, src)):
         os.unlink(grab)
 
 
