@@ -303,3 +303,26 @@ def test_mover_stops_after_the_first_full_disk(tmp_path: Path, monkeypatch) -> N
     m.close()
     assert len(calls) == 1 and [r.tried for r in rs] == [True, False, False, False]
     assert all(r.failed and r.dest is None for r in rs)
+
+
+def test_apply_whose_moves_fail_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
+    from clipdedup.cli import dedup_cmd, run_cli
+    from clipdedup.records import Group, RunSummary
+    from clipdedup.report import core as report
+
+    root, rep, trash = tmp_path / "pics", tmp_path / "rep", tmp_path / "trash"
+    (root / "sub").mkdir(parents=True)
+    names = [f"sub/{n}.bin" for n in "abc"]
+    for k, n in enumerate(names):
+        (root / n).write_bytes(os.urandom(100 + k))
+    s = RunSummary(threshold=0.1, backend="reference")
+    s.groups.append(Group(names, names[0], [], [(names[0], x, 0.01) for x in names[1:]]))
+    report.write_report(s, str(rep), {"": str(root)}, strategy="largest", dry_run=True)
+    trash.mkdir()
+    (trash / "sub").write_bytes(b"")  # a file where the moves need a directory
+    before = tree_hashes(root)
+    capsys.readouterr()
+    assert run_cli(dedup_cmd, "test", ["apply", str(rep), "-t", str(trash), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "2 moves failed" in err[0], err
+    assert tree_hashes(root) == before

@@ -227,7 +227,7 @@ def finish(summary: Any, opts: Any, as_json: bool, quiet: bool) -> int:
         if summary.journal:
             trash = os.path.dirname(os.path.dirname(summary.journal))
             click.echo(f"to undo: clip-image-deduper undo -t {trash} --run {summary.run_id}", err=True)
-    failed = report.failed_moves_line(summary)
+    failed = report.failed_moves_line(summary.move_skipped)
     if failed is not None:
         click.echo(f"error: {failed}", err=True)  # also with -q: the run did not do its job
         return 2

@@ -9,13 +9,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
-from clipdedup.records import Group, RunSummary
+from clipdedup.records import Group, MoveResult, RunSummary
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -82,9 +82,9 @@ def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
     return lines
 
 
-def failed_moves_line(s: RunSummary) -> str | None:
-    """One line counting the moves that were due but failed (None if none did)."""
-    failed = [m for m in s.move_skipped if m.failed]
+def failed_moves_line(results: Iterable[MoveResult]) -> str | None:
+    """One line counting the moves among `results` that were due but failed (None if none did)."""
+    failed = [m for m in results if m.failed]
     if not failed:
         return None
     first = next((m for m in failed if m.tried), failed[0])

@@ -34,6 +34,7 @@ from clipdedup.trash.keep import Candidate, choose_keep
 __all__ = [
     "REPLACED",
     "STOP_ERRNOS",
+    "MoveResult",
     "Mover",
     "Replaced",
     "check_before_move",
