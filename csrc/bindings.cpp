@@ -127,8 +127,17 @@ py::list names_of(const clipdedup::ScanOutput& o,
 }
 
 clipdedup::ScanOutput scan(const std::string& root, std::optional<std::vector<std::string>> suffixes,
-                           const std::vector<std::string>& exclude, bool follow_symlinks, int threads) {
+                           const std::vector<std::string>& exclude, bool follow_symlinks, int threads,
+                           bool cross_devices, const std::vector<std::uint64_t>& system_devices,
+                           std::optional<py::array_t<std::int64_t>> progress) {
     clipdedup::ScanOptions opt;
+    opt.cross_devices = cross_devices;
+    opt.system_devices = system_devices;
+    if (progress) {
+        if (progress->size() < 1 || !(progress->flags() & py::array::c_style))
+            throw py::value_error("progress: a writable int64 array of at least one element");
+        opt.progress = progress->mutable_data();
+    }
     opt.root = root;
     opt.all_files = !suffixes.has_value();
     if (suffixes) opt.suffixes = *suffixes;
@@ -277,8 +286,10 @@ PYBIND11_MODULE(_native, m) {
             return out;
         });
     m.def("scan_tree", &scan, py::arg("root"), py::arg("suffixes"), py::arg("exclude"), py::arg("follow_symlinks"),
-          py::arg("threads") = 0,
-          "Walks root with threads (GIL released); suffixes: lowercase ASCII with the dot, or None for all.");
+          py::arg("threads") = 0, py::arg("cross_devices") = false,
+          py::arg("system_devices") = std::vector<std::uint64_t>{}, py::arg("progress") = py::none(),
+          "Walks root with threads (GIL released); suffixes: lowercase ASCII with the dot, or None for all. "
+          "progress: an int64 array whose [0] the walk adds the entries it has seen to.");
     m.def("construct", &construct, py::arg("cls"), py::arg("names"), py::arg("columns"),
           "[cls instances] with attribute names[j] = columns[j][i], built without calling __init__.");
     m.def("row_hashes", &row_hashes, py::arg("mat"), py::arg("threads") = 1,

@@ -45,6 +45,7 @@ struct Ancestor {
 struct Pending {
     std::string rel;
     std::shared_ptr<const Ancestor> parent;  // null for the root
+    bool via_link = false;                   // a followed symlink lies on the way here
 };
 
 std::int64_t ns(const struct timespec& t) {
@@ -77,7 +78,9 @@ class Walker {
             out.errors.push_back({"", std::string("cannot list directory: ") + std::strerror(errno)});
             return out;
         }
-        queue_.push_back({"", nullptr});
+        struct stat rst;
+        root_dev_ = ::fstat(root_fd_, &rst) == 0 ? rst.st_dev : 0;
+        queue_.push_back({"", nullptr, false});
         const int n = std::max(1, opt_.threads);
         std::vector<std::vector<ScanRecord>> records(n);
         std::vector<std::vector<ScanError>> errors(n);
@@ -150,6 +153,20 @@ class Walker {
                 ::close(fd);
                 return;
             }
+            const auto dev = static_cast<std::uint64_t>(dst.st_dev);
+            if (std::find(opt_.system_devices.begin(), opt_.system_devices.end(), dev) !=
+                opt_.system_devices.end()) {
+                errors->push_back({dir.rel, "a system directory (/proc, /sys or /dev), never entered"});
+                ::close(fd);
+                return;
+            }
+            if (dir.via_link && !opt_.cross_devices && dst.st_dev != root_dev_) {
+                errors->push_back({dir.rel,
+                                   "reached through a symlink, on another file system: not entered "
+                                   "(--cross-file-systems enters it)"});
+                ::close(fd);
+                return;
+            }
             if (is_ancestor(self, dir.parent.get())) {
                 errors->push_back({dir.rel, "directory loop (it is its own ancestor), not entered"});
                 ::close(fd);
@@ -157,6 +174,7 @@ class Walker {
             }
         }
         auto me = std::make_shared<const Ancestor>(Ancestor{self, dir.parent});
+        std::int64_t seen = 0;
         for (;;) {
             const long n = ::syscall(SYS_getdents64, fd, buf->data(), buf->size());
             if (n < 0) {
@@ -170,19 +188,24 @@ class Walker {
                 pos += e->d_reclen;
                 const char* name = e->d_name;
                 if (name[0] == '.' && (name[1] == 0 || (name[1] == '.' && name[2] == 0))) continue;
-                entry(fd, dir.rel, name, e->d_type, me, records, errors, found);
+                entry(fd, dir, name, e->d_type, me, records, errors, found);
+                ++seen;
             }
+            if (opt_.progress != nullptr) __atomic_fetch_add(opt_.progress, seen, __ATOMIC_RELAXED);
+            seen = 0;
         }
         ::close(fd);
     }
 
-    void entry(int fd, const std::string& rel_dir, const char* name, unsigned char type,
+    void entry(int fd, const Pending& dir, const char* name, unsigned char type,
                const std::shared_ptr<const Ancestor>& me, std::vector<ScanRecord>* records,
                std::vector<ScanError>* errors, std::vector<Pending>* found) {
+        const std::string& rel_dir = dir.rel;
         int match = 1;
+        bool is_link = type == DT_LNK;
         switch (type) {
             case DT_DIR:
-                found->push_back({join(rel_dir, name), me});
+                found->push_back({join(rel_dir, name), me, dir.via_link});
                 return;
             case DT_REG:
                 if (!opt_.all_files) {
@@ -199,13 +222,17 @@ class Walker {
                 return;  // fifo, socket, device
         }
         struct stat st;
+        if (type == DT_UNKNOWN && opt_.follow_symlinks) {
+            // Whether it is a link decides how far the walk may go below it.
+            if (::fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0) is_link = S_ISLNK(st.st_mode);
+        }
         const int stat_flags = opt_.follow_symlinks ? 0 : AT_SYMLINK_NOFOLLOW;
         if (::fstatat(fd, name, &st, stat_flags) != 0) {
             errors->push_back({join(rel_dir, name), std::string("cannot stat: ") + std::strerror(errno)});
             return;
         }
         if (S_ISDIR(st.st_mode)) {
-            found->push_back({join(rel_dir, name), me});
+            found->push_back({join(rel_dir, name), me, dir.via_link || is_link});
             return;
         }
         if (!S_ISREG(st.st_mode)) return;
@@ -221,6 +248,7 @@ class Walker {
     const ScanOptions& opt_;
     std::vector<DevIno> excluded_;
     int root_fd_ = -1;
+    dev_t root_dev_ = 0;
     std::mutex mu_;
     std::condition_variable cv_;
     std::vector<Pending> queue_;

@@ -14,7 +14,14 @@ struct ScanOptions {
     bool all_files = false;
     std::vector<std::string> exclude;  // directories not to enter (matched by device and inode)
     bool follow_symlinks = false;
+    // A directory reached through a followed symlink is entered only on the root's file system,
+    // unless cross_devices.
+    bool cross_devices = false;
+    std::vector<std::uint64_t> system_devices;  // st_dev of /proc, /sys, /dev: never entered
     int threads = 1;
+    // Entries seen so far, added to as the walk goes (relaxed atomic adds), for a progress display;
+    // may be null.
+    std::int64_t* progress = nullptr;
 };
 
 struct ScanRecord {
@@ -39,6 +46,8 @@ struct ScanOutput {
 
 // Walks opt.root. Symlinks are skipped unless opt.follow_symlinks; a directory that is its own
 // ancestor (a symlink or bind-mount loop) is reported and not entered, so the walk always ends.
+// A directory on a system device, or (unless cross_devices) one on another file system that was
+// reached through a followed symlink, is reported and not entered.
 // Nothing throws for file-system trouble: it becomes a ScanError.
 ScanOutput scan_tree(const ScanOptions& opt);
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from clipdedup.cli import run_cli
 from clipdedup.match import exact_distances
@@ -82,3 +87,62 @@ def threshold_on_a_pair(x, y=None, q=0.05):
     if y is None:
         d = d[np.triu_indices(len(x), 1)]
     return float(np.quantile(d.ravel(), q, method="lower"))
+
+
+# Mounts and full disks (tests/trash/, tests/util/).
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str = "size=64m") -> Iterator[Path]:
+    """A tmpfs mounted at `where` (created) for the block; skips the test where mounting is not
+    allowed. A tmpfs is another file system (moves become copies) and a small one fills up."""
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()[:200]}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill_up(d: Path) -> None:
+    """Fills the file system of `d` to the last byte (a file `d/filler`)."""
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size) == size:
+                    pass
+    finally:
+        os.close(fd)
+
+
+# Trees of real images for whole runs (tests/test_faults.py, tests/trash/, tests/db/).
+
+
+def distinct_images(testdata: Path, d: Path, per_source: int) -> list[Path]:
+    """`per_source` different crops of each real base image, as JPEGs (all distinct files)."""
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sorted((testdata / "base_images").glob("*.jpg")):
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        for k in range(per_source):
+            box = (8 * k, 6 * k, w - 5 * k, h - 7 * k)
+            p = d / f"{src.stem}_{k}.jpg"
+            im.crop(box).resize((320, 240)).save(p, quality=90)
+            out.append(p)
+    return out
+
+
+def dup_tree(testdata: Path, img: Path, copies: int) -> None:
+    """Groups of byte-identical copies spread over subdirs, so a run has many moves to make."""
+    srcs = distinct_images(testdata, img.parent / "src", 2)
+    for k in range(copies):
+        sub = img / f"dir{k % 3}" / f"copy{k}"
+        sub.mkdir(parents=True)
+        for s in srcs:
+            shutil.copyfile(s, sub / s.name)

@@ -97,9 +97,13 @@ MUTATIONS = [
         (
             (
                 "        seq = journal.intend(\n",
-                "        move_exact(src, target)\n        seq = journal.intend(\n",
+                "        move_exact(src, target, expect=checked)\n        seq = journal.intend(\n",
             ),
-            ("        try:\n            move_exact(src, target)\n", "        try:\n            pass\n"),
+            (
+                "            move_exact(src, target, expect=checked, "
+                "grab=move_grab_path(src, journal.run_id, seq))\n",
+                "            pass\n",
+            ),
         ),
         ("tests/trash/test_journal.py::test_records_are_written_before_the_move",),
     ),
@@ -113,7 +117,7 @@ MUTATIONS = [
     Mutation(
         "overwrite-trash-name",
         "a move never replaces a file already at the destination",
-        "trash/move.py",
+        "trash/fileops.py",
         (
             (
                 "        os.link(src, dst, follow_symlinks=False)  # atomic, and fails if dst exists\n",

@@ -21,31 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipdedup.db import TMP_MARK, load_db, npy_file_size
 from clipdedup.ingest.update import update_db
 from clipdedup.trash import journal as jm
 from clipdedup.trash.undo import undo
-from helpers import tree_hashes
+from helpers import distinct_images, dup_tree, mounted_tmpfs, tree_hashes
 
 EXE = Path(sys.executable).parent / "clip-image-deduper"
 SEED = int(os.environ.get("CLIPDEDUP_FAULT_SEED", random.randrange(1 << 30)))
-
-
-def distinct_images(testdata: Path, d: Path, per_source: int) -> list[Path]:
-    """`per_source` different crops of each real base image, as JPEGs (all distinct files)."""
-    d.mkdir(parents=True, exist_ok=True)
-    out = []
-    for src in sorted((testdata / "base_images").glob("*.jpg")):
-        im = Image.open(src).convert("RGB")
-        w, h = im.size
-        for k in range(per_source):
-            box = (8 * k, 6 * k, w - 5 * k, h - 7 * k)
-            p = d / f"{src.stem}_{k}.jpg"
-            im.crop(box).resize((320, 240)).save(p, quality=90)
-            out.append(p)
-    return out
 
 
 def kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 240.0) -> bool:
@@ -116,16 +100,6 @@ def test_kill_during_db_update(testdata: Path, tmp_path: Path, tiny_model: str) 
 @pytest.mark.slow
 def test_kill_during_db_update_many(testdata: Path, tmp_path: Path, tiny_model: str) -> None:
     _kill_during_update(testdata, tmp_path, tiny_model, rounds=8)
-
-
-def dup_tree(testdata: Path, img: Path, copies: int) -> None:
-    """Groups of byte-identical copies spread over subdirs, so a run has many moves to make."""
-    srcs = distinct_images(testdata, img.parent / "src", 2)
-    for k in range(copies):
-        sub = img / f"dir{k % 3}" / f"copy{k}"
-        sub.mkdir(parents=True)
-        for s in srcs:
-            shutil.copyfile(s, sub / s.name)
 
 
 def journal_moves(trash: Path) -> int:
@@ -210,17 +184,8 @@ def test_write_beyond_file_size_limit(testdata: Path, tmp_path: Path, tiny_model
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96k,nr_inodes=64", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()[:200]}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=96k,nr_inodes=64") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_disk_full_on_a_tiny_tmpfs(testdata: Path, tmp_path: Path, tiny_model: str, tiny_tmpfs: Path) -> None:

@@ -33,6 +33,9 @@ def scan_tree(
     exclude: Sequence[bytes],
     follow_symlinks: bool,
     threads: int = 0,
+    cross_devices: bool = False,
+    system_devices: Sequence[int] = ...,
+    progress: np.ndarray | None = None,
 ) -> ScanOutput: ...
 def construct(cls: type, names: Sequence[str], columns: Sequence[Sequence[object]]) -> list: ...
 def row_hashes(mat: Buffer | np.ndarray, threads: int = 1) -> np.ndarray: ...

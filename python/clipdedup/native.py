@@ -76,10 +76,19 @@ def npz_supported() -> bool:
 
 
 def scan_tree(
-    root: bytes, suffixes: list[bytes] | None, exclude: list[bytes], follow_symlinks: bool, threads: int
+    root: bytes,
+    suffixes: list[bytes] | None,
+    exclude: list[bytes],
+    follow_symlinks: bool,
+    threads: int,
+    cross_devices: bool = False,
+    system_devices: Sequence[int] = (),
+    progress: np.ndarray | None = None,
 ) -> ScanOutput:
     """The native walk; use `clipdedup.scan.scan_tree`, which wraps this."""
-    return _native.scan_tree(root, suffixes, exclude, follow_symlinks, threads)
+    return _native.scan_tree(
+        root, suffixes, exclude, follow_symlinks, threads, cross_devices, list(system_devices), progress
+    )
 
 
 def construct(cls: type, names: Sequence[str], columns: Sequence[Sequence]) -> list:

@@ -19,9 +19,22 @@ from tqdm import tqdm
 from clipdedup import db as dbmod
 from clipdedup.errors import UserError
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
-from clipdedup.ingest.update import load_embeddings, resolve_model_id, scan_images, update_db
+from clipdedup.ingest.update import (
+    load_embeddings,
+    reencode_damaged,
+    resolve_model_id,
+    scan_images,
+    update_db,
+)
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
-from clipdedup.records import FileEntry, Group, RunSummary, SnapshotState, SnapshotStatus, UpdateSummary
+from clipdedup.records import (
+    FileEntry,
+    Group,
+    RunSummary,
+    SnapshotState,
+    SnapshotStatus,
+    UpdateSummary,
+)
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
@@ -44,6 +57,7 @@ class RunOptions:
     progress: bool = False
     log: Callable[[str], object] | None = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
+    cross_devices: bool = False  # a followed symlink may lead onto another file system
 
     def say(self, line: str) -> None:
         (self.log or (lambda s: print(s, file=sys.stderr)))(line)
@@ -80,7 +94,13 @@ def _update_or_read(
     """Scans `image_dir` and brings its DB up to date. `read_only` (import mode's base DB): images
     missing from the DB or newer than their entry are encoded in memory only, and nothing is
     written to or removed from the DB."""
-    scan = scan_images(image_dir, exclude, follow_symlinks=opts.follow_symlinks, progress=opts.progress)
+    scan = scan_images(
+        image_dir,
+        exclude,
+        follow_symlinks=opts.follow_symlinks,
+        cross_devices=opts.cross_devices,
+        progress=opts.progress,
+    )
     entries = scan.entries
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
@@ -197,7 +217,8 @@ def _run_dedup_locked(
 ) -> RunSummary:
     s = RunSummary()
     t = time.perf_counter()
-    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, _lazy_encoder([db_dir], opts))
+    encoder = _lazy_encoder([db_dir], opts)
+    u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
@@ -205,6 +226,13 @@ def _run_dedup_locked(
     kept, x, s.load_errors, s.not_in_db = load_embeddings(
         db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
     )
+    if s.load_errors and not (opts.dry_run or opts.skip_update):
+        damaged = (entries, s.load_errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
+        if reencode_damaged(image_dir, db_dir, *damaged, into=u):
+            info = dbmod.LoadInfo()
+            kept, x, s.load_errors, s.not_in_db = load_embeddings(
+                db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
+            )
     s.loaded = len(kept)
     s.seconds["load"] = time.perf_counter() - t
     _say_snapshot(db_dir, info, opts)

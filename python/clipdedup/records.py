@@ -36,7 +36,8 @@ class DBMeta:
     format_version: int = FORMAT_VERSION
 
     def describe(self) -> str:
-        return f"model {self.model_id}, dim {self.dim}"
+        unit = "" if self.normalized else ", vectors not normalized"
+        return f"model {self.model_id}, dim {self.dim}{unit}"
 
 
 class SnapshotState(str, enum.Enum):
@@ -92,6 +93,13 @@ class MoveResult:
     source: str
     dest: str | None  # None when skipped
     reason: str | None = None  # why skipped
+    error: int | None = None  # errno when the move was tried and failed (not a refusal)
+    tried: bool = True  # False when a Mover had stopped (see trash.move.STOP_ERRNOS) before this file
+
+    @property
+    def failed(self) -> bool:
+        """The move was due but could not be made (an I/O error, or not tried after one)."""
+        return self.error is not None
 
 
 @dataclass

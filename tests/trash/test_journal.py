@@ -57,10 +57,10 @@ def test_records_are_written_before_the_move(setup, monkeypatch) -> None:
     seen = []
     real = act.move_exact
 
-    def spy(src: str, dst: str) -> None:
+    def spy(src: str, dst: str, **kw) -> None:
         recs, _ = jm.read_records(trash)
         seen.append(recs[-1])  # what is on disk at the moment of the move
-        real(src, dst)
+        real(src, dst, **kw)
 
     monkeypatch.setattr(act, "move_exact", spy)
     move_all(img, trash)

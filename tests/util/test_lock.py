@@ -165,3 +165,39 @@ def test_import_locks_the_import_db_and_not_the_base_db(tmp_path: Path) -> None:
 def test_db_lock_file_name_is_the_released_one() -> None:
     """Two versions of the tool on one DB must exclude each other: the name is part of the format."""
     assert lockmod.DB_LOCK_NAME == ".clipdedup.lock"
+
+
+STARTING = (
+    "import fcntl, json, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(0.3)\n"  # a run that has the lock but has not written its note yet
+    "os.pwrite(fd, json.dumps({'pid': os.getpid(), 'host': 'h'}).encode(), 0)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_a_run_that_is_just_starting_is_named_not_pid_question_mark(tmp_path: Path) -> None:
+    path = tmp_path / DB_LOCK_NAME
+    p = subprocess.Popen([sys.executable, "-c", STARTING, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError) as e:
+            DirLock(str(path), "DB dir x").acquire()
+        assert f"pid {p.pid} on h" in str(e.value) and "?" not in str(e.value)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_the_lock_is_taken_on_a_full_disk(tmp_path: Path) -> None:
+    from helpers import fill_up, mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "m", "size=64k") as mnt:
+        path = mnt / "lock"
+        path.touch()
+        fill_up(mnt)
+        with DirLock(str(path), "trash dir m"):
+            with pytest.raises(UserError, match="in use by another run"):
+                DirLock(str(path), "trash dir m").acquire()

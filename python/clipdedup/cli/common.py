@@ -148,7 +148,15 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
             is_flag=True,
             help="Scan through symlinks to files and directories (loops are cut). A symlink is never "
             "kept in place of its own target, and nothing is moved out of a linked dir outside the "
-            "image dir. [default: symlinks are not followed]",
+            "image dir. A followed link stays on the image dir's file system (see "
+            "--cross-file-systems); /proc, /sys and /dev are never entered. "
+            "[default: symlinks are not followed]",
+        ),
+        click.option(
+            "--cross-file-systems",
+            "cross_devices",
+            is_flag=True,
+            help="With --follow-symlinks: let a followed link lead onto another file system.",
         ),
         click.option(
             "--report",
@@ -183,6 +191,7 @@ def run_options(**kw: Any) -> Any:
         progress=show_progress(quiet),
         log=(lambda line: None) if quiet else None,
         follow_symlinks=kw.get("follow_symlinks", False),
+        cross_devices=kw.get("cross_devices", False),
     )
 
 
@@ -218,4 +227,8 @@ def finish(summary: Any, opts: Any, as_json: bool, quiet: bool) -> int:
         if summary.journal:
             trash = os.path.dirname(os.path.dirname(summary.journal))
             click.echo(f"to undo: clip-image-deduper undo -t {trash} --run {summary.run_id}", err=True)
+    failed = report.failed_moves_line(summary.move_skipped)
+    if failed is not None:
+        click.echo(f"error: {failed}", err=True)  # also with -q: the run did not do its job
+        return 2
     return 0

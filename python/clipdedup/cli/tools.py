@@ -182,6 +182,12 @@ def apply_cmd(
     click.echo(report_apply.summary_text(res, dry_run=dry_run), err=True)
     if res.journal and not quiet:
         click.echo(f"to undo: clip-image-deduper undo -t {trash_dir} --run {res.run_id}", err=True)
+    from clipdedup.report.core import failed_moves_line
+
+    failed = failed_moves_line(r for _, r in res.moves)
+    if failed is not None:
+        click.echo(f"error: {failed}", err=True)  # also with -q, as a dedup run
+        return 2
     return 0
 
 

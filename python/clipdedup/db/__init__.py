@@ -22,6 +22,7 @@ from clipdedup.db.layout import (
     plan_update,
     read_meta,
     remove_orphans,
+    unnamable_reason,
     write_embedding,
     write_meta,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "plan_update",
     "read_meta",
     "remove_orphans",
+    "unnamable_reason",
     "write_embedding",
     "write_meta",
 ]

@@ -12,16 +12,16 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from clipdedup import native
 from clipdedup.errors import DBMismatchError, UserError
-from clipdedup.records import DBMeta, FileEntry
+from clipdedup.records import FORMAT_VERSION, DBMeta, FileEntry
 from clipdedup.scan import scan_native
-from clipdedup.util.fsutil import TMP_MARK, atomic_file
+from clipdedup.util.fsutil import NAME_MAX, TMP_MARK, atomic_file
 
 META_NAME = "clipdedup-db.json"
 NPY_SUFFIX = ".npy"
@@ -41,11 +41,40 @@ def read_meta(db_dir: str | os.PathLike[str]) -> DBMeta | None:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"{p}: unreadable DB metadata ({e}); move it away to rebuild") from e
-    known = {k: raw[k] for k in DBMeta.__dataclass_fields__ if k in raw}
-    try:
-        return DBMeta(**known)
-    except TypeError as e:
-        raise UserError(f"{p}: incomplete DB metadata ({e})") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: DB metadata is not a JSON object; move it away to rebuild")
+    for name, (ok, expected) in _META_RULES.items():
+        if name not in raw:
+            if name in ("model_id", "dim"):
+                raise UserError(f"{p}: incomplete DB metadata (no {name!r}); move it away to rebuild")
+            continue
+        if not ok(raw[name]):
+            raise UserError(
+                f"{p}: field {name!r} is {json.dumps(raw[name])[:60]}, expected {expected}; "
+                "the file is damaged: move it away to rebuild"
+            )
+    return DBMeta(**{k: raw[k] for k in DBMeta.__dataclass_fields__ if k in raw})
+
+
+MAX_DIM = 1 << 16
+
+
+def _whole(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# What each field of clipdedup-db.json may hold: a check and its description for the error line.
+_META_RULES = {
+    "model_id": (lambda v: isinstance(v, str) and v.strip() != "", "a model id (a non-empty string)"),
+    "dim": (lambda v: _whole(v) and 1 <= v <= MAX_DIM, f"a whole number from 1 to {MAX_DIM}"),
+    "dtype": (lambda v: v == "float32", '"float32"'),
+    "normalized": (lambda v: isinstance(v, bool), "true or false"),
+    "preprocess": (lambda v: isinstance(v, dict), "a JSON object"),
+    "format_version": (
+        lambda v: _whole(v) and 1 <= v <= FORMAT_VERSION,
+        f"a format version up to {FORMAT_VERSION} (a newer clipdedup wrote this DB?)",
+    ),
+}
 
 
 def write_meta(db_dir: str | os.PathLike[str], meta: DBMeta) -> None:
@@ -158,6 +187,18 @@ class UpdatePlan:
     to_encode: list[FileEntry]
     up_to_date: list[FileEntry]
     orphans: list[str]  # DB files whose image is gone, and stale temp files (absolute paths)
+    unnamable: list[FileEntry] = field(default_factory=list)  # their .npy name would be too long
+
+
+def npy_name_fits(rel: str, limit: int = NAME_MAX) -> bool:
+    """Whether the DB file of image `rel` can exist: its last part plus `.npy` fits `limit` bytes."""
+    return len(os.fsencode(rel.rsplit("/", 1)[-1])) + len(NPY_SUFFIX) <= limit
+
+
+def unnamable_reason(rel: str, limit: int = NAME_MAX) -> str:
+    n = len(os.fsencode(rel.rsplit("/", 1)[-1]))  # the image name, in bytes
+    fix = "rename it to include it"
+    return f"name too long for its DB file ({n} bytes + {NPY_SUFFIX} > {limit}); skipped, {fix}"
 
 
 def plan_update(
@@ -172,8 +213,12 @@ def plan_update(
     expected = npy_file_size(dim) if dim else None
     to_encode: list[FileEntry] = []
     fresh: list[FileEntry] = []
+    unnamable: list[FileEntry] = []
     for img in images:
         f = index.files.get(img.rel)
+        if f is None and not npy_name_fits(img.rel):
+            unnamable.append(img)
+            continue
         stale = (
             force
             or f is None
@@ -186,7 +231,7 @@ def plan_update(
     orphans = [f.path for rel, f in index.files.items() if rel not in present]
     orphans += index.temp_files
     orphans.sort()
-    return UpdatePlan(to_encode, fresh, orphans)
+    return UpdatePlan(to_encode, fresh, orphans, unnamable)
 
 
 def remove_orphans(db_dir: str | os.PathLike[str], paths: Sequence[str]) -> list[str]:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,15 +32,25 @@ def scan_images(
     exclude: Sequence[str | os.PathLike[str]] = (),
     *,
     follow_symlinks: bool = False,
+    cross_devices: bool = False,
     progress: bool = False,
 ) -> ScanResult:
-    """Scans an image tree. The native scanner returns everything at once, so the bar shows the
-    count and rate when it is done (no ETA: the total is unknown until the walk ends)."""
+    """Scans an image tree. The bar counts the directory entries walked so far while the walk
+    runs (no ETA: the total is unknown until it ends), so a long walk shows it is alive."""
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory does not exist")
-    bar = tqdm(desc=f"scan {os.fspath(image_dir)}", unit="file", disable=not progress, file=sys.stderr)
-    res = scan_tree(image_dir, exclude=list(exclude), follow_symlinks=follow_symlinks)
-    bar.update(len(res.entries))
+    bar = tqdm(desc=f"scan {os.fspath(image_dir)}", unit="entry", disable=not progress, file=sys.stderr)
+
+    def seen(n: int) -> None:
+        bar.update(n - bar.n)
+
+    res = scan_tree(
+        image_dir,
+        exclude=list(exclude),
+        follow_symlinks=follow_symlinks,
+        cross_devices=cross_devices,
+        progress=seen if progress else None,
+    )
     bar.close()
     return res
 
@@ -110,6 +120,10 @@ def update_db(
             raise dbmod.mismatch_error(db_dir, have, f"model {asked}")
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
+    for img in plan.unnamable:
+        path = os.path.join(image_dir, img.rel)
+        s.failed.append((path, dbmod.unnamable_reason(img.rel)))
+        log(f"{path}: {dbmod.unnamable_reason(img.rel)}")
     if plan.to_encode or have is None:
         copies = None
         if have is not None:
@@ -144,6 +158,47 @@ def update_db(
     if clean_orphans and plan.orphans and not dry_run:
         s.removed = dbmod.remove_orphans(db_dir, plan.orphans)
     return s
+
+
+def reencode_damaged(
+    image_dir: str | os.PathLike[str],
+    db_dir: str | os.PathLike[str],
+    entries: Sequence[FileEntry],
+    load_errors: Sequence[tuple[str, str]],
+    encoder: LazyEncoder,
+    model_id: str | None,
+    device: str | None,
+    batch_size: int,
+    log: Callable[[str], object],
+    *,
+    into: UpdateSummary,
+) -> bool:
+    """Re-encodes the images among `entries` whose .npy failed to load (`load_errors`) although it
+    looked up to date (right size and mtime, but a bad header or dtype): left alone, such a file
+    would be skipped on every run. Adds what it did to `into`; returns whether it did anything
+    (then the caller loads again)."""
+    by_npy = {dbmod.npy_path(db_dir, e.rel): e for e in entries}
+    damaged = [(by_npy[p], why) for p, why in load_errors if p in by_npy]
+    if not damaged:
+        return False
+    for e, why in damaged:
+        log(f"{dbmod.npy_path(db_dir, e.rel)}: damaged ({why}); re-encoding {e.rel}")
+    again = update_db(
+        image_dir,
+        db_dir,
+        model_id,
+        device=device,
+        batch_size=batch_size,
+        force=True,  # they look up to date
+        clean_orphans=False,  # this scan holds only the damaged images
+        scan=ScanResult([e for e, _ in damaged], []),
+        log=log,
+        encoder=encoder,
+    )
+    into.encoded += again.encoded
+    into.copied += again.copied
+    into.failed += again.failed
+    return True
 
 
 def _plan_copies(image_dir, plan: dbmod.UpdatePlan, index: dbmod.DBIndex, dim: int, s: UpdateSummary):

@@ -248,6 +248,8 @@ def result_lines(res: ApplyResult, *, dry_run: bool) -> list[str]:
     verb = "would move" if dry_run else "moved"
     lines = []
     for p, r in res.moves:
+        if not r.tried:
+            continue  # after a full trash: counted in one line by the CLI
         if r.dest is None:
             lines.append(f"kept in place {r.source}: {r.reason}")
         else:

@@ -9,13 +9,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
-from clipdedup.records import Group, RunSummary
+from clipdedup.records import Group, MoveResult, RunSummary
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -49,6 +49,7 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
             for g, labels in ((g, labelled(g)) for g in s.groups)
         ],
         "moved": len(s.moved),
+        "moves_failed": sum(1 for m in s.move_skipped if m.failed),  # > 0: the exit code is 2
         "run_id": s.run_id,
         "journal": s.journal,
         "seconds": {k: round(v, 4) for u in ups for k, v in u.seconds.items()}
@@ -56,16 +57,40 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
     }
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def printable(name: str) -> str:
+    """`name` with control characters escaped (`\\n`, `\\x1b`), so one file stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], name)
+
+
 def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
+    """One line per move (or skipped move); moves not tried after a stop are left to
+    `failed_moves_line`."""
     verb = "would move" if dry_run else "moved"
     lines = []
     for g in s.groups:
         for m in g.moved:
+            if not m.tried:
+                continue
             if m.dest is None:
-                lines.append(f"kept in place {m.source}: {m.reason}")
+                lines.append(f"kept in place {printable(m.source)}: {m.reason}")
             else:
-                lines.append(f"{verb} {m.source} -> {m.dest} (kept {labelled(g).kept})")
+                kept = printable(labelled(g).kept)
+                lines.append(f"{verb} {printable(m.source)} -> {printable(m.dest)} (kept {kept})")
     return lines
+
+
+def failed_moves_line(results: Iterable[MoveResult]) -> str | None:
+    """One line counting the moves among `results` that were due but failed (None if none did)."""
+    failed = [m for m in results if m.failed]
+    if not failed:
+        return None
+    first = next((m for m in failed if m.tried), failed[0])
+    untried = sum(1 for m in failed if not m.tried)
+    stop = f"; stopped moving after that, {untried} not tried" if untried else ""
+    return f"{len(failed)} moves failed (first: {printable(first.source)}: {first.reason}{stop})"
 
 
 def summary_text(d: dict[str, Any]) -> str:

@@ -24,6 +24,8 @@ moved as a whole can still be undone. Non-UTF-8 names are stored as Python's sur
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +42,19 @@ HASH_NAME = "blake2b"
 
 def journal_path(trash_dir: str | os.PathLike[str]) -> str:
     return os.path.join(trash_dir, META_DIR, JOURNAL_NAME)
+
+
+def undo_stage_path(source: str, run: str, seq: int) -> str:
+    """The name beside `source` where undo copies a file back across file systems before linking
+    it into place (see `fileops.restore_exact`); fixed per move, so a later undo finds a leftover.
+    Short, whatever the source's name, so it always fits NAME_MAX."""
+    return os.path.join(os.path.dirname(source), f".clipdedup-undo-{run}-{seq}.part")
+
+
+def move_grab_path(source: str, run: str, seq: int) -> str:
+    """The name beside `source` that a move renames the source to just before dropping it (see
+    `fileops.move_exact`); fixed per move, so undo finds and drops one that a crash left behind."""
+    return os.path.join(os.path.dirname(source), f".clipdedup-move-{run}-{seq}.part")
 
 
 def new_run_id() -> str:
@@ -59,7 +74,7 @@ def content_hash(path: str | os.PathLike[str]) -> str:
     return f"{HASH_NAME}:{h.hexdigest()}"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
@@ -76,21 +91,36 @@ def open_for_append(path: str) -> int:
     """Opens the journal for appending. A line cut short by a crash is ended first, so the next
     record does not glue onto it (the reader skips the broken line)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    size = os.fstat(fd).st_size
-    if size:
-        with open(path, "rb") as f:
-            f.seek(size - 1)
-            if f.read(1) != b"\n":
-                os.write(fd, b"\n")
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n" and os.write(fd, b"\n") != 1:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    except BaseException:
+        os.close(fd)  # a full disk: the caller may try again later
+        raise
     return fd
 
 
 def append_record(fd: int, rec: dict[str, Any], *, sync: bool) -> None:
-    """One record, one write(2) on an O_APPEND descriptor; fsynced when `sync`."""
-    line = json.dumps(rec, ensure_ascii=True, sort_keys=True) + "\n"
-    os.write(fd, line.encode("ascii"))
-    if sync:
-        os.fsync(fd)
+    """One record, one write(2) on an O_APPEND descriptor; fsynced when `sync`.
+
+    A write that fails or comes up short (a full disk) is cut off again, so the journal never
+    ends in a partial line that the next record would glue onto; the error is raised."""
+    data = (json.dumps(rec, ensure_ascii=True, sort_keys=True) + "\n").encode("ascii")
+    size = os.fstat(fd).st_size  # the writer holds the trash dir's lock: no one else appends
+    try:
+        n = os.write(fd, data)
+        if n != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if sync:
+            os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
 
 
 class Journal:
@@ -113,7 +143,7 @@ class Journal:
             self._fd = open_for_append(self.path)
             append_record(self._fd, {"t": "run", "run": self.run_id, **self._header}, sync=True)
             if new:
-                _fsync_dir(d)
+                fsync_dir(d)
         return self._fd
 
     def intend(self, rec: dict[str, Any]) -> int:

@@ -2,93 +2,70 @@
 deleting (`undo.py` puts them back).
 
 A move is a hard link to the destination (which fails rather than replace anything) followed by
-unlinking the source, so at every instant at least one name holds the content. Across file systems
-the link becomes an exclusive-create copy with fsync, then the unlink.
+releasing the source name, so at every instant at least one name holds the content. Across file
+systems the link becomes an exclusive-create copy with fsync (see `fileops`).
+
+What the move takes is what was checked: the file's inode, size and mtime are taken before it is
+hashed, and after the link (or while copying) the new name must show the same ones, else the link
+is rolled back and the file is left in place (`Replaced`). After the first failure for lack of
+space (or a read-only trash) a `Mover` stops trying: one reason, not one per file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import shutil
 import stat
 
 from clipdedup.records import FileEntry, MoveResult
-from clipdedup.trash.journal import Journal, content_hash
+from clipdedup.trash.fileops import (
+    MAX_NAME_TRIES,
+    Replaced,
+    free_destination,
+    move_exact,
+    move_no_replace,
+    same_file,
+)
+from clipdedup.trash.journal import Journal, content_hash, move_grab_path
 from clipdedup.trash.keep import Candidate, choose_keep
 
-_NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES)
-MAX_NAME_TRIES = 1000
+# Callers (and tests) reach the file operations through this module too.
+__all__ = [
+    "REPLACED",
+    "STOP_ERRNOS",
+    "MoveResult",
+    "Mover",
+    "Replaced",
+    "check_before_move",
+    "choose_keep_safe",
+    "depends_on",
+    "free_destination",
+    "is_direct",
+    "is_inside",
+    "link_chain",
+    "move_duplicate",
+    "move_exact",
+    "move_no_replace",
+    "stays_inside",
+    "verify_unchanged",
+]
 
-
-def free_destination(path: str) -> str:
-    """`path` if nothing is there, else `stem (k).ext` with the first free k."""
-    if not os.path.lexists(path):
-        return path
-    stem, ext = os.path.splitext(path)
-    k = 1
-    while os.path.lexists(f"{stem} ({k}){ext}"):
-        k += 1
-    return f"{stem} ({k}){ext}"
-
-
-def _link_or_copy_no_replace(src: str, dst: str) -> None:
-    """Creates dst with src's content; raises FileExistsError instead of replacing anything."""
-    try:
-        os.link(src, dst, follow_symlinks=False)  # atomic, and fails if dst exists
-        return
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in _NO_LINK:
-            raise
-    if os.path.islink(src):
-        os.symlink(os.readlink(src), dst)  # fails if dst exists
-        return
-    # Another file system, or one without hard links: exclusive create, copy, fsync.
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        shutil.copystat(src, dst)
-    except BaseException:
-        os.unlink(dst)
-        raise
-
-
-def move_exact(src: str, dst: str) -> None:
-    """Moves src to exactly dst. Raises FileExistsError if dst exists; on any failure src stays."""
-    _link_or_copy_no_replace(src, dst)
-    try:
-        os.unlink(src)
-    except BaseException:
-        os.unlink(dst)  # dst is our link or copy; src still holds the content
-        raise
-
-
-def move_no_replace(src: str, dst: str) -> str:
-    """Moves src to dst (or the next free name beside it); returns where it went."""
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    for _ in range(MAX_NAME_TRIES):
-        dst = free_destination(dst)
-        try:
-            move_exact(src, dst)
-            return dst
-        except FileExistsError:
-            continue  # lost a race for that name: take the next one
-    raise OSError(errno.EEXIST, f"no free name beside {dst}")
+# After one of these, every later move into the same trash would fail the same way.
+STOP_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def verify_unchanged(path: str, entry: FileEntry) -> str | None:
     """None if `path` still has the size and mtime it was scanned with, else why not."""
     try:
         st = os.stat(path, follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            st = os.stat(path)  # a followed symlink was scanned with its target's size and mtime
     except OSError as e:
         return f"gone since the scan ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)  # a followed symlink was scanned with its target's size and mtime
+        except OSError as e:
+            return f"a symlink whose target is gone since the scan ({e.strerror}); not touched"
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
         return "changed since it was scanned"
     return None
@@ -98,6 +75,15 @@ def is_inside(path: str, root: str) -> bool:
     """Whether `path` (resolved) is `root` (resolved) or below it."""
     p, r = os.path.realpath(path), os.path.realpath(root)
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def stays_inside(path: str, root: str) -> bool:
+    """Whether `path` and every part of it that exists already resolves inside `root`, checked
+    before anything is created there (a symlinked subdir leading out is refused, not entered)."""
+    p, r = os.path.abspath(path), os.path.abspath(root)
+    while not os.path.lexists(p) and p != r and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    return not os.path.lexists(p) or is_inside(p, root)
 
 
 def link_chain(path: str, limit: int = 40) -> list[str]:
@@ -176,19 +162,29 @@ def move_duplicate(
     dst = os.path.join(trash_dir, entry.rel)
     if dry_run:
         return MoveResult(entry.rel, src, free_destination(dst))
+    outside = "its trash path leads outside the trash dir (symlink)"
     try:
+        if not stays_inside(os.path.dirname(dst), trash_dir):
+            return MoveResult(entry.rel, src, None, outside)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if not is_inside(os.path.dirname(dst), trash_dir):
-            return MoveResult(entry.rel, src, None, "its trash path leads outside the trash dir (symlink)")
+            return MoveResult(entry.rel, src, None, outside)
+        checked = os.lstat(src)
         digest = content_hash(src)
-        # The hash must describe the scanned file: a write during hashing changes size or mtime.
-        if verify_unchanged(src, entry) is not None:
+        # The hash must describe the scanned file: a write during hashing changes size or mtime,
+        # a replacement changes the inode.
+        if verify_unchanged(src, entry) is not None or not same_file(os.lstat(src), checked):
             return MoveResult(entry.rel, src, None, "changed while it was being checked")
         if journal is None:
-            return MoveResult(entry.rel, src, move_no_replace(src, dst))
-        return _journaled_move(src, dst, entry, digest, kept_path, journal, group, strategy)
+            return MoveResult(entry.rel, src, move_no_replace(src, dst, expect=checked))
+        return _journaled_move(src, dst, entry, digest, checked, kept_path, journal, group, strategy)
+    except Replaced:
+        return MoveResult(entry.rel, src, None, REPLACED)
     except OSError as e:
-        return MoveResult(entry.rel, src, None, f"cannot move: {e.strerror or e}")
+        return MoveResult(entry.rel, src, None, f"cannot move: {e.strerror or e}", error=e.errno or -1)
+
+
+REPLACED = "replaced by another file after it was checked; left in place"
 
 
 def _journaled_move(
@@ -196,6 +192,7 @@ def _journaled_move(
     dst: str,
     entry: FileEntry,
     digest: str,
+    checked: os.stat_result,
     kept_path: str,
     journal: Journal,
     group: int | None,
@@ -217,16 +214,21 @@ def _journaled_move(
             }
         )
         try:
-            move_exact(src, target)
+            move_exact(src, target, expect=checked, grab=move_grab_path(src, journal.run_id, seq))
         except FileExistsError:
             journal.failed(seq, "destination name taken meanwhile")
             continue
+        except Replaced:
+            journal.failed(seq, REPLACED)
+            return MoveResult(entry.rel, src, None, REPLACED)
         except OSError as e:
-            journal.failed(seq, f"cannot move: {e.strerror or e}")
-            return MoveResult(entry.rel, src, None, f"cannot move: {e.strerror or e}")
+            why = f"cannot move: {e.strerror or e}"
+            with contextlib.suppress(OSError):  # the journal may sit on the very disk that is full
+                journal.failed(seq, why)
+            return MoveResult(entry.rel, src, None, why, error=e.errno or -1)
         journal.done(seq)
         return MoveResult(entry.rel, src, target)
-    return MoveResult(entry.rel, src, None, f"cannot move: no free name beside {dst}")
+    return MoveResult(entry.rel, src, None, f"cannot move: no free name beside {dst}", error=errno.EEXIST)
 
 
 def choose_keep_safe(image_dir: str, cands: list[Candidate], strategy: str) -> int:
@@ -256,6 +258,7 @@ class Mover:
         self.run_id: str | None = None
         self.journal_path: str | None = None
         self._journal: Journal | None = None
+        self.stopped: MoveResult | None = None  # the failure after which no more moves were tried
         if not dry_run:
             from clipdedup.trash.journal import new_run_id, run_header
 
@@ -263,7 +266,14 @@ class Mover:
             self._journal = Journal(trash_dir, self.run_id, run_header(image_dir, trash_dir, strategy, mode))
 
     def move(self, entry: FileEntry, kept_path: str, kept_entry: FileEntry, group: int) -> MoveResult:
-        """`move_duplicate` of image_dir/entry.rel, its kept twin checked against `kept_entry`."""
+        """`move_duplicate` of image_dir/entry.rel, its kept twin checked against `kept_entry`.
+
+        After a move failed for lack of space (or a read-only trash, see STOP_ERRNOS), later
+        moves are not tried: they come back failed with `tried=False`."""
+        if self.stopped is not None:
+            src = os.path.join(self.image_dir, entry.rel)
+            why = f"not tried after {self.stopped.reason}"
+            return MoveResult(entry.rel, src, None, why, error=self.stopped.error, tried=False)
         r = move_duplicate(
             self.image_dir,
             self.trash_dir,
@@ -277,6 +287,8 @@ class Mover:
         )
         if r.dest is not None and self._journal is not None:
             self.journal_path = self._journal.path
+        if r.error in STOP_ERRNOS:
+            self.stopped = r
         return r
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from clipdedup.errors import UserError
+from clipdedup.trash.fileops import restore_exact
 from clipdedup.trash.journal import (
     JOURNAL_NAME,
     META_DIR,
@@ -20,10 +21,12 @@ from clipdedup.trash.journal import (
     append_record,
     content_hash,
     journal_path,
+    move_grab_path,
     open_for_append,
     runs,
+    undo_stage_path,
 )
-from clipdedup.trash.move import move_exact
+from clipdedup.trash.move import is_inside
 from clipdedup.util.lock import trash_lock
 
 
@@ -87,21 +90,55 @@ def _undo_locked(
         known = ", ".join(i.run for i in infos[-5:]) or "none"
         raise UserError(f"{journal_path(trash_dir)}: no run {run!r} in the journal (latest: {known})")
     results: list[UndoResult] = []
-    fd: int | None = None
+    book = _UndoneRecords(journal_path(trash_dir))
     try:
         for m in iter_undo_order(infos, run):
             res = restore_one(trash_dir, m, dry_run=dry_run)
             results.append(res)
             say(res.line())
             if not dry_run and res.status in ("restored", "nothing-to-do"):
-                if fd is None:
-                    fd = open_for_append(journal_path(trash_dir))
-                rec = {"t": "undone", "run": m.run, "seq": m.seq, "status": res.status}
-                append_record(fd, rec, sync=True)
+                book.add({"t": "undone", "run": m.run, "seq": m.seq, "status": res.status})
     finally:
-        if fd is not None:
-            os.close(fd)
+        left = book.close()
+    if left:
+        say(
+            f"{journal_path(trash_dir)}: {left} undone moves could not be written down ({book.error}); "
+            "the files are back all the same, and a later undo finds them in place"
+        )
     return results
+
+
+class _UndoneRecords:
+    """Appends `undone` records to the journal, as far as the disk allows.
+
+    Undo must work on a full trash file system, where even one journal line may not fit. The
+    records only spare a later undo some checks (a file found back in place is "nothing to do"),
+    so a record that cannot be written waits and is tried again after the next file has been
+    moved out (which frees space); whatever is still waiting at the end is only counted.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.waiting: list[dict] = []
+        self.error: str | None = None
+
+    def add(self, rec: dict) -> None:
+        self.waiting.append(rec)
+        try:
+            if self.fd is None:
+                self.fd = open_for_append(self.path)
+            while self.waiting:
+                append_record(self.fd, self.waiting[0], sync=True)
+                self.waiting.pop(0)
+        except OSError as e:
+            self.error = e.strerror or str(e)
+
+    def close(self) -> int:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        return len(self.waiting)
 
 
 def _same_inode(a: str, b: str) -> bool:
@@ -120,15 +157,25 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
     """Puts one journaled file back at its source, whatever state a crash left the move in.
 
     Never overwrites: if something else sits at the source, the trashed file stays where it is.
+    A trash path that leads outside the trash dir (a directory in the trash replaced by a
+    symlink, or a damaged record) is refused, so undo never takes files out of another tree.
     """
     src = m.rec["source"]
     dst = os.path.join(trash_dir, m.rec["dest"])
     want = m.rec["hash"]
-    at_src, at_dst = os.path.lexists(src), os.path.lexists(dst)
 
     def res(status: str, msg: str) -> UndoResult:
         return UndoResult(src, dst, status, msg)
 
+    if os.path.isabs(m.rec["dest"]) or not is_inside(os.path.dirname(dst), trash_dir):
+        return res("refused", f"its trash path {dst} leads outside the trash dir {trash_dir}; not touched")
+    _drop_grab(src, dst, move_grab_path(src, m.run, m.seq), want, dry_run=dry_run)
+    stage = undo_stage_path(src, m.run, m.seq)
+    if os.path.lexists(stage):
+        done = _resume_restore(src, dst, stage, dry_run=dry_run)
+        if done is not None:
+            return res("restored", done)
+    at_src, at_dst = os.path.lexists(src), os.path.lexists(dst)
     if not at_dst:
         if not at_src:
             return res("missing", f"neither here nor at {dst} in the trash")
@@ -155,9 +202,40 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
         return res("restored", f"would move back from {dst}")
     try:
         os.makedirs(os.path.dirname(src) or ".", exist_ok=True)
-        move_exact(dst, src)
+        restore_exact(dst, src, stage)
     except FileExistsError:
         return res("refused", f"a file has reappeared here; left {dst} in the trash")
     except OSError as e:
         return res("refused", f"cannot move back from {dst}: {e.strerror or e}")
     return res("restored", f"moved back from {dst}")
+
+
+def _drop_grab(src: str, dst: str, grab: str, want: str, *, dry_run: bool) -> None:
+    """Drops the name a move cut short between renaming its source to `grab` and unlinking that
+    (see `fileops.move_exact`), when another name holds the same file: the trash name or the
+    source as the same inode, or (a move across file systems) a copy with the journaled hash."""
+    if dry_run or not os.path.lexists(grab):
+        return
+    if any(os.path.lexists(p) and _same_inode(p, grab) for p in (dst, src)):
+        os.unlink(grab)
+    elif _hash_or_none(grab) == want and any(_hash_or_none(p) == want for p in (dst, src)):
+        os.unlink(grab)
+
+
+def _resume_restore(src: str, dst: str, stage: str, *, dry_run: bool) -> str | None:
+    """Deals with `stage`, left by an undo of this move that was cut short (see
+    `act.restore_exact`). Returns how the restore was finished, or None when it had not reached
+    the source yet: then the partial copy is dropped (the trash copy is whole) and undo starts over.
+    """
+    if os.path.lexists(src) and _same_inode(src, stage):
+        # The copy was linked into place: the file is back; what is left are the extra names.
+        if not dry_run:
+            if os.path.lexists(dst) and not _same_inode(dst, src):
+                os.unlink(dst)
+            os.unlink(stage)
+        return f"finished an undo that was cut short; dropped {dst} and {stage}"
+    if not os.path.lexists(dst):
+        return None  # not ours to judge: the stage is left for the user, the result says the rest
+    if not dry_run:
+        os.unlink(stage)
+    return None

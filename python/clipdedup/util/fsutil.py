@@ -13,6 +13,23 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 TMP_MARK = ".clipdedup-tmp"
+NAME_MAX = 255  # bytes in one path component on Linux file systems (ext4, xfs, btrfs, tmpfs)
+_TMP_EXTRA = 1 + 1 + 8 + len(TMP_MARK)  # ".", ".", mkstemp's 8 random characters, TMP_MARK
+
+
+def name_max(d: str) -> int:
+    """The longest file name (bytes) the file system of directory `d` allows."""
+    try:
+        return int(os.pathconf(d, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def temp_prefix(name: str, limit: int = NAME_MAX) -> str:
+    """`.{name}.`, with `name` cut (at a byte boundary) so that the temp name fits `limit` bytes;
+    the temp name only has to be unique and recognisable (it ends in TMP_MARK)."""
+    raw = os.fsencode(name)[: max(1, limit - _TMP_EXTRA)]
+    return f".{os.fsdecode(raw)}."
 
 
 @contextlib.contextmanager
@@ -24,7 +41,7 @@ def atomic_file(
     d, name = os.path.split(path)
     d = d or "."
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_MARK, dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name, name_max(d)), suffix=TMP_MARK, dir=d)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f

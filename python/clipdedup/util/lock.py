@@ -36,6 +36,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def _describe(info: dict) -> str:
+    if info.get("starting"):
+        return "a run that is just starting, or one on a disk too full to note its pid"
     who = f"pid {info.get('pid', '?')} on {info.get('host', '?')}"
     if info.get("time"):
         who += f", started {info['time']}"
@@ -67,6 +69,16 @@ class DirLock:
         except ValueError:
             return {"raw": raw[:80].decode("ascii", "replace")}
 
+    def _holder(self, fd: int, wait_s: float = 1.0) -> dict:
+        """Who holds the lock. A holder that has just taken it may not have written its note yet:
+        wait for it a moment rather than report an unknown holder."""
+        end = time.monotonic() + wait_s
+        info = self._read(fd)
+        while not info and time.monotonic() < end:
+            time.sleep(0.02)
+            info = self._read(fd)
+        return info or {"starting": True}
+
     def acquire(self) -> DirLock:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -75,7 +87,7 @@ class DirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise UserError(
-                    f"{self.path}: {self.what} is in use by another run ({_describe(self._read(fd))}); "
+                    f"{self.path}: {self.what} is in use by another run ({_describe(self._holder(fd))}); "
                     "wait for it to finish"
                 ) from None
             except OSError as e:
@@ -94,9 +106,16 @@ class DirLock:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "cmd": " ".join(os.path.basename(a) if k == 0 else a for k, a in enumerate(sys.argv))[:100],
             }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+                os.fsync(fd)
+            except OSError as e:
+                # A full disk must not stop `undo`, which is what frees it: the flock alone
+                # excludes other runs; only the note of who holds it is missing.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                os.ftruncate(fd, 0)
         except BaseException:
             os.close(fd)
             raise
