@@ -27,12 +27,12 @@ def test_every_move_record_is_fsynced_before_its_move(tmp_path: Path, monkeypatc
 
     moves: list[tuple[int, int]] = []  # (journal size now, journal size at its last fsync)
 
-    def move_exact(src: str, dst: str) -> None:
+    def move_exact(src: str, dst: str, **kw) -> None:
         st = os.stat(jm.journal_path(trash))
         recs, _ = jm.read_records(trash)
         assert recs[-1]["t"] == "move" and recs[-1]["source"] == src
         moves.append((st.st_size, synced.get(st.st_ino, -1)))
-        real_move(src, dst)
+        real_move(src, dst, **kw)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(mv, "move_exact", move_exact)
