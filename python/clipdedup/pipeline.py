@@ -27,13 +27,16 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
+from clipdedup.match.verify import Verified, match_verified, verifier_for
 from clipdedup.records import (
+    CandidatePair,
     FileEntry,
     Group,
     RunSummary,
     SnapshotState,
     SnapshotStatus,
     UpdateSummary,
+    Verification,
 )
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
@@ -131,7 +134,7 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
 
     def load() -> Encoder:
         have = next((d for d in db_dirs if dbmod.read_meta(d) is not None), db_dirs[0])
-        return load_encoder(resolve_model_id(opts.model_id, have), device=opts.device)
+        return load_encoder(resolve_model_id(opts.model_id, have), device=opts.device, log=opts.say)
 
     return LazyEncoder(load)
 
@@ -151,16 +154,42 @@ def _encoded_as_scanned(
     return [e for e in entries if e.rel not in stale]
 
 
-def _match(x, y, opts: RunOptions, s: RunSummary) -> tuple[np.ndarray, np.ndarray]:
+def _match(
+    x, y, opts: RunOptions, s: RunSummary, model: str
+) -> tuple[np.ndarray, np.ndarray, Verified | None]:
+    """Pairs within the threshold; for a model with a verifier (builtin:dct), the screened
+    candidates that its check confirms, and all candidates with their scores."""
     entry = MATCHERS.get(opts.backend)
     s.backend = entry.name
     bar = tqdm(desc=f"match ({entry.name})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
-    pairs, dists = find_pairs(x, s.threshold, y=y, backend=entry.name, progress=bar.update)
+    verifier = verifier_for(model)
+    v = None
+    if verifier is None:
+        pairs, dists = find_pairs(x, s.threshold, y=y, backend=entry.name, progress=bar.update)
+    else:
+        v = match_verified(x, s.threshold, verifier, y=y, backend=entry.name, progress=bar.update)
+        pairs, dists = v.pairs[v.confirmed], v.distances[v.confirmed]
     bar.close()
     s.seconds["match"] = time.perf_counter() - t
     s.pairs = len(pairs)
-    return pairs, dists
+    return pairs, dists, v
+
+
+def _model(opts: RunOptions, *us: UpdateSummary) -> str:
+    """The model a run's embeddings come from: the DB's, else -m, else the default."""
+    for u in us:
+        if u.meta:
+            return u.meta.model_id
+    return opts.model_id or DEFAULT_MODEL
+
+
+def _verification(v: Verified | None, name_a: Callable[[int], str], name_b: Callable[[int], str]):
+    if v is None:
+        return None
+    rows = zip(v.pairs.tolist(), v.distances.tolist(), v.scores.tolist(), v.confirmed.tolist())
+    cands = [CandidatePair(name_a(a), name_b(b), d, sc, ok) for (a, b), d, sc, ok in rows]
+    return Verification(v.measure, v.min_score, v.seconds["verify"], cands)
 
 
 def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
@@ -168,8 +197,7 @@ def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
         if not opts.threshold >= 0:
             raise UserError(f"threshold {opts.threshold}: must be >= 0")
         return float(opts.threshold)
-    model = u.meta.model_id if u.meta else (opts.model_id or DEFAULT_MODEL)
-    return default_threshold(model)
+    return default_threshold(_model(opts, u))
 
 
 def _candidate(image_dir: str, e: FileEntry) -> Candidate:
@@ -239,7 +267,8 @@ def _run_dedup_locked(
     for path, reason in s.load_errors:
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, u)
-    pairs, dists = _match(x, None, opts, s)
+    pairs, dists, v = _match(x, None, opts, s, _model(opts, u))
+    s.verification = _verification(v, lambda a: kept[a].rel, lambda b: kept[b].rel)
     if opts.top_k > 0:
         names = [e.rel for e in kept]
         s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
@@ -359,7 +388,8 @@ def _run_import_locked(
     for path, reason in s.load_errors:
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, ub if ub.meta else ui)
-    pairs, dists = _match(xi, xb, opts, s)
+    pairs, dists, v = _match(xi, xb, opts, s, _model(opts, ub, ui))
+    s.verification = _verification(v, lambda a: ikept[a].rel, lambda b: "base:" + bkept[b].rel)
     if opts.top_k > 0:
         base_names = [e.rel for e in bkept]
         names = [e.rel for e in ikept]

@@ -118,6 +118,31 @@ class Group:
 
 
 @dataclass
+class CandidatePair:
+    """A pair within the screening threshold of a model with a verifier (builtin:dct), by name."""
+
+    a: str
+    b: str  # import mode: a base file, "base:" + its path
+    distance: float  # screening distance
+    score: float  # check score (clipdedup.match.verify)
+    confirmed: bool  # score >= the verifier's bar: a duplicate pair
+
+
+@dataclass
+class Verification:
+    """What verification did in a run."""
+
+    measure: str
+    min_score: float
+    seconds: float
+    candidates: list[CandidatePair] = field(default_factory=list)
+
+    @property
+    def confirmed(self) -> int:
+        return sum(c.confirmed for c in self.candidates)
+
+
+@dataclass
 class RunSummary:
     updates: dict[str, UpdateSummary] = field(default_factory=dict)
     loaded: int = 0
@@ -133,6 +158,7 @@ class RunSummary:
     run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
     journal: str | None = None  # the journal file, when something moved
     import_mode: bool = False  # groups are import files matched to base files (see Group)
+    verification: Verification | None = None  # models with a verifier: every screened candidate
 
     @property
     def moved(self) -> list[MoveResult]:

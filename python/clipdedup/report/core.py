@@ -15,7 +15,7 @@ from typing import Any
 
 from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
-from clipdedup.records import Group, MoveResult, RunSummary
+from clipdedup.records import Group, MoveResult, RunSummary, Verification
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -38,6 +38,9 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "threshold": s.threshold,
         "backend": s.backend,
         "pairs": s.pairs,
+        "verification": None
+        if s.verification is None
+        else {k: v for k, v in verification_dict(s.verification).items() if k != "rejected"},
         "dry_run": dry_run,
         "groups": [
             {
@@ -302,10 +305,19 @@ def write_report(
         "groups": len(groups),
         "exact_groups": sum(g.exact for g in groups),
     }
+    scores = None
+    ver = s.verification
+    if ver is not None:
+        head["verification"] = verification_dict(ver)
+        scores = {(c.a, c.b): c.score for c in ver.candidates}
     doc = head | {"groups": [asdict(g) for g in groups]}
+    if ver is not None:
+        doc["candidates"] = [asdict(c) for c in ver.candidates]
     _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(doc, indent=1, ensure_ascii=True))
     _write_csvs(groups, out_dir)
-    report_html.write_html(groups, head, out_dir, thumb_size=thumb_size)
+    if ver is not None:
+        _write_candidates_csv(ver, out_dir)
+    report_html.write_html(groups, head, out_dir, thumb_size=thumb_size, scores=scores)
     return groups
 
 
@@ -325,6 +337,34 @@ def _hash_members(groups: list[ReviewGroup]) -> None:
 
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         list(pool.map(one, members))
+
+
+def verification_dict(v: Verification) -> dict[str, Any]:
+    """What verification did in a run: its measure, its bar, the counts and the turned-down pairs."""
+    rejected = [
+        {"a": c.a, "b": c.b, "distance": c.distance, "score": c.score}
+        for c in v.candidates
+        if not c.confirmed
+    ]
+    return {
+        "measure": v.measure,
+        "min_score": v.min_score,
+        "candidates": len(v.candidates),
+        "confirmed": v.confirmed,
+        "seconds": round(v.seconds, 4),
+        "rejected": rejected,
+    }
+
+
+def _write_candidates_csv(v: Verification, out_dir: str) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["a", "b", "distance", "check_score", "confirmed"])
+    for c in v.candidates:
+        w.writerow([c.a, c.b, _num(c.distance), f"{c.score:.6f}", int(c.confirmed)])
+    _atomic_text(os.path.join(out_dir, "candidates.csv"), buf.getvalue())
 
 
 def _atomic_text(path: str, text: str) -> None:

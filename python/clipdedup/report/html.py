@@ -100,8 +100,40 @@ def _member(m: Any, thumb: str | None) -> dict[str, Any]:
     return d
 
 
-def page_data(groups: Sequence[Any], head: dict[str, Any], thumbs: dict[str, str | None]) -> dict[str, Any]:
-    """Everything the page's script renders: the groups with their members, and the report's id."""
+def _pair(
+    index: dict[str, int], a: str, b: str, d: float, scores: dict[tuple[str, str], float] | None
+) -> list[Any]:
+    out: list[Any] = [index[a], index[b], d]
+    if scores is not None and (a, b) in scores:
+        out.append(scores[(a, b)])
+    return out
+
+
+def _rejected_html(head: dict[str, Any]) -> str:
+    """The screened candidates that verification turned down, as a static table above the groups."""
+    v = head.get("verification")
+    if not v:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(c['a'])}</td><td>{_e(c['b'])}</td><td>{c['distance']:.6f}</td><td>{c['score']:.4f}</td></tr>"
+        for c in v["rejected"]
+    )
+    return (
+        f"<details><summary>{v['candidates']} candidates within the screening threshold, {v['confirmed']} "
+        f"confirmed by the {_e(v['measure'])} (check score >= {v['min_score']:g}); {len(v['rejected'])} "
+        "turned down</summary><table><tr><th>a</th><th>b</th><th>distance</th><th>check score</th></tr>"
+        f"{rows}</table></details>"
+    )
+
+
+def page_data(
+    groups: Sequence[Any],
+    head: dict[str, Any],
+    thumbs: dict[str, str | None],
+    scores: dict[tuple[str, str], float] | None = None,
+) -> dict[str, Any]:
+    """Everything the page's script renders: the groups with their members, and the report's id.
+    With `scores` (a verified model), each pair carries its check score as a fourth element."""
 
     out = []
     for g in groups:
@@ -114,7 +146,7 @@ def page_data(groups: Sequence[Any], head: dict[str, Any], thumbs: dict[str, str
                 "why": g.why,
                 "exact": g.exact,
                 "dmax": max(ds) if ds else 0.0,
-                "pairs": [[index[a], index[b], d] for a, b, d in g.pairs],  # members by index
+                "pairs": [_pair(index, a, b, d, scores) for a, b, d in g.pairs],  # members by index
                 "members": [_member(m, thumbs.get(m.file)) for m in g.members],
             }
         )
@@ -134,9 +166,15 @@ def _json_in_script(doc: dict[str, Any]) -> str:
 
 
 def write_html(
-    groups: Sequence[Any], head: dict[str, Any], out_dir: str, *, thumb_size: int = 256
+    groups: Sequence[Any],
+    head: dict[str, Any],
+    out_dir: str,
+    *,
+    thumb_size: int = 256,
+    scores: dict[tuple[str, str], float] | None = None,
 ) -> list[str]:
-    """Writes index.html (every group, decisions on the page); returns its file name in a list."""
+    """Writes index.html (every group, decisions on the page); returns its file name in a list.
+    `scores`: check scores of a verified model's pairs (shown beside each distance)."""
     items = sorted({(m.source, m.file, m.mtime_ns, m.size) for g in groups for m in g.members})
     thumbs = dict(zip([t[1] for t in items], ensure_thumbs(items, out_dir, thumb_size)))
     mode = "dry run: nothing was moved" if head.get("dry_run") else "files were moved as shown"
@@ -149,11 +187,12 @@ def write_html(
     roots = "; ".join(f"{k or 'images'} = {v}" for k, v in head.get("roots", {}).items())
     css = (ASSETS / "page.css").read_text(encoding="utf-8")
     js = (ASSETS / "page.js").read_text(encoding="utf-8")
-    data = _json_in_script(page_data(groups, head, thumbs))
+    data = _json_in_script(page_data(groups, head, thumbs, scores))
     page = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>clip-image-deduper review: {len(groups)} groups</title><style>{css}</style></head><body>"
-        f"<header><h1>Duplicate groups for review</h1><p>{_e(summary)}</p><p>{_e(roots)}</p></header>"
+        f"<header><h1>Duplicate groups for review</h1><p>{_e(summary)}</p><p>{_e(roots)}</p>"
+        f"{_rejected_html(head)}</header>"
         '<div id="bar"><span id="decide"><button type="button" id="export">export decisions.json</button> '
         '<label>import <input type="file" id="import" accept=".json,application/json"></label> '
         '<button type="button" id="clear">forget all decisions</button> <span id="count"></span></span>'

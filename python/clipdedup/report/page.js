@@ -202,6 +202,7 @@
         tr.appendChild(el("td", null, a.s || a.p));
         tr.appendChild(el("td", null, b.s || b.p));
         tr.appendChild(el("td", null, p[2].toFixed(6)));
+        if (p.length > 3) tr.appendChild(el("td", null, "check score " + p[3].toFixed(4)));
         tab.appendChild(tr);
       });
       det.appendChild(tab);

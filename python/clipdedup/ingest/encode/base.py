@@ -28,6 +28,11 @@ class EncoderFactory:
 
     load: Callable[..., Encoder]
     default_threshold: float = CLIP_DEFAULT_THRESHOLD
+    # A model whose rows carry a check part: how its screened candidates are verified
+    # (clipdedup.match.verify.Verifier); None: every pair within the threshold is a duplicate.
+    verifier: Any = None
+    # The calibrate transforms the model is meant to catch; None: all of them.
+    calibration_targets: tuple[str, ...] | None = None
 
 
 # Factories keyed by model-id prefix; "open_clip" takes every id no other entry claims.

@@ -1,18 +1,25 @@
-"""`builtin:dct`: a model-free near-duplicate encoder (no weights, no GPU).
+"""`builtin:dct`: a model-free near-duplicate encoder (no weights, no GPU), screened then verified.
 
-An image becomes grayscale 32x32 (aspect ratio not kept, as perceptual hashes do); its 2-D DCT-II
-is taken and the low-frequency K x K block without the DC term is the embedding, L2-normalised.
-Dropping DC and normalising make it blind to brightness and contrast changes; re-encoding, resizing
-and format changes barely move the lowest frequencies; a horizontal flip negates every odd
-horizontal frequency, so mirrored images are far apart. The distance stays a real number, so one
-euclidean threshold serves the same matcher and DB as the CLIP encoders.
+Each row holds two parts (see clipdedup.match.verify for why both live in one embedding):
+- screen (BLOCK*BLOCK - 1 dims): an image becomes grayscale 32x32 (aspect ratio not kept, as
+  perceptual hashes do); its 2-D DCT-II is taken and the low-frequency K x K block without the DC term
+  is kept, L2-normalised. Dropping DC and normalising make it blind to brightness and contrast
+  changes; re-encoding, resizing and format changes barely move the lowest frequencies; a horizontal
+  flip negates every odd horizontal frequency, so mirrored images are far apart. Before the DCT the
+  mean is removed and the image is tapered by a raised-cosine window (the border, what a crop or a
+  caption changes first, weighs less); each coefficient is compressed to sign(c) |c|^0.2 so the few
+  strongest frequencies do not decide the distance alone.
+- check (CHECK*CHECK + 2*CHROMA*CHROMA dims): a 16 x 16 luma thumbnail, centred and L2-normalised
+  (the cosine of two is the normalised correlation of two small aligned thumbnails), and an 8 x 8
+  Cb/Cr thumbnail, L2-normalised but not centred (the colour itself counts; zero for a grey image).
+  A pair's score is the smaller of the two cosines, the colour one skipped when either image is
+  grey (clipdedup.match.verify.Verifier). It is blind to brightness and contrast, and to a greyscale copy,
+  but not to a recolouring, and it weighs pixels by their contrast, not by power-compressed
+  frequencies: skies, gradients and recoloured shots that the DCT brings close are told apart.
 
-Two refinements over the plain vector, both chosen by bench/bench_dct_quality.py (recall at
-precision 1.0 on its tuning set rose from 0.64 to 0.99, see docs/benchmarks.md):
-- before the DCT the mean is removed and the image is tapered by a raised-cosine window, so the
-  border (what a crop or a caption changes first) weighs less than the centre;
-- each coefficient is compressed to sign(c) |c|^0.2 before normalising, so the few strongest
-  frequencies do not decide the distance alone (pHash's median threshold is the limit of this).
+A pair is a duplicate when its screening distance is <= the threshold and its check score is
+>= MIN_SCORE. Both defaults come from bench/bench_dct_quality.py's `choose` on the tuning half of
+bench/corpus.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,15 +32,21 @@ from PIL import Image
 
 from clipdedup.errors import ModelError
 from clipdedup.ingest.encode.base import ENCODERS, Encoder, EncoderFactory
+from clipdedup.match.verify import Verifier
 
 MODEL_ID = "builtin:dct"
 SIZE = 32  # side of the grayscale image the DCT is taken of
 BLOCK = 12  # K: the K x K lowest frequencies are kept, DC dropped -> K*K - 1 dims
 WINDOW = 0.8  # raised-cosine taper: weight (1 - a cos(2 pi (i + 1/2) / n)) / (1 + a), 0.11 at the border
 POWER = 0.2  # coefficient compression sign(c) |c|^POWER
-# Chosen by bench/bench_dct_quality.py: the middle of the range (0.84..0.94) where its tuning half
-# has precision 1.0 and recall no longer grows (see docs/benchmarks.md).
+CHECK = 16  # side of the luma thumbnail whose normalised correlation verifies a candidate
+CHROMA = 8  # side of the chroma (Cb, Cr) thumbnail compared beside it
+COLOURLESS = 4.0  # RMS chroma (grey levels) below which an image counts as grey
+CHECK_FLAT = 0.5  # RMS luma spread (grey levels) below which the check counts an image as flat
+# Chosen by `choose` in bench/bench_dct_quality.py on the tuning half of bench/corpus.py: pair
+# precision >= 0.99 at the highest recall (docs/benchmarks.md).
 DEFAULT_THRESHOLD = 0.88
+MIN_SCORE = 0.9
 FLAT_NORM = 1e-2  # AC norm (grey levels) below which an image counts as flat
 
 
@@ -106,15 +119,122 @@ def dct_features_ref(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare_dct(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> (32, 32) float32 luma, resized with an antialiasing box filter."""
-    g = img.convert("L").resize((SIZE, SIZE), Image.Resampling.BOX)
-    return np.asarray(g, dtype=np.float32)
+    """RGB PIL image -> (32, 32, 3) float32, resized with an antialiasing box filter."""
+    return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as Pillow's convert("L")
+_CBCR = np.array([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])  # JFIF Cb, Cr (centred)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) float64 luma, ITU-R 601 weights as Pillow's convert("L")."""
+    return np.asarray(rgb, np.float64) @ _LUMA
+
+
+def _blocks(x: np.ndarray, side: int) -> np.ndarray:
+    """(B, 32, 32, C) -> (B, side, side, C) block means."""
+    f = SIZE // side
+    return x.reshape(len(x), side, f, side, f, x.shape[-1]).mean(axis=(2, 4))
+
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    """(B, n, n) -> the same smoothed by the [1, 2, 1] / 4 kernel along both axes, edges repeated:
+    a crop of a few percent shifts the content by a fraction of a thumbnail pixel, and a smoothed
+    thumbnail correlates through such a shift."""
+    p = np.pad(y, ((0, 0), (1, 1), (0, 0)), mode="edge")
+    y = (p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]) / 4.0
+    p = np.pad(y, ((0, 0), (0, 0), (1, 1)), mode="edge")
+    return (p[:, :, :-2] + 2.0 * p[:, :, 1:-1] + p[:, :, 2:]) / 4.0
+
+
+def _unit(t: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(t, axis=1, keepdims=True)
+    return np.divide(t, norm, out=np.zeros_like(t), where=~zero[:, None])
+
+
+def check_features(rgb: np.ndarray) -> np.ndarray:
+    """Fast path: the check part of a batch, [luma | chroma].
+
+    Args:
+        rgb: (B, 32, 32, 3) in [0, 255], any float or integer dtype.
+
+    Returns:
+        (B, CHECK_DIM) float32. luma: CHECK x CHECK block means of the luma, smoothed (`_smooth`),
+        their mean removed, L2-normalised (zero for a flat image: RMS spread below CHECK_FLAT).
+        chroma: CHROMA x CHROMA block means of (Cb, Cr), not centred (the colour itself counts),
+        L2-normalised; zero for a grey image (RMS chroma below COLOURLESS grey levels), so that a
+        greyscale copy is judged on luma alone.
+    """
+    x = np.asarray(rgb, np.float64)
+    n = len(x)
+    y = _smooth(_blocks(luma(x)[..., None], CHECK)[..., 0]).reshape(n, CHECK * CHECK)
+    y -= y.mean(axis=1, keepdims=True)
+    flat = np.linalg.norm(y, axis=1) <= CHECK_FLAT * CHECK  # RMS over CHECK*CHECK values
+    c = _blocks(x @ _CBCR.T, CHROMA).reshape(n, CHROMA * CHROMA * 2)
+    grey = np.sqrt(np.mean(c * c, axis=1)) < COLOURLESS
+    return np.concatenate([_unit(y, flat), _unit(c, grey)], axis=1).astype(np.float32)
+
+
+def _clamp(i: int) -> int:
+    return min(max(i, 0), CHECK - 1)
+
+
+def check_features_ref(rgb: np.ndarray) -> np.ndarray:
+    """Reference: the check part written out block by block."""
+    x = np.asarray(rgb, np.float64)
+    out = np.zeros((len(x), CHECK_DIM), np.float32)
+    for b in range(len(x)):
+        lum = [[float(np.dot(x[b, i, j], _LUMA)) for j in range(SIZE)] for i in range(SIZE)]
+        f = SIZE // CHECK
+        blk = [
+            [sum(lum[i * f + u][j * f + v] for u in range(f) for v in range(f)) / f**2 for j in range(CHECK)]
+            for i in range(CHECK)
+        ]
+
+        k = {-1: 0.25, 0: 0.5, 1: 0.25}
+        ys = [
+            sum(k[u] * k[v] * blk[_clamp(i + u)][_clamp(j + v)] for u in k for v in k)
+            for i in range(CHECK)
+            for j in range(CHECK)
+        ]
+        m = sum(ys) / len(ys)
+        ys = [v - m for v in ys]
+        norm = math.sqrt(sum(v * v for v in ys))
+        if norm > CHECK_FLAT * CHECK:
+            out[b, : CHECK * CHECK] = [v / norm for v in ys]
+        g = SIZE // CHROMA
+        cs = []
+        for i in range(CHROMA):
+            for j in range(CHROMA):
+                px = [x[b, i * g + u, j * g + v] for u in range(g) for v in range(g)]
+                cs += [sum(float(np.dot(_CBCR[k], p)) for p in px) / g**2 for k in range(2)]
+        norm = math.sqrt(sum(v * v for v in cs))
+        if norm / math.sqrt(len(cs)) >= COLOURLESS:
+            out[b, CHECK * CHECK :] = [v / norm for v in cs]
+    return out
+
+
+def embed(rgb: np.ndarray) -> np.ndarray:
+    """(B, 32, 32, 3) prepared images -> (B, SCREEN_DIM + CHECK_DIM) float32 rows [screen | check]."""
+    rgb = np.asarray(rgb)
+    return np.concatenate([dct_features(luma(rgb)), check_features(rgb)], axis=1)
+
+
+SCREEN_DIM = BLOCK * BLOCK - 1
+CHECK_DIM = CHECK * CHECK + 2 * CHROMA * CHROMA
+VERIFIER = Verifier(
+    screen_dims=SCREEN_DIM,
+    required_dims=CHECK * CHECK,
+    min_score=MIN_SCORE,
+    measure=f"correlation of {CHECK}x{CHECK} luma thumbnails and of {CHROMA}x{CHROMA} chroma",
+)
 
 
 def _encode(items: list[Any]) -> np.ndarray:
     if not items:
-        return np.zeros((0, BLOCK * BLOCK - 1), np.float32)
-    return dct_features(np.stack(items))
+        return np.zeros((0, SCREEN_DIM + CHECK_DIM), np.float32)
+    return embed(np.stack(items))
 
 
 def load_dct(model_id: str, *, device: str = "cpu", dtype: str | None = None, **_: Any) -> Encoder:
@@ -122,24 +242,29 @@ def load_dct(model_id: str, *, device: str = "cpu", dtype: str | None = None, **
         raise ModelError(f"unknown built-in encoder {model_id!r}; did you mean {MODEL_ID}?")
     return Encoder(
         model_id=MODEL_ID,
-        dim=BLOCK * BLOCK - 1,
+        dim=SCREEN_DIM + CHECK_DIM,
         input_size=SIZE,
         prepare=prepare_dct,
         encode_batch=_encode,
         preprocess={
-            "gray": True,
+            "gray": "luma of the box-resized RGB",
             "size": SIZE,
             "resize": "box, aspect not kept",
             "block": BLOCK,
             "window": WINDOW,
             "power": POWER,
+            "check": f"luma {CHECK}x{CHECK} centred + CbCr {CHROMA}x{CHROMA}, each L2-normalised",
         },
         device="cpu",
     )
 
 
+# What `calibrate` measures recall on for this model: re-encoding, resizing, a small centred crop and
+# a brightness change. An off-centre 90% crop moves the low frequencies as far as a distinct image.
+CALIBRATION_TARGETS = ("jpeg-q70", "resize-50%", "crop-96%", "bright+10%")
+
 ENCODERS.add(
     MODEL_ID,
-    EncoderFactory(load_dct, DEFAULT_THRESHOLD),
-    doc="model-free: 2-D DCT of 32x32 grayscale (no weights, no GPU)",
+    EncoderFactory(load_dct, DEFAULT_THRESHOLD, verifier=VERIFIER, calibration_targets=CALIBRATION_TARGETS),
+    doc="model-free: 2-D DCT of 32x32 grayscale, verified by luma/chroma thumbnails (no weights, no GPU)",
 )

@@ -1,0 +1,162 @@
+"""Verification of screened candidates: a second, independent measure on the two images of a pair.
+
+A model-free screening descriptor (builtin:dct) catches near-duplicates with a loose threshold, but
+in a real collection many distinct images (skies, gradients, dark wallpapers, shots of one series)
+come within it, and more of them the larger the collection. So its candidates are confirmed by a
+second measure that looks at the images differently, and only confirmed pairs are duplicates.
+
+Where the second measure comes from: the encoder stores it in the same embedding, after the
+screening part: row = [screen (S dims) | check (V dims)], one `.npy` per image as for every model.
+That keeps one file per image in the DB mirror (a second file beside `a.jpg.npy` would look like an
+embedding of an image `a.jpg.<x>` to this tool's orphan clean-up and to the original tool), makes
+verification cost O(candidates * V) with no image decoded again, and works with `--skip-update`, in
+import mode against a read-only base DB, and on images that have since been moved to the trash.
+The DB metadata records the model and the full dim, so a DB of another layout is refused, never
+misread.
+
+Contract: `Verifier.split(x)` -> (screen, check) views; the matcher sees `screen` only;
+`verify_scores(check_a, check_b, pairs, required_dims)` gives one score per candidate pair (float64,
+see `Verifier`), and a pair is confirmed when score >= `Verifier.min_score`.
+`verify_scores_ref` is the plain per-pair definition; tests compare the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CHUNK = 1 << 16  # candidate pairs scored per step: bounds the gathered rows to CHUNK * V floats
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """How a model's rows split into screening and check parts, and when a candidate is confirmed.
+
+    The check part is [required (`required_dims`) | optional (the rest)], each segment unit norm or
+    all zero. The score of a pair is the smaller of the two segments' cosines, where:
+    - required: both zero counts 1 (the same flat image), one zero counts 0;
+    - optional: skipped (counts 1) when either side is zero: builtin:dct's colour segment is zero
+      for a grey image, so a greyscale copy is judged on brightness alone.
+    """
+
+    screen_dims: int  # leading dims of each row: the screening descriptor (unit norm)
+    required_dims: int  # first dims of the check part
+    min_score: float  # a candidate is confirmed when its score >= this
+    measure: str  # what the score is, for reports
+
+    def scores(self, a: np.ndarray, b: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """`verify_scores` with this verifier's segments."""
+        return verify_scores(a, b, pairs, self.required_dims)
+
+    def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S + V) rows -> (N, S) screening part, (N, V) check part (both float32, contiguous)."""
+        x = np.asarray(x, np.float32)
+        s = self.screen_dims
+        return np.ascontiguousarray(x[:, :s]), np.ascontiguousarray(x[:, s:])
+
+
+def _cos_ref(u: list[float], v: list[float], *, optional: bool) -> float:
+    zu, zv = not any(u), not any(v)
+    if zu or zv:
+        return 1.0 if (optional or (zu and zv)) else 0.0
+    s = 0.0
+    for p, q in zip(u, v):
+        s += p * q
+    return s
+
+
+def verify_scores_ref(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims: int) -> np.ndarray:
+    """Reference: each pair's score as `Verifier` defines it, in float64, term by term.
+
+    Args:
+        a: (N, V) check parts of the first side.
+        b: (M, V) check parts of the second side (b is a for pairs within one set).
+        pairs: (P, 2) int row indices into a and b.
+        required_dims: length of the required segment.
+
+    Returns:
+        (P,) float64 scores in [-1, 1].
+    """
+    r = required_dims
+    out = np.zeros(len(pairs))
+    for p, (i, j) in enumerate(np.asarray(pairs, np.int64).tolist()):
+        u, v = a[i].tolist(), b[j].tolist()
+        out[p] = min(_cos_ref(u[:r], v[:r], optional=False), _cos_ref(u[r:], v[r:], optional=True))
+    return out
+
+
+def verify_scores(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims: int) -> np.ndarray:
+    """Fast path of `verify_scores_ref`: rows gathered in chunks, float64 einsums per chunk."""
+    r = required_dims
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    out = np.empty(len(pairs))
+    for s in range(0, len(pairs), CHUNK):
+        p = pairs[s : s + CHUNK]
+        u, v = a[p[:, 0]].astype(np.float64), b[p[:, 1]].astype(np.float64)
+        req = np.einsum("pk,pk->p", u[:, :r], v[:, :r])
+        zu, zv = ~u[:, :r].any(axis=1), ~v[:, :r].any(axis=1)
+        req = np.where(zu | zv, np.where(zu & zv, 1.0, 0.0), req)
+        opt = np.einsum("pk,pk->p", u[:, r:], v[:, r:])
+        opt = np.where(~u[:, r:].any(axis=1) | ~v[:, r:].any(axis=1), 1.0, opt)
+        out[s : s + len(p)] = np.minimum(req, opt)
+    return out
+
+
+@dataclass
+class Verified:
+    """Screened candidates and what verification made of them (rows as the matcher numbered them)."""
+
+    pairs: np.ndarray  # (P, 2) int64 candidate pairs within the screening threshold
+    distances: np.ndarray  # (P,) float32 screening distances
+    scores: np.ndarray  # (P,) float64 check scores
+    confirmed: np.ndarray  # (P,) bool: score >= min_score
+    min_score: float
+    measure: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def match_verified(
+    x: np.ndarray,
+    threshold: float,
+    verifier: Verifier,
+    *,
+    y: np.ndarray | None = None,
+    find: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None,
+    min_score: float | None = None,
+    **find_kw: object,
+) -> Verified:
+    """Screens with `find` (default `clipdedup.match.find_pairs`) on the screening part of the rows,
+    then scores each candidate with the check part.
+
+    Args:
+        x: (N, S + V) rows of a model with a verifier; y: optional (M, S + V) second set.
+        threshold: screening distance bound (inclusive).
+        min_score: overrides `verifier.min_score`.
+    """
+    import time
+
+    if find is None:
+        from clipdedup.match import find_pairs as find
+    xs, xc = verifier.split(x)
+    ys, yc = (None, xc) if y is None else verifier.split(y)
+    t = time.perf_counter()
+    pairs, dists = find(xs, threshold, y=ys, **find_kw)
+    t1 = time.perf_counter()
+    scores = verifier.scores(xc, yc, pairs)
+    t2 = time.perf_counter()
+    ms = verifier.min_score if min_score is None else float(min_score)
+    return Verified(
+        pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}
+    )
+
+
+def verifier_for(model_id: str | None) -> Verifier | None:
+    """The verifier a model declares (its `EncoderFactory.verifier`), or None."""
+    if not model_id:
+        return None
+    from clipdedup.ingest.encode.base import ENCODERS
+
+    entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
+    return entry.fn.verifier if entry is not None else None
