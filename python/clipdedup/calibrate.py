@@ -50,33 +50,65 @@ def _crop(im: Image.Image, keep: float = 0.9) -> Image.Image:
     return im.crop((x0, y0, x0 + max(1, w), y0 + max(1, h)))
 
 
+def _crop_centre(im: Image.Image, keep: float = 0.96) -> Image.Image:
+    dx, dy = round(im.width * (1 - keep) / 2), round(im.height * (1 - keep) / 2)
+    return im.crop((dx, dy, im.width - dx, im.height - dy))
+
+
+def _brighter(im: Image.Image, f: float = 1.1) -> Image.Image:
+    from PIL import ImageEnhance
+
+    return ImageEnhance.Brightness(im.convert("RGB")).enhance(f)
+
+
 TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "jpeg-q70": _jpeg,
     "resize-50%": _resize,
+    "crop-96%": _crop_centre,
+    "bright+10%": _brighter,
     "crop-90%": _crop,
 }
 
 
-def nn_distances_ref(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def targeted_variants(model_id: str | None) -> tuple[str, ...]:
+    """The TRANSFORMS a model is meant to catch (its loader's `calibration_targets`; all by default).
+
+    builtin:dct targets re-encoding, resizing, small centred crops and brightness; an off-centre
+    90% crop moves a low-frequency descriptor further than a distinct image, so it is reported but
+    does not pull the suggestion.
+    """
+    from clipdedup.encode import ENCODERS
+
+    entry = ENCODERS.entries.get(model_id) if model_id else None
+    targets = getattr(entry.fn, "calibration_targets", None) if entry is not None else None
+    return tuple(targets) if targets else tuple(TRANSFORMS)
+
+
+def nn_distances_ref(x: np.ndarray, rows: np.ndarray, *, with_index: bool = False) -> Any:
     """Reference: float64 distance from each x[rows[k]] to its nearest other row of x, row by row.
 
     Args:
         x: (N, D) float32 embeddings, N >= 2.
         rows: (S,) int indices into x.
+        with_index: also return the nearest row of each (the first of equally near rows).
 
     Returns:
-        (S,) float64 distances.
+        (S,) float64 distances; with `with_index`, ((S,) distances, (S,) int64 nearest rows).
     """
     out = np.empty(len(rows))
+    idx = np.empty(len(rows), np.int64)
     x64 = x.astype(np.float64)
     for k, r in enumerate(rows):
         d = np.sqrt(((x64 - x64[r]) ** 2).sum(axis=1))
         d[r] = np.inf
-        out[k] = d.min()
-    return out
+        idx[k] = int(np.argmin(d))
+        out[k] = d[idx[k]]
+    return (out, idx) if with_index else out
 
 
-def nn_distances(x: np.ndarray, rows: np.ndarray, *, chunk: int = 256, shortlist: int = 4) -> np.ndarray:
+def nn_distances(
+    x: np.ndarray, rows: np.ndarray, *, chunk: int = 256, shortlist: int = 4, with_index: bool = False
+) -> Any:
     """Fast path of `nn_distances_ref`: float32 matmul screening in chunks of queries, then the
     `shortlist` closest candidates of each query re-measured in float64 (as the reference does), so
     rounding in the screen cannot pick a wrong neighbour unless more than `shortlist` rows tie within
@@ -88,16 +120,19 @@ def nn_distances(x: np.ndarray, rows: np.ndarray, *, chunk: int = 256, shortlist
     sq = (xt * xt).sum(1)
     k = min(shortlist, x.shape[0] - 1)
     out = np.empty(len(rows))
+    idx = np.empty(len(rows), np.int64)
     x64 = x.astype(np.float64)
     for s in range(0, len(rows), chunk):
         r = torch.from_numpy(np.asarray(rows[s : s + chunk], np.int64))
         d2 = sq[r, None] + sq[None, :] - 2.0 * (xt[r] @ xt.T)  # [chunk, N]
         d2[torch.arange(len(r)), r] = float("inf")
-        cand = torch.topk(d2, k, dim=1, largest=False).indices.numpy()  # [chunk, k]
+        cand = np.sort(torch.topk(d2, k, dim=1, largest=False).indices.numpy(), axis=1)  # [chunk, k]
         q = x64[r.numpy()][:, None, :]
         exact = np.sqrt(((x64[cand] - q) ** 2).sum(axis=2))
-        out[s : s + len(r)] = exact.min(axis=1)
-    return out
+        best = np.argmin(exact, axis=1)  # the lowest row among equally near ones, as the reference
+        out[s : s + len(r)] = exact[np.arange(len(r)), best]
+        idx[s : s + len(r)] = cand[np.arange(len(r)), best]
+    return (out, idx) if with_index else out
 
 
 def precision_curve_ref(pos: np.ndarray, neg: np.ndarray, t: float) -> tuple[float, float]:
@@ -111,6 +146,8 @@ def suggest_threshold_ref(pos: np.ndarray, neg: np.ndarray, precision: float) ->
     """Reference: the largest observed distance t with recall > 0 and precision(t) >= `precision`."""
     best = None
     for t in sorted(set(pos.tolist()) | set(neg.tolist())):
+        if not np.isfinite(t):  # +inf marks a pair that no threshold makes a duplicate
+            continue
         p, r = precision_curve_ref(pos, neg, t)
         if r > 0 and p >= precision:
             best = t
@@ -121,6 +158,7 @@ def suggest_threshold(pos: np.ndarray, neg: np.ndarray, precision: float) -> flo
     """Vectorised `suggest_threshold_ref` (sort + searchsorted instead of one pass per candidate)."""
     pos, neg = np.sort(np.asarray(pos, np.float64)), np.sort(np.asarray(neg, np.float64))
     cand = np.unique(np.concatenate([pos, neg]))
+    cand = cand[np.isfinite(cand)]  # +inf marks a pair that no threshold makes a duplicate
     if len(pos) == 0 or len(cand) == 0:
         return None
     p = np.searchsorted(pos, cand, side="right") / len(pos)
@@ -143,31 +181,58 @@ class Calibration:
     images: int = 0  # images the synthetic pairs were made from
     skipped: list[tuple[str, str]] = field(default_factory=list)
     suggested: float | None = None
+    targets: tuple[str, ...] = tuple(TRANSFORMS)  # the transforms the model is meant to catch
+    # Models with a verifier (builtin:dct): distances are on the screening part, and a pair counts
+    # only when its check score reaches min_score (None: no verifier).
+    min_score: float | None = None
+    nn_scores: np.ndarray | None = None  # (S,) check score of each row and its nearest neighbour
+    synthetic_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
     def negatives(self) -> np.ndarray:
-        """Nearest-neighbour distances that are not exact copies."""
-        return self.nn[self.nn > IDENTICAL]
+        """Nearest-neighbour distances that are not exact copies; +inf where verification would turn
+        the pair down (it can never become a duplicate, whatever the threshold)."""
+        keep = self.nn > IDENTICAL
+        d = self.nn.copy()
+        if self.min_score is not None and self.nn_scores is not None:
+            d[self.nn_scores < self.min_score] = np.inf
+        return d[keep]
 
-    def positives(self) -> np.ndarray:
-        vals = list(self.synthetic.values())
-        return np.concatenate(vals) if vals else np.zeros(0)
+    def variant(self, name: str) -> np.ndarray:
+        """One transform's distances, +inf where verification would turn the pair down."""
+        d = self.synthetic[name].copy()
+        if self.min_score is not None and name in self.synthetic_scores:
+            d[self.synthetic_scores[name] < self.min_score] = np.inf
+        return d
+
+    def positives(self, targeted: bool = True) -> np.ndarray:
+        names = [n for n in self.synthetic if n in self.targets or not targeted]
+        return np.concatenate([self.variant(n) for n in names]) if names else np.zeros(0)
+
+    def recall(self, t: float) -> dict[str, float]:
+        """Share of each transform's pairs found at threshold t (and confirmed, with a verifier)."""
+        return {n: float(np.mean(self.variant(n) <= t)) if len(v) else 0.0 for n, v in self.synthetic.items()}
 
 
 def synthetic_distances(
     enc, paths: list[str], *, batch_size: int = 16
-) -> tuple[dict[str, np.ndarray], int, list[tuple[str, str]]]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int, list[tuple[str, str]]]:
     """Distances between each image and its TRANSFORMS variants, all encoded by `enc`.
 
     The original goes through the normal decoder (as the DB update does); the variants are made from
-    the full-resolution decode.
+    the full-resolution decode. For a model with a verifier the distance is the screening part's and
+    the check score of each pair is returned too.
 
     Returns:
-        ({transform: (K,) float64 distances}, images used, [(path, reason)] for unreadable images).
+        ({transform: (K,) float64 distances}, {transform: (K,) check scores, or empty without a
+        verifier}, images used, [(path, reason)] for unreadable images).
     """
     from clipdedup.ingest.decode.base import DecodeError, decode_pil
     from clipdedup.match import exact_distances
+    from clipdedup.verify import verifier_for
 
+    verifier = verifier_for(enc.model_id)
     out: dict[str, list[float]] = {name: [] for name in TRANSFORMS}
+    sco: dict[str, list[float]] = {name: [] for name in TRANSFORMS}
     skipped, used = [], 0
     for s in range(0, len(paths), batch_size):
         items: list[Any] = []  # prepared model inputs
@@ -189,9 +254,13 @@ def synthetic_distances(
         if not items:
             continue
         x = np.asarray(enc.encode_batch(items), np.float32)
+        xs, xc = verifier.split(x) if verifier is not None else (x, None)
         for name, a, b in tags:
-            out[name].append(float(exact_distances(x[a : a + 1], x[b : b + 1])[0]))
-    return {k: np.asarray(v) for k, v in out.items()}, used, skipped
+            out[name].append(float(exact_distances(xs[a : a + 1], xs[b : b + 1])[0]))
+            if xc is not None:
+                sco[name].append(float(verifier.scores(xc, xc, np.array([[a, b]]))[0]))
+    scores = {k: np.asarray(v) for k, v in sco.items()} if verifier is not None else {}
+    return {k: np.asarray(v) for k, v in out.items()}, scores, used, skipped
 
 
 def calibrate(
@@ -214,6 +283,7 @@ def calibrate(
     from clipdedup.db import load_db, read_meta
     from clipdedup.ingest.encode.base import canonical_model_id, default_threshold, load_encoder
     from clipdedup.scan import scan_tree
+    from clipdedup.verify import verifier_for
 
     say = progress or (lambda line: None)
     if not 0 < precision < 1:
@@ -228,14 +298,21 @@ def calibrate(
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(paths), size=min(nn_samples, len(paths)), replace=False))
     say(f"nearest neighbours of {len(rows)} of {len(paths)} DB rows")
+    verifier = verifier_for(model)
+    xs, xc = verifier.split(x) if verifier is not None else (x, None)
+    nn, nn_idx = nn_distances(xs, rows, with_index=True)
     c = Calibration(
         model_id=model or "unknown",
         n_db=len(paths),
         dim=x.shape[1],
         precision=precision,
         default_threshold=default_threshold(model) if model else float("nan"),
-        nn=nn_distances(x, rows),
+        nn=nn,
+        targets=targeted_variants(model),
     )
+    if verifier is not None and xc is not None:
+        c.min_score = verifier.min_score
+        c.nn_scores = verifier.scores(xc, xc, np.stack([rows, nn_idx], axis=1))
     if image_dir is None:
         return c
     if model is None:
@@ -251,7 +328,7 @@ def calibrate(
         raise UserError(f"model {model} gives dim {enc.dim}, the DB holds dim {meta.dim}")
     say(f"encoding {len(pick)} images and {len(pick) * len(TRANSFORMS)} synthetic near-duplicates")
     picked = [os.path.join(image_dir, e.rel) for e in sorted(pick, key=lambda e: e.rel)]
-    c.synthetic, c.images, c.skipped = synthetic_distances(enc, picked)
+    c.synthetic, c.synthetic_scores, c.images, c.skipped = synthetic_distances(enc, picked)
     c.suggested = suggest_threshold(c.positives(), c.negatives(), precision)
     return c
 
@@ -262,6 +339,26 @@ def _quantiles(v: np.ndarray) -> str:
     return " ".join(f"{q:8.4f}" for q in np.quantile(v, QUANTILES))
 
 
+def _verdict_lines(c: Calibration) -> list[str]:
+    lines = []
+    same = int(np.sum(c.nn <= IDENTICAL))
+    for label, t in (("default", c.default_threshold), ("suggested", c.suggested)):
+        if t is None or not np.isfinite(t):
+            continue
+        prec, rec = precision_curve_ref(c.positives(), c.negatives(), t)
+        close = int(np.sum(c.nn <= t))
+        lines.append(
+            f"at the {label} threshold {t:.4f}: est. precision {prec:.3f}, recall on targeted synthetic "
+            f"{rec:.3f}, {close} of {len(c.nn)} sampled DB rows ({close / len(c.nn):.1%}) have a neighbour "
+            f"within it ({same} of them exact copies)"
+        )
+        per = ", ".join(
+            f"{n} {r:.2f}" + ("" if n in c.targets else " (not targeted)") for n, r in c.recall(t).items()
+        )
+        lines.append(f"  recall per variant: {per}")
+    return lines
+
+
 def format_text(c: Calibration) -> str:
     head = " ".join(f"{'min' if q == 0 else 'max' if q == 1 else f'{q:.0%}':>8}" for q in QUANTILES)
     lines = [
@@ -270,34 +367,32 @@ def format_text(c: Calibration) -> str:
         f"{'distance quantiles':<32} {head}",
         f"{f'nearest neighbour ({len(c.nn)} rows)':<32} {_quantiles(c.nn)}",
     ]
-    same = len(c.nn) - len(c.negatives())
-    if same:
-        lines.append(f"{f'  of which not exact copies ({len(c.nn) - same})':<32} {_quantiles(c.negatives())}")
+    raw_neg = c.nn[c.nn > IDENTICAL]
+    if len(raw_neg) < len(c.nn):
+        lines.append(f"{f'  of which not exact copies ({len(raw_neg)})':<32} {_quantiles(raw_neg)}")
     for name, v in c.synthetic.items():
-        lines.append(f"{f'synthetic {name} ({len(v)})':<32} {_quantiles(v)}")
-    if c.synthetic:
-        lines.append(f"{f'synthetic, all ({len(c.positives())})':<32} {_quantiles(c.positives())}")
+        mark = "" if name in c.targets else " *"
+        lines.append(f"{f'synthetic {name}{mark} ({len(v)})':<32} {_quantiles(v)}")
+    if c.min_score is not None:
+        turned = int(np.sum(~np.isfinite(c.negatives())))
+        lines.append(
+            f"distances are the screening part's; a pair counts when its check score is >= {c.min_score:g} "
+            f"({turned} of {len(raw_neg)} nearest neighbours are turned down by it)"
+        )
+    if any(n not in c.targets for n in c.synthetic):
+        lines.append("* not a variant this model targets: reported, left out of the suggestion")
     for path, reason in c.skipped:
         lines.append(f"skipped {path}: {reason}")
     if not c.synthetic:
         lines.append("no -i IMAGES given: synthetic near-duplicates (and a suggestion) need sample images")
         return "\n".join(lines)
-    for label, t in (("default", c.default_threshold), ("suggested", c.suggested)):
-        if t is None or not np.isfinite(t):
-            continue
-        prec, rec = precision_curve_ref(c.positives(), c.negatives(), t)
-        close = int(np.sum(c.nn <= t))
-        lines.append(
-            f"at the {label} threshold {t:.4f}: est. precision {prec:.3f}, recall on synthetic {rec:.3f}, "
-            f"{close} of {len(c.nn)} sampled DB rows ({close / len(c.nn):.1%}) have a neighbour within it"
-            f" ({same} of them exact copies)"
-        )
+    lines += _verdict_lines(c)
     if c.suggested is None:
         lines.append(f"no threshold reaches precision {c.precision:g} on these samples")
     else:
         lines.append(f"suggested threshold for precision >= {c.precision:g}: -th {c.suggested:.4f}")
     lines.append(
-        "(precision weighs a synthetic near-duplicate and a DB nearest neighbour equally and counts "
+        "(precision weighs a targeted synthetic near-duplicate and a DB nearest neighbour equally and counts "
         "every nearest neighbour but exact copies as a distinct image; near-duplicates already in the DB "
         "make it pessimistic)"
     )
@@ -320,5 +415,9 @@ def to_dict(c: Calibration) -> dict:
         "synthetic": {
             k: np.quantile(v, QUANTILES).tolist() if len(v) else [] for k, v in c.synthetic.items()
         },
+        "targeted": list(c.targets),
+        "min_score": c.min_score,
+        "recall_at_default": c.recall(c.default_threshold) if c.synthetic else {},
+        "recall_at_suggested": c.recall(c.suggested) if c.synthetic and c.suggested is not None else {},
         "skipped": [{"path": p, "reason": r} for p, r in c.skipped],
     }
