@@ -132,7 +132,9 @@ def update_db(
         if copies is None or copies.to_encode:
             t = time.perf_counter()
             if encoder is None:
-                encoder = LazyEncoder.of(load_encoder(resolve_model_id(model_id, db_dir), device=device))
+                encoder = LazyEncoder.of(
+                    load_encoder(resolve_model_id(model_id, db_dir), device=device, log=log)
+                )
             want = encoder_meta(encoder.get())
             s.seconds["model load"] = time.perf_counter() - t
             s.meta = dbmod.check_meta(db_dir, want) or want

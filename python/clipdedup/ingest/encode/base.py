@@ -73,6 +73,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+OFFLINE_HINT = "-m builtin:dct works offline (model-free: no weights, no download, no GPU)"
+# CPU seconds per image of the default model on one core: it does ~480x the work of ViT-B-32 at
+# 224 px (1,025 tokens of a 1.9B-parameter tower against 50 of an 88M one), and ViT-B-32 fp32
+# encodes ~24 images/s on this project's 2-core x86-64 test machine (docs/benchmarks.md), so
+# 480 * 2 / 24 = 40 core-seconds per image.
+DEFAULT_MODEL_CPU_CORE_SECONDS = 40.0
+SMALL_MODEL = "ViT-B-32/laion2b_s34b_b79k"
+
+
+def cpu_rate_notice(model_id: str, device: str) -> str | None:
+    """One line for a run of the default model without CUDA: its expected rate here and what to pick
+    instead; None for any other model or device."""
+    if device != "cpu" or canonical_model_id(model_id) != DEFAULT_MODEL:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    sec = DEFAULT_MODEL_CPU_CORE_SECONDS / cores
+    return (
+        f"{DEFAULT_MODEL.split('/')[-1]} without CUDA: expect ~{sec:.0f} s per image on {cores} CPU cores; "
+        f"pick a smaller model with -m {SMALL_MODEL} (~500x less work), or -m builtin:dct (model-free, "
+        "hundreds of images/s)"
+    )
+
+
 def load_encoder(
     model_id: str,
     *,
@@ -87,6 +110,9 @@ def load_encoder(
     comes); `log` receives one-line notices (a graph capture that failed).
     """
     device = device or default_device()
+    notice = cpu_rate_notice(model_id, device)
+    if notice and log is not None:
+        log(notice)
     kw = {"device": device, "dtype": dtype, "batch_size": batch_size, "log": log}
     if model_id.startswith("builtin:"):
         if model_id not in ENCODERS.entries:

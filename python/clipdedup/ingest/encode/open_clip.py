@@ -13,7 +13,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from clipdedup.errors import ModelError
-from clipdedup.ingest.encode.base import DTYPES, ENCODERS, Encoder, EncoderFactory, canonical_model_id
+from clipdedup.ingest.encode.base import (
+    DTYPES,
+    ENCODERS,
+    OFFLINE_HINT,
+    Encoder,
+    EncoderFactory,
+    canonical_model_id,
+)
 from clipdedup.ingest.prep import PrepSpec, prepare_pil
 
 # NHWC input on CPU: no gain for ViT in bench/bench_encode.py (only the patch embedding is a conv).
@@ -65,7 +72,7 @@ def _resolve_open_clip(model_id: str) -> tuple[str, str | None]:
             raise ModelError(
                 f"model {model_id} is not in the local Hugging Face cache and cannot be "
                 f"downloaded ({why}); run `huggingface-cli download {repo}` where there is "
-                "network, or pass -m local-dir:/path/with/open_clip_config.json"
+                f"network, or pass -m local-dir:/path/with/open_clip_config.json; {OFFLINE_HINT}"
             )
         return model_id, None
     arch, _, tag = model_id.partition("/")
@@ -95,7 +102,7 @@ def _resolve_open_clip(model_id: str) -> tuple[str, str | None]:
     if why:
         raise ModelError(
             f"model {model_id} is not in the local cache and cannot be downloaded ({why}); "
-            "download its weights where there is network and pass ARCH/path/to/checkpoint"
+            f"download its weights where there is network and pass ARCH/path/to/checkpoint; {OFFLINE_HINT}"
         )
     return arch, tag
 
