@@ -7,18 +7,20 @@ Sets:
 - testdata: ../shared/testdata/imagededup with its strict groups (flips and rotations are not
   duplicates; byte-identical copies always are).
 
-builtin:dct runs through the real path: `update_db` (dry run) encodes, `clipdedup.verify.match_verified`
-screens with `find_pairs` and verifies. PHash is imagededup's own code (`PHash().encode_image`,
-`find_duplicates(max_distance_threshold=10)`, its default), run in a separate interpreter
-(CLIPDEDUP_PHASH_PYTHON, default ~/.cache/clipdedup-bench/phash-venv/bin/python) so that installing
-imagededup cannot change the shared environment; without it the PHash rows are left out, with a line.
+builtin:dct runs through the real path: `update_db` (dry run) encodes,
+`clipdedup.match.verify.match_verified` screens with `find_pairs` and verifies. PHash is
+imagededup's own code (`PHash().encode_image`, `find_duplicates(max_distance_threshold=10)`, its
+default), run in a separate interpreter (CLIPDEDUP_PHASH_PYTHON, default
+~/.cache/clipdedup-bench/phash-venv/bin/python) so that installing imagededup cannot change the
+shared environment; without it the PHash rows are left out, with a line.
 
 The procedure (`choose`): on the tuning half at its full size, every (screening threshold T, check
-score S) of the grid TS x SS; keep those with pair precision >= 0.99, recall >= 0.95 and at most 1
-hard negative in 40 matched; take the highest recall, then the highest precision, then the larger T
-and the smaller S (the loosest setting with the same result). `--sweep` prints the grid's frontier
-and the choice; every run checks that the shipped defaults are the choice and says so. Rows measured
-on the tuning half are in-sample and labelled "(in-sample)".
+score S) of the grid TS x SS; keep those with pair precision >= 0.99 and at most 1 hard negative in
+40 matched; take the highest recall, then the highest precision, then the larger T and the smaller S
+(the loosest setting with the same result). Precision comes first because a false pair moves a
+distinct image to the trash; whether the recall target 0.95 is met is printed, not assumed.
+`--sweep` prints the grid's frontier and the choice; every run checks that the shipped defaults are
+the choice and says so. Rows measured on the tuning half are in-sample and labelled "(in-sample)".
 
     python bench/bench_dct_quality.py [--quick] [--json out.json] [--sweep]
 """
@@ -130,7 +132,6 @@ def choose(rows: dict[str, np.ndarray], sub: Subset) -> tuple[float, float, dict
             sc = scores_of(sub, v.pairs[within & (v.scores >= s)])
             ok = (
                 sc["precision"] >= TARGET["precision"]
-                and sc["recall"] >= TARGET["recall"]
                 and sc["hard_matched"] <= TARGET["hard_rate"] * sc["hard"]
             )
             if not ok:
@@ -140,7 +141,7 @@ def choose(rows: dict[str, np.ndarray], sub: Subset) -> tuple[float, float, dict
                 best = (key, float(t), float(s), sc)
             frontier.append((float(t), float(s), sc))
     if best is None:
-        raise SystemExit("no (threshold, score) on the grid reaches the targets on the tuning half")
+        raise SystemExit("no (threshold, score) on the grid reaches precision 0.99 on the tuning half")
     return best[1], best[2], best[3], frontier
 
 
@@ -302,7 +303,11 @@ def sweep() -> None:
             f"  T={ft:.2f} S={fs:.3f}  precision {fsc['precision']:.4f}  recall {fsc['recall']:.4f}  "
             f"hard {fsc['hard_matched']}/{fsc['hard']}"
         )
-    print(f"chosen: T={t:g} S={s:g} (precision {sc['precision']:.4f}, recall {sc['recall']:.4f})")
+    met = "met" if sc["recall"] >= TARGET["recall"] else "NOT met"
+    print(
+        f"chosen: T={t:g} S={s:g} (precision {sc['precision']:.4f}, "
+        f"recall {sc['recall']:.4f}: target 0.95 {met})"
+    )
     same = (t, s) == (DEFAULT_THRESHOLD, MIN_SCORE)
     print(f"shipped: T={DEFAULT_THRESHOLD:g} S={MIN_SCORE:g}: {'reproduced' if same else 'NOT the choice'}")
 

@@ -103,13 +103,47 @@ def test_calibrate_refuses_wrong_model(pics: Path, tmp_path: Path, tiny_model: s
 
 
 @pytest.mark.skipif("builtin:dct" not in ENCODERS.entries, reason="builtin:dct not registered")
-def test_calibrate_builtin_dct(pics: Path, tmp_path: Path) -> None:
+def test_calibrate_builtin_dct(pics: Path, tmp_path: Path, capsys) -> None:
+    """builtin:dct targets every variant but the off-centre 90% crop; recall is reported per
+    variant; the suggestion comes from the targeted ones, and exists at precision 0.99."""
+    from clipdedup.ingest.encode import dct
+    from clipdedup.report.calibration import format_text, to_dict
+
     db = _db(pics, tmp_path, "builtin:dct")
-    c = cal.calibrate(str(db), str(pics), samples=12, precision=0.9)
+    c = cal.calibrate(str(db), str(pics), samples=12, precision=0.99)
     assert c.model_id == "builtin:dct" and c.images + len(c.skipped) == 12
     assert all(len(v) == c.images for v in c.synthetic.values())
-    # A real (if simple) encoder: re-encoding and resizing barely move the vector.
-    assert np.median(c.synthetic["jpeg-q70"]) < np.median(c.negatives())
-    if c.suggested is not None:
-        prec, _ = cal.precision_curve_ref(c.positives(), c.negatives(), c.suggested)
-        assert prec >= 0.9
+    assert c.targets == dct.CALIBRATION_TARGETS and "crop-90%" not in c.targets
+    assert c.min_score == dct.MIN_SCORE and c.nn_scores is not None
+    # A real (if simple) encoder: re-encoding barely moves the screening part.
+    assert np.median(c.synthetic["jpeg-q70"]) < np.median(c.nn[c.nn > cal.IDENTICAL])
+    rec = c.recall(c.default_threshold)
+    assert sorted(rec) == sorted(cal.TRANSFORMS)
+    assert rec["jpeg-q70"] == 1.0 and rec["bright+10%"] == 1.0, rec
+    # Recall per variant is the share of pairs within t whose check also passes.
+    for name, r in rec.items():
+        ok = (c.synthetic[name] <= c.default_threshold) & (c.synthetic_scores[name] >= c.min_score)
+        assert r == pytest.approx(ok.mean())
+    # The untargeted variant does not pull the suggestion: it comes from the targeted ones.
+    assert c.suggested is not None
+    prec, _ = cal.precision_curve_ref(c.positives(), c.negatives(), c.suggested)
+    assert prec >= 0.99
+    assert len(c.positives()) == len(c.targets) * c.images < len(c.positives(targeted=False))
+    text = format_text(c)
+    assert "recall per variant: jpeg-q70" in text and "crop-90% " in text and "(not targeted)" in text
+    assert "suggested threshold for precision >= 0.99" in text
+    d = to_dict(c)
+    assert d["targeted"] == list(dct.CALIBRATION_TARGETS) and d["recall_at_default"] == rec
+
+
+def test_untargeted_variants_are_left_out_of_the_suggestion() -> None:
+    """A model that targets one variant: a far-off other variant changes recall, not the suggestion."""
+    nn = np.array([0.5, 0.6, 0.7, 0.8])
+    c = cal.Calibration("m", 10, 4, 0.99, 0.3, nn, targets=("jpeg-q70",))
+    c.synthetic = {"jpeg-q70": np.array([0.05, 0.1]), "crop-90%": np.array([0.9, 1.0])}
+    c.suggested = cal.suggest_threshold(c.positives(), c.negatives(), 0.99)
+    assert c.suggested == 0.1
+    assert c.recall(0.1) == {"jpeg-q70": 1.0, "crop-90%": 0.0}
+    # Counting the untargeted variant would halve the recall the suggestion is judged by.
+    assert cal.precision_curve_ref(c.positives(), c.negatives(), 0.1)[1] == 1.0
+    assert cal.precision_curve_ref(c.positives(targeted=False), c.negatives(), 0.1)[1] == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +40,8 @@ def test_uncached_hub_model_fails_fast_offline(monkeypatch, tmp_path: Path) -> N
     msg = str(e.value)
     assert "hf-hub:timm/PE-Core-bigG-14-448" in msg and "not in the local Hugging Face cache" in msg
     assert len(msg.splitlines()) == 1
+    # A fresh machine without network: the message names the option that works offline.
+    assert "-m builtin:dct works offline" in msg
 
 
 def test_cached_hub_model_loads_without_network(monkeypatch, tmp_path: Path, tiny_model: str) -> None:
@@ -78,8 +81,31 @@ def test_known_tag_not_cached_fails_fast_offline(monkeypatch, tmp_path: Path) ->
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="not in the local cache"):
+    with pytest.raises(ModelError, match="not in the local cache") as e:
         load_encoder("ViT-B-32/laion2b_s34b_b79k", device="cpu")
+    assert "-m builtin:dct works offline" in str(e.value)
+
+
+def test_default_model_without_cuda_says_its_rate_once(monkeypatch, tmp_path: Path) -> None:
+    """On a CPU the default model logs one line with its expected rate here and smaller choices
+    (before it fails to load offline); other models and CUDA runs log nothing of the kind."""
+    import huggingface_hub.constants as c
+
+    from clipdedup.ingest.encode.base import DEFAULT_MODEL, cpu_rate_notice
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lines: list[str] = []
+    with pytest.raises(ModelError):
+        load_encoder(DEFAULT_MODEL, device="cpu", log=lines.append)
+    assert len(lines) == 1, lines
+    cores = len(os.sched_getaffinity(0))
+    assert f"on {cores} CPU cores" in lines[0] and "s per image" in lines[0]
+    assert "-m ViT-B-32/laion2b_s34b_b79k" in lines[0] and "-m builtin:dct" in lines[0]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert "expect ~20 s per image on 2 CPU cores" in (cpu_rate_notice(DEFAULT_MODEL, "cpu") or "")
+    assert cpu_rate_notice(DEFAULT_MODEL, "cuda") is None
+    assert cpu_rate_notice("ViT-B-32/laion2b_s34b_b79k", "cpu") is None
 
 
 def test_clip_default_threshold() -> None:

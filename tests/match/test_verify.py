@@ -65,7 +65,7 @@ def test_score_segments() -> None:
 
 
 def test_scores_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipdedup import verify
+    from clipdedup.match import verify
 
     rng = np.random.default_rng(3)
     a = _check_rows(rng, 50, 6, 3)
@@ -172,5 +172,12 @@ def test_decisions_on_the_real_pairs_of_the_testdata(testdata: Path) -> None:
     turned_down = {p for p, ok in cand if not ok}
     assert confirmed <= truth, sorted(map(sorted, confirmed - truth))
     assert len(confirmed) >= 0.95 * len(truth), sorted(map(sorted, truth - confirmed))
-    # Verification did real work here: the screen alone lets some distinct pairs through.
-    assert turned_down - truth, "no distinct pair reached the screen: the test shows nothing"
+    assert not (turned_down & truth) or len(turned_down & truth) <= 0.05 * len(truth)
+    # With a screen so loose that it lets distinct pairs through (flips, rotations, other photos),
+    # the check alone keeps the answer exact: what it confirms are true pairs.
+    loose = match_verified(x, 1.3, dct.VERIFIER)
+    pairs = [frozenset((names[a], names[b])) for a, b in loose.pairs.tolist()]
+    distinct = [p for p in pairs if p not in truth]
+    assert len(distinct) >= 10, "the loose screen let no distinct pair through: the test shows nothing"
+    kept = {p for p, ok in zip(pairs, loose.confirmed.tolist()) if ok}
+    assert kept <= truth, sorted(map(sorted, kept - truth))

@@ -221,3 +221,40 @@ def test_non_utf8_names_are_written(tmp_path: Path, testdata: Path) -> None:
     (pg,) = _page_data(rep)["groups"]
     assert pg["members"][0]["p"] == odd and pg["members"][0]["s"] == "caf\\xe9 <1>.jpg"
     assert all(m["t"] for m in pg["members"])
+
+
+def test_builtin_dct_report_lists_candidates_with_scores(testdata: Path, tmp_path: Path, capsys) -> None:
+    """A model-free run: every screened candidate with its distance and check score, in report.json,
+    candidates.csv and the HTML; turned-down candidates are listed, and only confirmed pairs group."""
+    from PIL import Image, ImageOps
+
+    from clipdedup.ingest.encode import dct
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    with Image.open(testdata / SRC) as im:
+        im = im.convert("RGB")
+        im.save(pics / "a.jpg", quality=95)
+        im.resize((im.width // 2, im.height // 2)).save(pics / "a-small.jpg", quality=60)
+        ImageOps.mirror(im).save(pics / "a-mirror.jpg", quality=95)
+    shutil.copy(testdata / "base_images/ukbench09012.jpg", pics / "other.jpg")
+    rep = tmp_path / "rep"
+    # A screen loose enough to let the mirror image through: the check must turn it down.
+    args = ["-i", str(pics), "-d", str(tmp_path / "db"), "-m", "builtin:dct", "-th", "1.3", "-n"]
+    s = run_cli_json(dedup_cmd, args + ["--report", str(rep)], capsys)
+    assert s["verification"]["min_score"] == dct.MIN_SCORE
+    doc = json.loads((rep / "report.json").read_text())
+    cands = {frozenset((c["a"], c["b"])): c for c in doc["candidates"]}
+    small = cands[frozenset(("a.jpg", "a-small.jpg"))]
+    assert small["confirmed"] is True and small["score"] >= dct.MIN_SCORE and small["distance"] <= 1.3
+    mirror = cands[frozenset(("a.jpg", "a-mirror.jpg"))]
+    assert mirror["confirmed"] is False and mirror["score"] < dct.MIN_SCORE
+    assert doc["verification"]["candidates"] == len(cands) > doc["verification"]["confirmed"] >= 1
+    assert [sorted(g["members"]) for g in s["groups"]] == [["a-small.jpg", "a.jpg"]]
+    with open(rep / "candidates.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(cands) and {r["confirmed"] for r in rows} == {"0", "1"}
+    page = (rep / "index.html").read_text(encoding="utf-8")
+    assert "check score" in page and "turned down" in page and "a-mirror.jpg" in page
+    (pg,) = _page_data(rep)["groups"]
+    assert len(pg["pairs"]) == 1 and pg["pairs"][0][3] == small["score"]  # the score beside the distance

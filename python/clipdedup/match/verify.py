@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def match_verified(
     y: np.ndarray | None = None,
     find: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None,
     min_score: float | None = None,
-    **find_kw: object,
+    **find_kw: Any,
 ) -> Verified:
     """Screens with `find` (default `clipdedup.match.find_pairs`) on the screening part of the rows,
     then scores each candidate with the check part.
@@ -138,7 +139,9 @@ def match_verified(
     import time
 
     if find is None:
-        from clipdedup.match import find_pairs as find
+        from clipdedup.match import find_pairs
+
+        find = find_pairs
     xs, xc = verifier.split(x)
     ys, yc = (None, xc) if y is None else verifier.split(y)
     t = time.perf_counter()

@@ -45,8 +45,8 @@ COLOURLESS = 4.0  # RMS chroma (grey levels) below which an image counts as grey
 CHECK_FLAT = 0.5  # RMS luma spread (grey levels) below which the check counts an image as flat
 # Chosen by `choose` in bench/bench_dct_quality.py on the tuning half of bench/corpus.py: pair
 # precision >= 0.99 at the highest recall (docs/benchmarks.md).
-DEFAULT_THRESHOLD = 0.88
-MIN_SCORE = 0.9
+DEFAULT_THRESHOLD = 0.58
+MIN_SCORE = 0.945
 FLAT_NORM = 1e-2  # AC norm (grey levels) below which an image counts as flat
 
 
