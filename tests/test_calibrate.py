@@ -13,6 +13,7 @@ from clipdedup import calibrate as cal
 from clipdedup.cli import dedup_cmd, run_cli
 from clipdedup.ingest.encode.base import ENCODERS
 from clipdedup.ingest.update import update_db
+from clipdedup.match.nearest import nn_distances, nn_distances_ref
 
 
 @pytest.mark.parametrize(("n", "d"), [(2, 3), (3, 1), (63, 32), (65, 100), (300, 17)])
@@ -23,15 +24,15 @@ def test_nn_distances_match_reference(n: int, d: int) -> None:
     if n > 4:
         x[-1] = x[1] + 1e-4  # a very close pair
     rows = np.sort(rng.choice(n, size=min(n, 40), replace=False))
-    want = cal.nn_distances_ref(x, rows)
-    np.testing.assert_allclose(cal.nn_distances(x, rows, chunk=7), want, rtol=1e-6, atol=1e-7)
+    want = nn_distances_ref(x, rows)
+    np.testing.assert_allclose(nn_distances(x, rows, chunk=7), want, rtol=1e-6, atol=1e-7)
 
 
 def test_nn_distances_all_identical_rows() -> None:
     x = np.ones((10, 5), np.float32)
     rows = np.arange(10)
-    assert np.array_equal(cal.nn_distances(x, rows), np.zeros(10))
-    assert np.array_equal(cal.nn_distances_ref(x, rows), np.zeros(10))
+    assert np.array_equal(nn_distances(x, rows), np.zeros(10))
+    assert np.array_equal(nn_distances_ref(x, rows), np.zeros(10))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -106,8 +107,8 @@ def test_calibrate_refuses_wrong_model(pics: Path, tmp_path: Path, tiny_model: s
 def test_calibrate_builtin_dct(pics: Path, tmp_path: Path, capsys) -> None:
     """builtin:dct targets every variant but the off-centre 90% crop; recall is reported per
     variant; the suggestion comes from the targeted ones, and exists at precision 0.99."""
+    from clipdedup.calibrate import format_text, to_dict
     from clipdedup.ingest.encode import dct
-    from clipdedup.report.calibration import format_text, to_dict
 
     db = _db(pics, tmp_path, "builtin:dct")
     c = cal.calibrate(str(db), str(pics), samples=12, precision=0.99)

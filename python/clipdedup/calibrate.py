@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from clipdedup.errors import UserError
+from clipdedup.match.nearest import nn_distances
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 IDENTICAL = 1e-6  # a nearest neighbour this close holds the same embedding: an exact copy
@@ -83,57 +84,6 @@ def targeted_variants(model_id: str | None) -> tuple[str, ...]:
     entry = ENCODERS.entries.get(model_id) if model_id and model_id.startswith("builtin:") else None
     targets = entry.fn.calibration_targets if entry is not None else None
     return tuple(targets) if targets else tuple(TRANSFORMS)
-
-
-def nn_distances_ref(x: np.ndarray, rows: np.ndarray, *, with_index: bool = False) -> Any:
-    """Reference: float64 distance from each x[rows[k]] to its nearest other row of x, row by row.
-
-    Args:
-        x: (N, D) float32 embeddings, N >= 2.
-        rows: (S,) int indices into x.
-        with_index: also return the nearest row of each (the first of equally near rows).
-
-    Returns:
-        (S,) float64 distances; with `with_index`, ((S,) distances, (S,) int64 nearest rows).
-    """
-    out = np.empty(len(rows))
-    idx = np.empty(len(rows), np.int64)
-    x64 = x.astype(np.float64)
-    for k, r in enumerate(rows):
-        d = np.sqrt(((x64 - x64[r]) ** 2).sum(axis=1))
-        d[r] = np.inf
-        idx[k] = int(np.argmin(d))
-        out[k] = d[idx[k]]
-    return (out, idx) if with_index else out
-
-
-def nn_distances(
-    x: np.ndarray, rows: np.ndarray, *, chunk: int = 256, shortlist: int = 4, with_index: bool = False
-) -> Any:
-    """Fast path of `nn_distances_ref`: float32 matmul screening in chunks of queries, then the
-    `shortlist` closest candidates of each query re-measured in float64 (as the reference does), so
-    rounding in the screen cannot pick a wrong neighbour unless more than `shortlist` rows tie within
-    float32 error."""
-    import torch
-
-    chunk = max(1, min(chunk, (64 << 20) // max(1, x.shape[0])))  # [chunk, N] float32 <= 256 MB
-    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    sq = (xt * xt).sum(1)
-    k = min(shortlist, x.shape[0] - 1)
-    out = np.empty(len(rows))
-    idx = np.empty(len(rows), np.int64)
-    x64 = x.astype(np.float64)
-    for s in range(0, len(rows), chunk):
-        r = torch.from_numpy(np.asarray(rows[s : s + chunk], np.int64))
-        d2 = sq[r, None] + sq[None, :] - 2.0 * (xt[r] @ xt.T)  # [chunk, N]
-        d2[torch.arange(len(r)), r] = float("inf")
-        cand = np.sort(torch.topk(d2, k, dim=1, largest=False).indices.numpy(), axis=1)  # [chunk, k]
-        q = x64[r.numpy()][:, None, :]
-        exact = np.sqrt(((x64[cand] - q) ** 2).sum(axis=2))
-        best = np.argmin(exact, axis=1)  # the lowest row among equally near ones, as the reference
-        out[s : s + len(r)] = exact[np.arange(len(r)), best]
-        idx[s : s + len(r)] = cand[np.arange(len(r)), best]
-    return (out, idx) if with_index else out
 
 
 def precision_curve_ref(pos: np.ndarray, neg: np.ndarray, t: float) -> tuple[float, float]:
@@ -332,3 +282,93 @@ def calibrate(
     c.synthetic, c.synthetic_scores, c.images, c.skipped = synthetic_distances(enc, picked)
     c.suggested = suggest_threshold(c.positives(), c.negatives(), precision)
     return c
+
+
+def _quantiles(v: np.ndarray) -> str:
+    if len(v) == 0:
+        return "(none)"
+    return " ".join(f"{q:8.4f}" for q in np.quantile(v, QUANTILES))
+
+
+def _verdict_lines(c: Calibration) -> list[str]:
+    lines = []
+    same = int(np.sum(c.nn <= IDENTICAL))
+    for label, t in (("default", c.default_threshold), ("suggested", c.suggested)):
+        if t is None or not np.isfinite(t):
+            continue
+        prec, rec = precision_curve_ref(c.positives(), c.negatives(), t)
+        close = int(np.sum(c.nn <= t))
+        lines.append(
+            f"at the {label} threshold {t:.4f}: est. precision {prec:.3f}, recall on targeted synthetic "
+            f"{rec:.3f}, {close} of {len(c.nn)} sampled DB rows ({close / len(c.nn):.1%}) have a neighbour "
+            f"within it ({same} of them exact copies)"
+        )
+        per = ", ".join(
+            f"{n} {r:.2f}" + ("" if n in c.targets else " (not targeted)") for n, r in c.recall(t).items()
+        )
+        lines.append(f"  recall per variant: {per}")
+    return lines
+
+
+def format_text(c: Calibration) -> str:
+    head = " ".join(f"{'min' if q == 0 else 'max' if q == 1 else f'{q:.0%}':>8}" for q in QUANTILES)
+    lines = [
+        f"model {c.model_id}, DB of {c.n_db} embeddings (dim {c.dim}); its default threshold "
+        f"{c.default_threshold:g}",
+        f"{'distance quantiles':<32} {head}",
+        f"{f'nearest neighbour ({len(c.nn)} rows)':<32} {_quantiles(c.nn)}",
+    ]
+    raw_neg = c.nn[c.nn > IDENTICAL]
+    if len(raw_neg) < len(c.nn):
+        lines.append(f"{f'  of which not exact copies ({len(raw_neg)})':<32} {_quantiles(raw_neg)}")
+    for name, v in c.synthetic.items():
+        mark = "" if name in c.targets else " *"
+        lines.append(f"{f'synthetic {name}{mark} ({len(v)})':<32} {_quantiles(v)}")
+    if c.min_score is not None:
+        turned = int(np.sum(~np.isfinite(c.negatives())))
+        lines.append(
+            f"distances are the screening part's; a pair counts when its check score is >= {c.min_score:g} "
+            f"({turned} of {len(raw_neg)} nearest neighbours are turned down by it)"
+        )
+    if any(n not in c.targets for n in c.synthetic):
+        lines.append("* not a variant this model targets: reported, left out of the suggestion")
+    for path, reason in c.skipped:
+        lines.append(f"skipped {path}: {reason}")
+    if not c.synthetic:
+        lines.append("no -i IMAGES given: synthetic near-duplicates (and a suggestion) need sample images")
+        return "\n".join(lines)
+    lines += _verdict_lines(c)
+    if c.suggested is None:
+        lines.append(f"no threshold reaches precision {c.precision:g} on these samples")
+    else:
+        lines.append(f"suggested threshold for precision >= {c.precision:g}: -th {c.suggested:.4f}")
+    lines.append(
+        "(precision weighs a targeted synthetic near-duplicate and a DB nearest neighbour equally and counts "
+        "every nearest neighbour but exact copies as a distinct image; near-duplicates already in the DB "
+        "make it pessimistic)"
+    )
+    return "\n".join(lines)
+
+
+def to_dict(c: Calibration) -> dict:
+    q = {f"{v:g}": None for v in QUANTILES}
+    return {
+        "model": c.model_id,
+        "db_rows": c.n_db,
+        "dim": c.dim,
+        "default_threshold": c.default_threshold,
+        "precision_target": c.precision,
+        "suggested_threshold": c.suggested,
+        "images": c.images,
+        "quantiles": list(q),
+        "nearest_neighbour": np.quantile(c.nn, QUANTILES).tolist() if len(c.nn) else [],
+        "exact_copies": int(len(c.nn) - len(c.negatives())),
+        "synthetic": {
+            k: np.quantile(v, QUANTILES).tolist() if len(v) else [] for k, v in c.synthetic.items()
+        },
+        "targeted": list(c.targets),
+        "min_score": c.min_score,
+        "recall_at_default": c.recall(c.default_threshold) if c.synthetic else {},
+        "recall_at_suggested": c.recall(c.suggested) if c.synthetic and c.suggested is not None else {},
+        "skipped": [{"path": p, "reason": r} for p, r in c.skipped],
+    }

@@ -86,7 +86,6 @@ def calibrate_cmd(
     import json
 
     from clipdedup import calibrate
-    from clipdedup.report import calibration
 
     c = calibrate.calibrate(
         db_dir,
@@ -99,7 +98,7 @@ def calibrate_cmd(
         seed=seed,
         progress=None if quiet else (lambda line: click.echo(line, err=True)),
     )
-    click.echo(json.dumps(calibration.to_dict(c), indent=2) if as_json else calibration.format_text(c))
+    click.echo(json.dumps(calibrate.to_dict(c), indent=2) if as_json else calibrate.format_text(c))
     return 0
 
 
