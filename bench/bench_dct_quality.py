@@ -234,7 +234,12 @@ def run(quick: bool) -> list[Row]:
     rows: list[Row] = []
     if TESTDATA.is_dir():
         rows += testdata_rows(DEFAULT_THRESHOLD)
-    root, m = corpus.build()
+    have = corpus.cached()
+    if have is None and quick:
+        print("no corpus built (python bench/corpus.py: ~15 min, ~1 GB of Debian packages): testdata only")
+        print(quality_table(rows))
+        return rows
+    root, m = have or corpus.build()
     emb, enc_s, n_enc = embed_corpus(root)
     print(f"encoded {n_enc} corpus images in {enc_s:.1f} s: {n_enc / enc_s:.0f} img/s (update_db dry run)")
     tune = subset(m, by_size(m, "tune", None))

@@ -158,8 +158,9 @@ def thumb(im: Image.Image) -> tuple[np.ndarray, float]:
 
 class CopyIndex:
     """The pixel measure of "the same picture" used to keep the corpus honest: RMS difference of two
-    normalised thumbnails below NEAR (in standard deviations) with aspect ratios within 5%, or both
-    nearly flat (sd below FLAT grey levels) with mean colours within FLAT."""
+    normalised thumbnails below NEAR (in standard deviations) with |log| of the aspect ratios'
+    quotient below ASPECT, or both nearly flat (sd below FLAT grey levels) with mean colours
+    within 2 FLAT."""
 
     def __init__(self, capacity: int) -> None:
         self.t = np.zeros((capacity, 32 * 32 * 3))
@@ -349,16 +350,8 @@ def _write(arg: tuple[str, str, str, str, list[str]]) -> dict:
     return {"duplicates": files, "negatives": negatives}
 
 
-def build(root: Path | None = None) -> tuple[Path, dict]:
-    """Builds the corpus once (reused while its key matches). Returns (image root, manifest).
-
-    The manifest: {"key": ..., "sources": [{"sid", "pkg", "rel", "series", "split",
-    "duplicates": {kind: file}, "negatives": {kind: file}}, ...], "dropped_near_copies": int}.
-    Files are relative to the image root; "duplicates" includes the original ("orig").
-    """
-    root = root or cache_root()
-    img_root = root / "corpus"
-    key = {
+def _key() -> dict:
+    return {
         "version": VERSION,
         "seed": SEED,
         "packages": PACKAGES,
@@ -367,11 +360,30 @@ def build(root: Path | None = None) -> tuple[Path, dict]:
         "dups": [DUPS_PER_SOURCE, list(DUPLICATE_KINDS)],
         "negatives": [NEGATIVE_EVERY, list(NEGATIVE_KINDS)],
     }
-    mf = img_root / "manifest.json"
+
+
+def cached(root: Path | None = None) -> tuple[Path, dict] | None:
+    """The corpus if it is built and current, without building it."""
+    mf = (root or cache_root()) / "corpus" / "manifest.json"
     if mf.exists():
         m = json.loads(mf.read_text())
-        if m.get("key") == key:
-            return img_root, m
+        if m.get("key") == _key():
+            return mf.parent, m
+    return None
+
+
+def build(root: Path | None = None) -> tuple[Path, dict]:
+    """Builds the corpus once (reused while its key matches). Returns (image root, manifest).
+
+    The manifest: {"key": ..., "sources": [{"sid", "pkg", "rel", "series", "split",
+    "duplicates": {kind: file}, "negatives": {kind: file}}, ...], "dropped_near_copies": int}.
+    Files are relative to the image root; "duplicates" includes the original ("orig").
+    """
+    root = root or cache_root()
+    have = cached(root)
+    if have is not None:
+        return have
+    img_root, key = root / "corpus", _key()
     sources, dropped = pick_sources(root)
     split(sources)
     shutil.rmtree(img_root, ignore_errors=True)
@@ -384,7 +396,7 @@ def build(root: Path | None = None) -> tuple[Path, dict]:
         "dropped_near_copies": dropped,
         "sources": [{**asdict(s), **e} for s, e in zip(sources, entries)],
     }
-    mf.write_text(json.dumps(m, indent=0))
+    (img_root / "manifest.json").write_text(json.dumps(m, indent=0))
     return img_root, m
 
 
