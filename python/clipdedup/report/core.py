@@ -15,7 +15,8 @@ from typing import Any
 
 from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
-from clipdedup.records import Group, MoveResult, RunSummary, Verification
+from clipdedup.records import Group, MoveResult, RunSummary
+from clipdedup.report.candidates import verification_dict, write_candidates_csv
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -316,7 +317,7 @@ def write_report(
     _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(doc, indent=1, ensure_ascii=True))
     _write_csvs(groups, out_dir)
     if ver is not None:
-        _write_candidates_csv(ver, out_dir)
+        write_candidates_csv(ver, out_dir)
     report_html.write_html(groups, head, out_dir, thumb_size=thumb_size, scores=scores)
     return groups
 
@@ -337,34 +338,6 @@ def _hash_members(groups: list[ReviewGroup]) -> None:
 
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         list(pool.map(one, members))
-
-
-def verification_dict(v: Verification) -> dict[str, Any]:
-    """What verification did in a run: its measure, its bar, the counts and the turned-down pairs."""
-    rejected = [
-        {"a": c.a, "b": c.b, "distance": c.distance, "score": c.score}
-        for c in v.candidates
-        if not c.confirmed
-    ]
-    return {
-        "measure": v.measure,
-        "min_score": v.min_score,
-        "candidates": len(v.candidates),
-        "confirmed": v.confirmed,
-        "seconds": round(v.seconds, 4),
-        "rejected": rejected,
-    }
-
-
-def _write_candidates_csv(v: Verification, out_dir: str) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["a", "b", "distance", "check_score", "confirmed"])
-    for c in v.candidates:
-        w.writerow([c.a, c.b, _num(c.distance), f"{c.score:.6f}", int(c.confirmed)])
-    _atomic_text(os.path.join(out_dir, "candidates.csv"), buf.getvalue())
 
 
 def _atomic_text(path: str, text: str) -> None:
