@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
@@ -27,16 +26,14 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
-from clipdedup.match.verify import Verified, match_verified, verifier_for
+from clipdedup.match.verify import match_verified, verifier_for
 from clipdedup.records import (
-    CandidatePair,
     FileEntry,
     Group,
     RunSummary,
     SnapshotState,
     SnapshotStatus,
     UpdateSummary,
-    Verification,
 )
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
@@ -154,42 +151,29 @@ def _encoded_as_scanned(
     return [e for e in entries if e.rel not in stale]
 
 
-def _match(
-    x, y, opts: RunOptions, s: RunSummary, model: str
-) -> tuple[np.ndarray, np.ndarray, Verified | None]:
+def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Callable, Callable]):
     """Pairs within the threshold; for a model with a verifier (builtin:dct), the screened
-    candidates that its check confirms, and all candidates with their scores."""
+    candidates its check confirms (every candidate, named by `namer`, in `s.verification`)."""
     entry = MATCHERS.get(opts.backend)
     s.backend = entry.name
     bar = tqdm(desc=f"match ({entry.name})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
     verifier = verifier_for(model)
-    v = None
     if verifier is None:
         pairs, dists = find_pairs(x, s.threshold, y=y, backend=entry.name, progress=bar.update)
     else:
         v = match_verified(x, s.threshold, verifier, y=y, backend=entry.name, progress=bar.update)
+        s.verification = v.record(*namer)
         pairs, dists = v.pairs[v.confirmed], v.distances[v.confirmed]
     bar.close()
     s.seconds["match"] = time.perf_counter() - t
     s.pairs = len(pairs)
-    return pairs, dists, v
+    return pairs, dists
 
 
 def _model(opts: RunOptions, *us: UpdateSummary) -> str:
     """The model a run's embeddings come from: the DB's, else -m, else the default."""
-    for u in us:
-        if u.meta:
-            return u.meta.model_id
-    return opts.model_id or DEFAULT_MODEL
-
-
-def _verification(v: Verified | None, name_a: Callable[[int], str], name_b: Callable[[int], str]):
-    if v is None:
-        return None
-    rows = zip(v.pairs.tolist(), v.distances.tolist(), v.scores.tolist(), v.confirmed.tolist())
-    cands = [CandidatePair(name_a(a), name_b(b), d, sc, ok) for (a, b), d, sc, ok in rows]
-    return Verification(v.measure, v.min_score, v.seconds["verify"], cands)
+    return next((u.meta.model_id for u in us if u.meta), opts.model_id or DEFAULT_MODEL)
 
 
 def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
@@ -267,8 +251,8 @@ def _run_dedup_locked(
     for path, reason in s.load_errors:
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, u)
-    pairs, dists, v = _match(x, None, opts, s, _model(opts, u))
-    s.verification = _verification(v, lambda a: kept[a].rel, lambda b: kept[b].rel)
+    namer = (lambda a: kept[a].rel, lambda b: kept[b].rel)
+    pairs, dists = _match(x, None, opts, s, _model(opts, u), namer)
     if opts.top_k > 0:
         names = [e.rel for e in kept]
         s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
@@ -388,8 +372,8 @@ def _run_import_locked(
     for path, reason in s.load_errors:
         opts.say(f"{path}: skipped: {reason}")
     s.threshold = _threshold(opts, ub if ub.meta else ui)
-    pairs, dists, v = _match(xi, xb, opts, s, _model(opts, ub, ui))
-    s.verification = _verification(v, lambda a: ikept[a].rel, lambda b: "base:" + bkept[b].rel)
+    namer = (lambda a: ikept[a].rel, lambda b: "base:" + bkept[b].rel)
+    pairs, dists = _match(xi, xb, opts, s, _model(opts, ub, ui), namer)
     if opts.top_k > 0:
         base_names = [e.rel for e in bkept]
         names = [e.rel for e in ikept]

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from clipdedup.records import CandidatePair, Verification
+
 CHUNK = 1 << 16  # candidate pairs scored per step: bounds the gathered rows to CHUNK * V floats
 
 
@@ -116,6 +118,14 @@ class Verified:
     min_score: float
     measure: str
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def record(self, name_a: Callable[[int], str], name_b: Callable[[int], str]) -> Verification:
+        """The run's record of it: every candidate by name (rows named by `name_a`, `name_b`)."""
+        rows = zip(
+            self.pairs.tolist(), self.distances.tolist(), self.scores.tolist(), self.confirmed.tolist()
+        )
+        cands = [CandidatePair(name_a(a), name_b(b), d, sc, ok) for (a, b), d, sc, ok in rows]
+        return Verification(self.measure, self.min_score, self.seconds.get("verify", 0.0), cands)
 
 
 def match_verified(

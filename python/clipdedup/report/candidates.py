@@ -5,27 +5,37 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import asdict
 from typing import Any
 
 from clipdedup.records import Verification
 from clipdedup.util.fsutil import atomic_file
 
 
-def verification_dict(v: Verification) -> dict[str, Any]:
-    """What verification did in a run: its measure, its bar, the counts and the turned-down pairs."""
-    rejected = [
-        {"a": c.a, "b": c.b, "distance": c.distance, "score": c.score}
-        for c in v.candidates
-        if not c.confirmed
-    ]
-    return {
+def verification_dict(v: Verification | None, *, rejected: bool = True) -> dict[str, Any] | None:
+    """What verification did in a run: its measure, its bar, the counts and (with `rejected`) the
+    turned-down pairs; None for a run without verification."""
+    if v is None:
+        return None
+    d: dict[str, Any] = {
         "measure": v.measure,
         "min_score": v.min_score,
         "candidates": len(v.candidates),
         "confirmed": v.confirmed,
         "seconds": round(v.seconds, 4),
-        "rejected": rejected,
     }
+    if rejected:
+        d["rejected"] = [
+            {"a": c.a, "b": c.b, "distance": c.distance, "score": c.score}
+            for c in v.candidates
+            if not c.confirmed
+        ]
+    return d
+
+
+def candidates_doc(v: Verification | None) -> dict[str, Any]:
+    """report.json's `candidates`: every screened pair with its distance, score and verdict."""
+    return {} if v is None else {"candidates": [asdict(c) for c in v.candidates]}
 
 
 def write_candidates_csv(v: Verification, out_dir: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
 from clipdedup.records import Group, MoveResult, RunSummary
-from clipdedup.report.candidates import verification_dict, write_candidates_csv
+from clipdedup.report.candidates import candidates_doc, verification_dict, write_candidates_csv
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -39,9 +39,7 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "threshold": s.threshold,
         "backend": s.backend,
         "pairs": s.pairs,
-        "verification": None
-        if s.verification is None
-        else {k: v for k, v in verification_dict(s.verification).items() if k != "rejected"},
+        "verification": verification_dict(s.verification, rejected=False),
         "dry_run": dry_run,
         "groups": [
             {
@@ -306,18 +304,14 @@ def write_report(
         "groups": len(groups),
         "exact_groups": sum(g.exact for g in groups),
     }
-    scores = None
     ver = s.verification
     if ver is not None:
         head["verification"] = verification_dict(ver)
-        scores = {(c.a, c.b): c.score for c in ver.candidates}
-    doc = head | {"groups": [asdict(g) for g in groups]}
-    if ver is not None:
-        doc["candidates"] = [asdict(c) for c in ver.candidates]
+        write_candidates_csv(ver, out_dir)
+    doc = head | {"groups": [asdict(g) for g in groups]} | candidates_doc(ver)
     _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(doc, indent=1, ensure_ascii=True))
     _write_csvs(groups, out_dir)
-    if ver is not None:
-        write_candidates_csv(ver, out_dir)
+    scores = {(c.a, c.b): c.score for c in ver.candidates} if ver is not None else None
     report_html.write_html(groups, head, out_dir, thumb_size=thumb_size, scores=scores)
     return groups
 
