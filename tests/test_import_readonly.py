@@ -101,7 +101,7 @@ def test_import_never_writes_the_base_dir_or_base_db(stale_base, tmp_path: Path,
     assert s.updates["base"].encoded == 2 and len(s.updates["base"].in_memory) == 2  # new + touched
     assert s.updates["base"].removed == []  # the orphan stays in the base DB
     assert any("encoded in memory only" in line for line in lines)
-    assert (tmp_path / "idb" / ".clipdedup.util.lock").exists()  # the import DB is the one locked
+    assert (tmp_path / "idb" / ".clipdedup.lock").exists()  # the import DB is the one locked
 
 
 def test_import_cli_on_read_only_mounts(stale_base, tmp_path: Path, tiny_model: str, capsys) -> None:
