@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
+from clipdedup.cluster import RayCluster
 from clipdedup.errors import UserError
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
 from clipdedup.ingest.update import (
@@ -27,14 +28,7 @@ from clipdedup.ingest.update import (
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.match.verify import match_verified, verifier_for
-from clipdedup.records import (
-    FileEntry,
-    Group,
-    RunSummary,
-    SnapshotState,
-    SnapshotStatus,
-    UpdateSummary,
-)
+from clipdedup.records import FileEntry, Group, RunSummary, SnapshotState, SnapshotStatus, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
@@ -58,6 +52,7 @@ class RunOptions:
     log: Callable[[str], object] | None = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
     cross_devices: bool = False  # a followed symlink may lead onto another file system
+    cluster: RayCluster | None = None  # encode there (docs/cluster.md); match there too with .match
 
     def say(self, line: str) -> None:
         (self.log or (lambda s: print(s, file=sys.stderr)))(line)
@@ -131,7 +126,8 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
 
     def load() -> Encoder:
         have = next((d for d in db_dirs if dbmod.read_meta(d) is not None), db_dirs[0])
-        return load_encoder(resolve_model_id(opts.model_id, have), device=opts.device, log=opts.say)
+        load = opts.cluster.load_encoder if opts.cluster is not None else load_encoder
+        return load(resolve_model_id(opts.model_id, have), device=opts.device, log=opts.say)
 
     return LazyEncoder(load)
 
@@ -154,15 +150,14 @@ def _encoded_as_scanned(
 def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Callable, Callable]):
     """Pairs within the threshold; for a model with a verifier (builtin:dct), the screened
     candidates its check confirms (every candidate, named by `namer`, in `s.verification`)."""
-    entry = MATCHERS.get(opts.backend)
-    s.backend = entry.name
-    bar = tqdm(desc=f"match ({entry.name})", unit="tile", disable=not opts.progress, file=sys.stderr)
+    fp = opts.cluster.find_pairs if opts.cluster is not None and opts.cluster.match else find_pairs
+    s.backend = MATCHERS.get(opts.backend).name if fp is find_pairs else f"ray: {opts.backend or 'auto'}"
+    bar = tqdm(desc=f"match ({s.backend})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
-    verifier = verifier_for(model)
-    if verifier is None:
-        pairs, dists = find_pairs(x, s.threshold, y=y, backend=entry.name, progress=bar.update)
+    if (verifier := verifier_for(model)) is None:
+        pairs, dists = fp(x, s.threshold, y=y, backend=opts.backend, progress=bar.update)
     else:
-        v = match_verified(x, s.threshold, verifier, y=y, backend=entry.name, progress=bar.update)
+        v = match_verified(x, s.threshold, verifier, y=y, find=fp, backend=opts.backend, progress=bar.update)
         s.verification = v.record(*namer)
         pairs, dists = v.pairs[v.confirmed], v.distances[v.confirmed]
     bar.close()

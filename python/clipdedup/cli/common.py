@@ -172,7 +172,32 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def cluster_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option(
+            "--ray",
+            "ray_address",
+            envvar="CLIPDEDUP_RAY",
+            default=None,
+            metavar="ADDRESS",
+            help="Decode and encode on a Ray cluster (extra: pip install 'clip-image-deduper[ray]'): "
+            "local (start one here), auto (join this node's cluster), ray://HOST:PORT. The scan, DB "
+            "writes, grouping and moves stay here. [env: CLIPDEDUP_RAY; see docs/cluster.md]",
+        ),
+        click.option(
+            "--ray-match",
+            is_flag=True,
+            envvar="CLIPDEDUP_RAY_MATCH",
+            help="With --ray: match on the cluster too, one task per tile (same pairs as here).",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def run_options(**kw: Any) -> Any:
+    from clipdedup.cluster import open_cluster
     from clipdedup.pipeline import RunOptions
 
     quiet = kw.pop("quiet")
@@ -192,6 +217,7 @@ def run_options(**kw: Any) -> Any:
         log=(lambda line: None) if quiet else None,
         follow_symlinks=kw.get("follow_symlinks", False),
         cross_devices=kw.get("cross_devices", False),
+        cluster=open_cluster(kw.get("ray_address"), kw.get("ray_match", False)),
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import click
@@ -11,6 +12,7 @@ from clipdedup import __version__
 from clipdedup.cli.common import (
     DEFAULT_BATCH,
     any_dir,
+    cluster_options,
     common_update_options,
     existing_dir,
     finish,
@@ -41,6 +43,7 @@ from clipdedup.trash.keep import STRATEGIES
     help="Images per encoder batch.",
 )
 @match_options
+@cluster_options
 @click.option(
     "-kl",
     "--keeping-logic",
@@ -72,7 +75,8 @@ def dedup_cmd(
     if report_dir is not None:
         check_report_dir(report_dir, [image_dir])
     opts = run_options(quiet=quiet, **kw)
-    summary = run_dedup(image_dir, db_dir, trash_dir, opts)
+    with opts.cluster or contextlib.nullcontext():  # a Ray instance started for the run stops after it
+        summary = run_dedup(image_dir, db_dir, trash_dir, opts)
     write_report_dir(summary, opts, report_dir, report_roots(image_dir), quiet)
     return finish(summary, opts, as_json, quiet)
 
@@ -98,6 +102,7 @@ def dedup_cmd(
     help="Images per encoder batch.",
 )
 @match_options
+@cluster_options
 @click.version_option(__version__, "-V", "--version")
 def import_cmd(
     base_image_dir: str,
@@ -116,7 +121,8 @@ def import_cmd(
     if report_dir is not None:
         check_report_dir(report_dir, [base_image_dir, import_image_dir])
     opts = run_options(quiet=quiet, **kw)
-    summary = run_import(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts)
+    with opts.cluster or contextlib.nullcontext():
+        summary = run_import(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts)
     roots = report_roots(import_image_dir, base_image_dir)
     write_report_dir(summary, opts, report_dir, roots, quiet)
     return finish(summary, opts, as_json, quiet)

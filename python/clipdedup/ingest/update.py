@@ -150,9 +150,9 @@ def update_db(
         if copies.to_encode:
             t = time.perf_counter()
             assert encoder is not None  # the branch above loaded it (copies was None or had work)
-            _encode_into_db(
-                encoder.get(), image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log
-            )
+            enc = encoder.get()
+            encode = enc.encode_into_db or _encode_into_db  # a cluster's encoder brings its own
+            encode(enc, image_dir, db_dir, copies.to_encode, batch_size, dry_run, s, progress, log)
             s.seconds["encode"] = time.perf_counter() - t
         prepass.finish_update(copies, image_dir, db_dir, s, dry_run=dry_run, log=log)
     else:
@@ -210,6 +210,22 @@ def _plan_copies(image_dir, plan: dbmod.UpdatePlan, index: dbmod.DBIndex, dim: i
     return copies
 
 
+def store_vector(
+    s: UpdateSummary, writer: AsyncWriter | None, e: FileEntry, path: str, vec: np.ndarray, log: Any
+) -> None:
+    """One image's embedding into the DB (`s.in_memory` without a writer), counted in `s.encoded`;
+    a vector that is not finite is a reason in `s.failed` instead (matching would drop it silently)."""
+    if not np.isfinite(vec).all():
+        s.failed.append((path, "the model's embedding is not finite"))
+        log(f"{path}: skipped: the model's embedding is not finite")
+    elif writer is None:
+        s.in_memory[e.rel] = np.array(vec, np.float32)
+        s.encoded += 1
+    else:
+        writer.put(e.rel, vec, e.mtime_ns)
+        s.encoded += 1
+
+
 def _encode_into_db(
     enc: Encoder,
     image_dir,
@@ -250,15 +266,7 @@ def _encode_into_db(
 
         def collect(indices: list[int], vecs: np.ndarray) -> None:
             for i, v in zip(indices, vecs):
-                if not np.isfinite(v).all():  # never written: matching would silently drop it
-                    s.failed.append((paths[i], "the model's embedding is not finite"))
-                    log(f"{paths[i]}: skipped: the model's embedding is not finite")
-                    continue
-                if writer is None:
-                    s.in_memory[todo[i].rel] = np.array(v, np.float32)
-                else:
-                    writer.put(todo[i].rel, v, todo[i].mtime_ns)
-                s.encoded += 1
+                store_vector(s, writer, todo[i], paths[i], v, log)
             bar.update(len(indices))
 
         in_flight: tuple[list[int], Any] | None = None

@@ -53,6 +53,9 @@ class Encoder:
             None when only `prepare` knows how (builtin encoders).
         submit: optional asynchronous `encode_batch`: returns an object whose `result()` gives the
             (B, D) array, so the caller can stage the next batch while this one runs.
+        encode_into_db: set by an encoder that runs elsewhere (a Ray cluster, `clipdedup.cluster`):
+            called by `update_db` instead of its local decode -> encode -> write loop, with the
+            same arguments.
     """
 
     model_id: str
@@ -65,6 +68,7 @@ class Encoder:
     spec: PrepSpec | None = None
     submit: Callable[[list[Any]], Any] | None = None
     runner: Any = None  # the BatchRunner, for its `mode` (graph / eager) in reports
+    encode_into_db: Callable[..., None] | None = None
 
 
 def default_device() -> str:
