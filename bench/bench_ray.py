@@ -131,7 +131,7 @@ def run(quick: bool) -> list[Row]:
     try:
         with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
             with RayCluster("local", block_rows=2048 if quick else 4096) as cluster:
-                sizes = [50, 200] if quick else [100, 600]
+                sizes = [50, 200] if quick else [200, 3000]
                 rows += bench_encode(Path(tmp), sizes, 1 if quick else 2, cluster)
                 rows += bench_match(4000 if quick else 12000, cluster)
     finally:
