@@ -34,6 +34,7 @@ STAGES = [
     ("exact copies", "bench_prepass"),
     ("encode", "bench_encode"),
     ("match", "bench_match"),
+    ("scale", "bench_scale"),
     ("dct quality", "bench_dct_quality"),
 ]
 

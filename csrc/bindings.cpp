@@ -207,11 +207,12 @@ py::array_t<std::uint64_t> row_hashes(py::buffer mat, int threads) {
     return out;
 }
 
-py::tuple gather_rows(const std::string& path, std::uint64_t data_offset,
-                      py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> src,
-                      py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> dst,
-                      py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast> expect, py::buffer out,
-                      int threads) {
+using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using Uint64Array = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
+
+// path is a str/bytes (opened here) or an int (a descriptor the caller keeps open).
+py::tuple gather_rows(const py::object& path, std::uint64_t data_offset, Int64Array src, Int64Array dst,
+                      Uint64Array expect, py::buffer out, int threads) {
     py::buffer_info info = matrix_info(out, true);
     const auto pairs = static_cast<std::size_t>(src.size());
     if (static_cast<std::size_t>(dst.size()) != pairs || static_cast<std::size_t>(expect.size()) != pairs)
@@ -222,10 +223,16 @@ py::tuple gather_rows(const std::string& path, std::uint64_t data_offset,
     for (std::size_t k = 0; k < pairs; ++k)
         if (d[k] < 0 || d[k] >= rows || s[k] < 0) throw py::index_error("row index out of range");
     clipdedup::GatherResult res;
+    const bool is_fd = py::isinstance<py::int_>(path);
+    const int fd = is_fd ? path.cast<int>() : -1;
+    const std::string name = is_fd ? std::string() : path.cast<std::string>();
+    const std::uint64_t* e = expect.data();
     {
         py::gil_scoped_release release;
-        res = clipdedup::gather_rows(path, data_offset, static_cast<std::size_t>(info.shape[1]), s, d,
-                                     expect.data(), pairs, static_cast<float*>(info.ptr), std::max(1, threads));
+        const auto dim = static_cast<std::size_t>(info.shape[1]);
+        auto* o = static_cast<float*>(info.ptr);
+        res = is_fd ? clipdedup::gather_rows_fd(fd, data_offset, dim, s, d, e, pairs, o, std::max(1, threads))
+                    : clipdedup::gather_rows(name, data_offset, dim, s, d, e, pairs, o, std::max(1, threads));
     }
     py::object fatal = res.fatal.empty() ? py::object(py::none()) : py::object(py::str(res.fatal));
     return py::make_tuple(fatal, res.bad);

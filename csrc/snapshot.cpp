@@ -68,13 +68,23 @@ void row_hashes(const float* mat, std::size_t rows, std::size_t dim, std::uint64
 GatherResult gather_rows(const std::string& path, std::uint64_t data_offset, std::size_t dim,
                          const std::int64_t* src, const std::int64_t* dst, const std::uint64_t* expect,
                          std::size_t pairs, float* out, int threads) {
-    GatherResult res;
-    if (pairs == 0) return res;
+    if (pairs == 0) return GatherResult{};
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
+        GatherResult res;
         res.fatal = std::string("open: ") + std::strerror(errno);
         return res;
     }
+    GatherResult res = gather_rows_fd(fd, data_offset, dim, src, dst, expect, pairs, out, threads);
+    ::close(fd);
+    return res;
+}
+
+GatherResult gather_rows_fd(int fd, std::uint64_t data_offset, std::size_t dim, const std::int64_t* src,
+                            const std::int64_t* dst, const std::uint64_t* expect, std::size_t pairs, float* out,
+                            int threads) {
+    GatherResult res;
+    if (pairs == 0) return res;
     const std::size_t row_bytes = dim * sizeof(float);
     const std::size_t max_rows = std::max<std::size_t>(1, kRunBytes / std::max<std::size_t>(1, row_bytes));
     std::vector<Run> runs;
@@ -116,7 +126,6 @@ GatherResult gather_rows(const std::string& path, std::uint64_t data_offset, std
     for (std::size_t t = 1; t < nt; ++t) pool.emplace_back(work);
     work();
     for (auto& t : pool) t.join();
-    ::close(fd);
     std::sort(res.bad.begin(), res.bad.end());
     return res;
 }

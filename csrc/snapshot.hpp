@@ -28,4 +28,10 @@ GatherResult gather_rows(const std::string& path, std::uint64_t data_offset, std
                          const std::int64_t* src, const std::int64_t* dst, const std::uint64_t* expect,
                          std::size_t pairs, float* out, int threads);
 
+// As gather_rows, from a file the caller has open (pread only: the descriptor's offset is not
+// moved, so one descriptor serves many threads and calls).
+GatherResult gather_rows_fd(int fd, std::uint64_t data_offset, std::size_t dim, const std::int64_t* src,
+                            const std::int64_t* dst, const std::uint64_t* expect, std::size_t pairs, float* out,
+                            int threads);
+
 }  // namespace clipdedup

@@ -146,3 +146,23 @@ def dup_tree(testdata: Path, img: Path, copies: int) -> None:
         sub.mkdir(parents=True)
         for s in srcs:
             shutil.copyfile(s, sub / s.name)
+
+
+def bf16_edge_pairs(d: int, count: int, seed: int):
+    """Pairs whose naive bf16 screen (norms minus twice the bf16 Gram, no margin) says "outside the
+    threshold" while their exact distance is inside: t is set to the exact distance."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    rows, ts = [], []
+    while len(rows) < count:
+        a = rng.standard_normal(d).astype(np.float32)
+        b = (a + 0.02 * rng.standard_normal(d)).astype(np.float32)
+        t = float(exact_distances(a[None], b[None])[0])
+        ab = torch.from_numpy(np.stack([a, b])).bfloat16()
+        g = (ab @ ab.T).double().numpy()
+        na, nb = float(a.astype(np.float64) @ a), float(b.astype(np.float64) @ b)
+        if na + nb - 2 * g[0, 1] > t * t:
+            rows.append((a, b))
+            ts.append(t)
+    return rows, ts

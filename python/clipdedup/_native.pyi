@@ -40,7 +40,7 @@ def scan_tree(
 def construct(cls: type, names: Sequence[str], columns: Sequence[Sequence[object]]) -> list: ...
 def row_hashes(mat: Buffer | np.ndarray, threads: int = 1) -> np.ndarray: ...
 def gather_rows(
-    path: bytes,
+    path: bytes | int,
     data_offset: int,
     src: np.ndarray,
     dst: np.ndarray,

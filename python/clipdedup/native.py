@@ -108,7 +108,7 @@ def row_hashes(mat: np.ndarray, threads: int = 1) -> np.ndarray:
 
 
 def gather_rows(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | int,
     data_offset: int,
     src: np.ndarray,
     dst: np.ndarray,
@@ -119,7 +119,8 @@ def gather_rows(
     """Reads rows `src[k]` of the float32 matrix stored at `data_offset` of `path` into `out[dst[k]]`.
 
     Args:
-        path: the file.
+        path: the file, or a descriptor of it open for reading (read with pread only; it stays
+            open, and a rename over the path does not change what it reads).
         data_offset: byte offset of row 0 in the file; rows are `out.shape[1]` float32 each.
         src, dst: int64 (K,) row indices in the file and in `out`.
         expect: uint64 (K,) checksum (`row_hashes`) each copied row must have.
@@ -132,9 +133,8 @@ def gather_rows(
         None; bad lists the k whose row was short or failed its checksum.
     """
     _check_matrix(out)
-    return _native.gather_rows(
-        os.fsencode(path), data_offset, src, dst, expect, out, threads or os.cpu_count() or 1
-    )
+    where = path if isinstance(path, int) else os.fsencode(path)
+    return _native.gather_rows(where, data_offset, src, dst, expect, out, threads or os.cpu_count() or 1)
 
 
 def _check_matrix(a: np.ndarray, writable: bool = True) -> None:

@@ -12,11 +12,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
 from clipdedup.cluster import RayCluster
+from clipdedup.db.load import snapshot_lines
+from clipdedup.db.store_load import encoded_as_scanned, open_embeddings
 from clipdedup.errors import UserError
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
 from clipdedup.ingest.update import (
@@ -27,8 +30,9 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
+from clipdedup.match.incremental import import_in_background, match_with_cache
 from clipdedup.match.verify import match_verified, verifier_for
-from clipdedup.records import FileEntry, Group, RunSummary, SnapshotState, SnapshotStatus, UpdateSummary
+from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
@@ -100,7 +104,9 @@ def _update_or_read(
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = dbmod.read_meta(db_dir)
-        entries = _encoded_as_scanned(image_dir, db_dir, entries, u, opts)
+        entries = encoded_as_scanned(
+            image_dir, db_dir, entries, u.meta.dim if u.meta else None, u.failed, opts.say
+        )
     else:
         u = update_db(
             image_dir,
@@ -132,21 +138,6 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
     return LazyEncoder(load)
 
 
-def _encoded_as_scanned(
-    image_dir: str, db_dir: str, entries: list[FileEntry], u: UpdateSummary, opts: RunOptions
-) -> list[FileEntry]:
-    """With --skip-update, the images whose embedding no longer matches them (changed since it was
-    made) are left out, with a reason: a run never acts on a stale embedding."""
-    index = dbmod.index_db(db_dir)
-    plan = dbmod.plan_update(entries, index, dim=u.meta.dim if u.meta else None)
-    stale = {e.rel for e in plan.to_encode if e.rel in index.files}
-    for rel in sorted(stale, key=os.fsencode):
-        path = os.path.join(image_dir, rel)
-        u.failed.append((path, "changed since it was encoded; left out (--skip-update)"))
-        opts.say(f"{path}: skipped: changed since it was encoded (--skip-update)")
-    return [e for e in entries if e.rel not in stale]
-
-
 def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Callable, Callable]):
     """Pairs within the threshold; for a model with a verifier (builtin:dct), the screened
     candidates its check confirms (every candidate, named by `namer`, in `s.verification`)."""
@@ -164,6 +155,10 @@ def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Calla
     s.seconds["match"] = time.perf_counter() - t
     s.pairs = len(pairs)
     return pairs, dists
+
+
+def _rel(kept: list[FileEntry]) -> Callable[[int], str]:
+    return lambda k: kept[k].rel
 
 
 def _model(opts: RunOptions, *us: UpdateSummary) -> str:
@@ -208,21 +203,11 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
         return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)
 
 
-def _say_snapshot(db_dir: str, info: dbmod.LoadInfo, opts: RunOptions) -> None:
-    """One line when a DB's packed snapshot was unusable or could not be refreshed (the run itself
-    is unaffected: the embeddings were read from the .npy files)."""
-    if info.snapshot is SnapshotState.CORRUPT:
-        fixed = "; a new one was written" if info.written else ""
-        status = SnapshotStatus(info.snapshot, info.snapshot_detail).line()
-        opts.say(f"{db_dir}: packed snapshot {status}; read the .npy files instead{fixed}")
-    if info.write_error:
-        opts.say(info.write_error)
-
-
 def _run_dedup_locked(
     image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions, exclude: list[str]
 ) -> RunSummary:
     s = RunSummary()
+    torch_import = import_in_background("torch")  # for matching; seconds, overlapping scan and load
     t = time.perf_counter()
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
@@ -230,24 +215,44 @@ def _run_dedup_locked(
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
     info = dbmod.LoadInfo()
-    kept, x, s.load_errors, s.not_in_db = load_embeddings(
+    kept, store, s.load_errors, s.not_in_db = open_embeddings(
         db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
     )
     if s.load_errors and not (opts.dry_run or opts.skip_update):
         damaged = (entries, s.load_errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
         if reencode_damaged(image_dir, db_dir, *damaged, into=u):
+            store.close()
             info = dbmod.LoadInfo()
-            kept, x, s.load_errors, s.not_in_db = load_embeddings(
+            kept, store, s.load_errors, s.not_in_db = open_embeddings(
                 db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
             )
-    s.loaded = len(kept)
-    s.seconds["load"] = time.perf_counter() - t
-    _say_snapshot(db_dir, info, opts)
-    for path, reason in s.load_errors:
-        opts.say(f"{path}: skipped: {reason}")
-    s.threshold = _threshold(opts, u)
-    namer = (lambda a: kept[a].rel, lambda b: kept[b].rel)
-    pairs, dists = _match(x, None, opts, s, _model(opts, u), namer)
+    with store:
+        s.loaded = len(kept)
+        s.seconds["load"] = time.perf_counter() - t
+        for path, reason in s.load_errors:
+            opts.say(f"{path}: skipped: {reason}")
+        s.threshold = _threshold(opts, u)
+        torch_import.join()
+        model = _model(opts, u)
+        # screen-then-verify (builtin:dct, small rows) and matching on Ray take the matrix
+        if verifier_for(model) is not None or (opts.cluster is not None and opts.cluster.match):
+            pairs, dists = _match(store.to_matrix(), None, opts, s, model, (_rel(kept), _rel(kept)))
+        else:
+            s.backend = MATCHERS.get(opts.backend).name
+            kw: dict[str, Any] = dict(
+                backend=s.backend, write=not opts.dry_run, say=opts.say, progress=opts.progress
+            )
+            m = match_with_cache(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, **kw)
+            s.seconds["match"], s.match_cache, s.pairs = m.seconds, m.how, len(m.pairs)
+            pairs, dists = m.pairs, m.dist
+        _act_dedup(image_dir, trash_dir, opts, s, kept, pairs, dists)
+    for line in snapshot_lines(db_dir, info):  # written on a thread during the run
+        opts.say(line)
+    return s
+
+
+def _act_dedup(image_dir, trash_dir, opts: RunOptions, s: RunSummary, kept, pairs, dists) -> None:
+    """Top-k, groups, what to keep, and the moves of a dedup run (filled into `s`)."""
     if opts.top_k > 0:
         names = [e.rel for e in kept]
         s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
@@ -271,7 +276,6 @@ def _run_dedup_locked(
     finally:
         _close_mover(mover, s)
     s.seconds["act"] = time.perf_counter() - t
-    return s
 
 
 def run_import(
@@ -360,8 +364,8 @@ def _run_import_locked(
     ikept, xi, ei, ni = load_embeddings(
         import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
     )
-    _say_snapshot(base_db_dir, binfo, opts)
-    _say_snapshot(import_db_dir, iinfo, opts)
+    for line in snapshot_lines(base_db_dir, binfo) + snapshot_lines(import_db_dir, iinfo):
+        opts.say(line)
     s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
     s.seconds["load"] = time.perf_counter() - t
     for path, reason in s.load_errors:

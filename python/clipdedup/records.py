@@ -5,6 +5,7 @@ imports these from here; none of them imports a stage."""
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -61,14 +62,39 @@ class SnapshotStatus(NamedTuple):
 
 @dataclass
 class LoadInfo:
-    """How a load went, for logs and tests."""
+    """How a load went, for logs and tests.
+
+    A new snapshot is written on a thread after the load returns (`writer`); reading `written` or
+    `write_error` waits for it.
+    """
 
     snapshot: SnapshotState = SnapshotState.NOT_USED
     snapshot_detail: str = ""  # what was wrong with it (corrupt, unreadable, other dim)
     from_snapshot: int = 0  # rows taken from the snapshot
     from_files: int = 0  # rows read from .npy / .npz files
-    written: bool = False  # a new snapshot was written
-    write_error: str = ""
+    writer: threading.Thread | None = None  # the snapshot write under way, if any
+    _written: bool = False
+    _write_error: str = ""
+
+    def wait(self) -> None:
+        """Waits for the snapshot write, if one is under way."""
+        if self.writer is not None and self.writer is not threading.current_thread():
+            self.writer.join()
+
+    def done_writing(self, written: bool, error: str) -> None:
+        self._written, self._write_error = written, error
+
+    @property
+    def written(self) -> bool:
+        """A new snapshot was written."""
+        self.wait()
+        return self._written
+
+    @property
+    def write_error(self) -> str:
+        """Why a new snapshot could not be written ('' if it was, or none was due)."""
+        self.wait()
+        return self._write_error
 
 
 @dataclass
@@ -155,6 +181,7 @@ class RunSummary:
     top_k: dict[str, list[list]] = field(default_factory=dict)
     groups: list[Group] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    match_cache: str = ""  # how the match cache was used ("reused ...", "full match (why)")
     run_id: str | None = None  # the journal's id for this run's moves (for `undo --run`)
     journal: str | None = None  # the journal file, when something moved
     import_mode: bool = False  # groups are import files matched to base files (see Group)

@@ -67,6 +67,7 @@ def _reference(db: Path) -> tuple[list[str], np.ndarray]:
 def _load(db: Path, **kw) -> tuple[list[str], np.ndarray, dbmod.LoadInfo]:
     info = dbmod.LoadInfo()
     paths, x = dbmod.load_db(db, info=info, **kw)
+    info.wait()  # the snapshot is written on a thread
     ref_paths, ref = _reference(db)
     assert paths == ref_paths
     np.testing.assert_array_equal(x, ref)
@@ -312,6 +313,7 @@ def test_dry_run_update_and_load_change_nothing(pics: Path, tmp_path: Path) -> N
     update_db(pics, db, "builtin:dct")
     scan = scan_tree(pics)
     load_embeddings(db, scan.entries, dim=None)
+    snap_mod.wait_for_write(db)  # written on a thread
     assert (db / snap_mod.SNAPSHOT_NAME).exists()
     victim = scan.entries[0]
     os.utime(pics / victim.rel, ns=(victim.mtime_ns + 10**9, victim.mtime_ns + 10**9))

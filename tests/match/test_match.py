@@ -12,7 +12,7 @@ from clipdedup.match.core import Tiles, scaled_problem
 from clipdedup.match.cpu import pairs_cpu_bf16
 from clipdedup.match.project import principal_projection, project, projected_candidates, projected_threshold
 from clipdedup.match.torch_screen import RECIPES, AugmentedScreen, torch_screen
-from helpers import all_distances, planted, threshold_on_a_pair
+from helpers import all_distances, bf16_edge_pairs, planted, threshold_on_a_pair
 
 CPU_BACKENDS = [b for b in ("cpu-fp32", "cpu-bf16") if MATCHERS.entries[b].unavailable_reason() is None]
 
@@ -100,24 +100,6 @@ def test_tiles_smaller_than_problem(backend):
     i, j, d = MATCHERS.get(backend).fn(x, None, t, block_rows=16, block_cols=32)
     want = ref(x, t)
     assert set(zip(i.tolist(), j.tolist())) == set(map(tuple, want[0].tolist()))
-
-
-def bf16_edge_pairs(d: int, count: int, seed: int):
-    """Pairs whose naive bf16 screen (norms minus twice the bf16 Gram, no margin) says "outside the
-    threshold" while their exact distance is inside: t is set to the exact distance."""
-    rng = np.random.default_rng(seed)
-    rows, ts = [], []
-    while len(rows) < count:
-        a = rng.standard_normal(d).astype(np.float32)
-        b = (a + 0.02 * rng.standard_normal(d)).astype(np.float32)
-        t = float(exact_distances(a[None], b[None])[0])
-        ab = torch.from_numpy(np.stack([a, b])).bfloat16()
-        g = (ab @ ab.T).double().numpy()
-        na, nb = float(a.astype(np.float64) @ a), float(b.astype(np.float64) @ b)
-        if na + nb - 2 * g[0, 1] > t * t:
-            rows.append((a, b))
-            ts.append(t)
-    return rows, ts
 
 
 def test_bf16_margin_edge():

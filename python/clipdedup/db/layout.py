@@ -219,19 +219,21 @@ def plan_update(
         if f is None and not npy_name_fits(img.rel):
             unnamable.append(img)
             continue
-        stale = (
-            force
-            or f is None
-            or img.mtime_ns > f.mtime_ns
-            or (not f.legacy and img.mtime_ns != f.mtime_ns)
-            or (not f.legacy and expected is not None and f.size != expected)
-        )
+        stale = force or f is None or is_stale(img, f.mtime_ns, f.size, f.legacy, expected)
         (to_encode if stale else fresh).append(img)
     present = {img.rel for img in images}
     orphans = [f.path for rel, f in index.files.items() if rel not in present]
     orphans += index.temp_files
     orphans.sort()
     return UpdatePlan(to_encode, fresh, orphans, unnamable)
+
+
+def is_stale(img: FileEntry, mtime_ns: int, size: int, legacy: bool, expected_size: int | None) -> bool:
+    """Whether the DB file (mtime_ns, size, legacy .npz or not) of `img` is out of date (see
+    `plan_update`); `expected_size` is the .npy size for the DB's dim, if known."""
+    if legacy:
+        return img.mtime_ns > mtime_ns
+    return img.mtime_ns != mtime_ns or (expected_size is not None and size != expected_size)
 
 
 def remove_orphans(db_dir: str | os.PathLike[str], paths: Sequence[str]) -> list[str]:

@@ -127,7 +127,8 @@ def load_files(
     Rows of unchanged files come from the snapshot, the rest from their files (see snapshot.py).
     Afterwards, when anything was read from the files or the snapshot was missing, stale or
     damaged, a new snapshot of the readable rows is written (never when `write_snapshot` is false,
-    as in a dry run); failing to write it is noted in `info`, not raised.
+    as in a dry run) on a thread, so the load returns without waiting for it (`info.writer`;
+    `info.written` waits); failing to write it is noted in `info`, not raised.
 
     Args:
         db_dir: the DB root.
@@ -144,7 +145,7 @@ def load_files(
         rows in file order (a view of the buffer from `native.alloc_rows`, or of the mapped
         snapshot); ok (N,) bool; errors as (path, reason).
     """
-    keys, stats = _keys(files), _stats(files)
+    keys, stats = file_keys(files), file_stats(files)
     snap_dir, prefetch = (db_dir, prefetch) if use_snapshot else (None, None)
     r = _fill(files, dim, snap_dir, threads, pinned, keys, stats, prefetch)
     if info is not None:
@@ -163,15 +164,26 @@ def load_files(
         return mat, r.ok, r.errors
     keys = [key for key, good in zip(keys, r.ok.tolist()) if good]
     stats = {name: col[r.ok] for name, col in stats.items()}
+    # The checksums are taken now, before the caller can touch the matrix: a row changed while the
+    # thread writes it fails its checksum at the next load and is read from its file instead.
+    hashes = native.row_hashes(mat, os.cpu_count() or 1)
+    writer = snap_mod.start_write(
+        db_dir, lambda: _write_snapshot(db_dir, keys, stats, mat, hashes, started_ns, info)
+    )
+    if info is not None:
+        info.writer = writer
+    return mat, r.ok, r.errors
+
+
+def _write_snapshot(db_dir, keys, stats, mat, hashes, started_ns, info: LoadInfo | None) -> None:
+    """`snapshot.write_snapshot` on the writer thread; a failure becomes `info.write_error`."""
     try:
-        hashes = native.row_hashes(mat, os.cpu_count() or 1)
         snap_mod.write_snapshot(db_dir, keys, stats, mat, hashes, started_ns)
         if info is not None:
-            info.written = True
+            info.done_writing(True, "")
     except OSError as e:
         if info is not None:
-            info.write_error = f"{snap_mod.snapshot_path(db_dir)}: not written: {e.strerror or e}"
-    return mat, r.ok, r.errors
+            info.done_writing(False, f"{snap_mod.snapshot_path(db_dir)}: not written: {e.strerror or e}")
 
 
 @dataclass
@@ -184,11 +196,11 @@ class _Filled:
     stale: int  # snapshot rows not reused (changed, gone, unwanted, damaged)
 
 
-def _keys(files: Sequence[DBFile]) -> list[str]:
+def file_keys(files: Sequence[DBFile]) -> list[str]:
     return [f.rel + (NPZ_SUFFIX if f.legacy else NPY_SUFFIX) for f in files]  # DBFile.key, inlined
 
 
-def _stats(files: Sequence[DBFile]) -> dict[str, np.ndarray]:
+def file_stats(files: Sequence[DBFile]) -> dict[str, np.ndarray]:
     n = len(files)
     return {
         name: np.fromiter(map(attrgetter(name), files), np.uint64 if name == "ino" else np.int64, n)
@@ -212,7 +224,7 @@ def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None, prefetch=N
         status = SnapshotStatus(SnapshotState.OTHER_DIM, f"dim {snap.dim}, DB holds dim {dim}")
         snap, mat = None, None
     if dim is None:
-        dim = snap.dim if snap is not None else _probe_dim(files)
+        dim = snap.dim if snap is not None else probe_dim(files)
     if dim is None:
         errors = [(f.path, "unreadable embedding") for f in files]
         return _Filled(np.zeros((n, 0), np.float32), np.zeros(n, bool), errors, np.zeros(n, bool), status, 0)
@@ -237,11 +249,11 @@ def _fill(files, dim, db_dir, threads, pinned, keys=None, stats=None, prefetch=N
             from_snap[dst] = True
             from_snap[dst[bad]] = False
             stale += len(bad)
-    ok, errors = _read_from_files(files, np.flatnonzero(~from_snap), mat, threads)
+    ok, errors = read_from_files(files, np.flatnonzero(~from_snap), mat, threads)
     return _Filled(mat, ok, errors, from_snap, status, stale)
 
 
-def _read_from_files(files, rows: np.ndarray, mat: np.ndarray, threads) -> tuple[np.ndarray, list]:
+def read_from_files(files, rows: np.ndarray, mat: np.ndarray, threads) -> tuple[np.ndarray, list]:
     """Reads files[i] into mat[i] for i in rows: .npy and .npz natively, what the native .npz
     reader refuses again with np.load (`read_legacy_ref`, which also converts other dtypes)."""
     ok = np.ones(len(files), bool)
@@ -288,7 +300,7 @@ def _compact(mat: np.ndarray, ok: np.ndarray, chunk: int = 4096) -> int:
     return k
 
 
-def _probe_dim(files: Sequence[DBFile]) -> int | None:
+def probe_dim(files: Sequence[DBFile]) -> int | None:
     for f in files[:64]:
         if f.legacy:
             try:
@@ -339,3 +351,16 @@ def load_db(
     if errors is not None:
         errors.extend(errs)
     return [f.rel for f, good in zip(files, ok) if good], mat
+
+
+def snapshot_lines(db_dir: str | os.PathLike[str], info: LoadInfo) -> list[str]:
+    """One line when a DB's packed snapshot was unusable or could not be refreshed (the run itself
+    is unaffected: the embeddings were read from the .npy files); waits for the snapshot's writer."""
+    out = []
+    if info.snapshot is SnapshotState.CORRUPT:
+        fixed = "; a new one was written" if info.written else ""
+        status = SnapshotStatus(info.snapshot, info.snapshot_detail).line()
+        out.append(f"{os.fspath(db_dir)}: packed snapshot {status}; read the .npy files instead{fixed}")
+    if info.write_error:
+        out.append(info.write_error)
+    return out

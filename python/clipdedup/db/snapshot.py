@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,8 +96,40 @@ def row_hashes_ref(mat: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(29))
 
 
+_pending: dict[str, threading.Thread] = {}  # snapshot path -> this process's write under way
+_pending_lock = threading.Lock()
+
+
+def start_write(db_dir: str | os.PathLike[str], fn: Callable[[], None]) -> threading.Thread:
+    """Runs `fn` (which writes `db_dir`'s snapshot) on a thread and returns it. Until it ends,
+    `read_snapshot` of the same DB in this process waits for it, so a load that follows another
+    sees the snapshot that one wrote. The thread is not a daemon: the interpreter waits for it."""
+    path = os.path.realpath(snapshot_path(db_dir))
+    wait_for_write(db_dir)  # one writer per DB at a time, in the order the loads ran
+    t = threading.Thread(target=fn, name="clipdedup-snapshot-write", daemon=False)
+    with _pending_lock:
+        _pending[path] = t
+    t.start()
+    return t
+
+
+def wait_for_write(db_dir: str | os.PathLike[str]) -> None:
+    """Waits for this process's snapshot write of `db_dir`, if one is under way."""
+    path = os.path.realpath(snapshot_path(db_dir))
+    with _pending_lock:
+        t = _pending.get(path)
+    if t is None or t is threading.current_thread():
+        return
+    t.join()
+    with _pending_lock:
+        if _pending.get(path) is t:
+            del _pending[path]
+
+
 def read_snapshot(db_dir: str | os.PathLike[str]) -> tuple[Snapshot | None, SnapshotStatus]:
-    """The snapshot at `db_dir` (status USED), or (None, why it cannot be used)."""
+    """The snapshot at `db_dir` (status USED), or (None, why it cannot be used). A write of it that
+    this process has under way (`start_write`) is waited for first."""
+    wait_for_write(db_dir)
     path = snapshot_path(db_dir)
     try:
         with open(path, "rb") as f:
@@ -179,8 +212,22 @@ def write_snapshot(
         hashes: uint64 (N,) `row_hashes` of `mat`.
         written_ns: time.time_ns() taken before those stats.
     """
+    write_snapshot_blocks(db_dir, keys, stats, mat.shape[1], [mat], hashes, written_ns)
 
-    n, d = mat.shape
+
+def write_snapshot_blocks(
+    db_dir: str | os.PathLike[str],
+    keys: Sequence[str],
+    stats: dict[str, np.ndarray],
+    dim: int,
+    blocks: Iterable[np.ndarray],
+    hashes: np.ndarray,
+    written_ns: int,
+) -> None:
+    """As `write_snapshot`, with the N rows given as consecutive float32 (k, dim) C-contiguous
+    blocks (read from a row store, say), so no (N, D) matrix is needed; each block is written
+    before the next is asked for."""
+    n, d = len(keys), dim
     blob = os.fsencode("\0".join(keys))
     cols = [np.ascontiguousarray(stats[k], "<i8" if k != "ino" else "<u8") for k in _STAT_FIELDS]
     index = b"".join(c.tobytes() for c in cols) + np.ascontiguousarray(hashes, "<u8").tobytes() + blob
@@ -190,6 +237,13 @@ def write_snapshot(
     head += struct.pack("<I", zlib.crc32(head))
     with atomic_file(snapshot_path(db_dir)) as f:
         f.write(head.ljust(DATA_OFFSET, b"\0"))
-        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (mypy checks 3.11).
-        f.write(memoryview(mat).cast("B"))  # type: ignore[arg-type]
+        rows = 0
+        for blk in blocks:
+            if blk.dtype != np.float32 or blk.ndim != 2 or blk.shape[1] != d or not blk.flags.c_contiguous:
+                raise ValueError("expected C-contiguous float32 (k, D) blocks")
+            # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (mypy checks 3.11).
+            f.write(memoryview(blk).cast("B"))  # type: ignore[arg-type]
+            rows += blk.shape[0]
+        if rows != n:
+            raise ValueError(f"{rows} rows written, {n} keys")
         f.write(index)

@@ -137,13 +137,32 @@ def scaled_problem(
     """
     na0 = squared_norms(x)
     nb0 = na0 if y is None else squared_norms(y)
+    return scaled_from_norms(na0, nb0, threshold, x.shape[1], screen, target_exp)
+
+
+def scaled_from_norms(
+    na0: np.ndarray,
+    nb0: np.ndarray,
+    threshold: float,
+    dim: int,
+    screen: Screen,
+    target_exp: int,
+    scale: float | None = None,
+) -> Scaled:
+    """`scaled_problem` from the float64 squared norms (`squared_norms`) of the unscaled rows.
+
+    Args:
+        scale: a power of two fixed beforehand (from a bound of the largest row norm, when rows
+            are converted before all norms are known); default: `pow2_scale` of the largest norm.
+            Any power of two keeps the margins valid: they use the actual largest scaled norm.
+    """
     top = max(float(na0.max(initial=0.0)), float(nb0.max(initial=0.0)))
-    s = pow2_scale(math.sqrt(top), target_exp)
+    s = pow2_scale(math.sqrt(top), target_exp) if scale is None else scale
     na, nb = na0 * (s * s), nb0 * (s * s)  # exact: power-of-two scaling in float64
     r = math.sqrt(top) * s * (1 + 2.0**-40) if top > 0 else 2.0 ** (target_exp - 1)
     t = threshold * s
     t2 = min(t * t, (2 * r) ** 2 * (1 + 2.0**-18))
-    da, db = margins(na, nb, t2, x.shape[1], screen, r)
+    da, db = margins(na, nb, t2, dim, screen, r)
     alpha = (t2 + da - na) / 2
     beta = (db - nb) / 2
     return Scaled(s, t2, na, nb, alpha, beta, r)

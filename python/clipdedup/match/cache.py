@@ -1,0 +1,167 @@
+"""The match cache: what a dedup run matched, kept beside its DB so that a rerun matches only news.
+
+`clipdedup-matches.bin` at the DB root holds the rows a run matched (each by its DB key and the
+checksum of its embedding bytes, `native.row_hashes`), the model, the dim, the threshold and every
+pair within it with its exact float64 distance. A later run with the same model and dim and a
+threshold at most the stored one (`plan_reuse`):
+
+- keeps the stored pairs between rows whose key and checksum are unchanged and whose distance is
+  within the new threshold (the distance is the reference's, so this is the reference's answer);
+- matches only the new or changed rows against all rows (`match.store.find_pairs_store(rows=...)`);
+- drops the pairs of removed rows (their keys are gone).
+
+A row is "unchanged" when its embedding's bytes are, whatever happened to its file, so pairs follow
+the data exactly. Anything else (another model or dim, a larger threshold, a damaged or unreadable
+file) means a full match, with the reason. Like the snapshot it is a cache: deleting it is always
+safe; it is written atomically (temp file, then rename), so a run killed while writing leaves the
+old cache or none, never a torn one, and each part is checked (CRC-32) when read.
+
+Layout (little-endian): HEADER, then the body: model id (UTF-8), row checksums uint64 [N],
+pair rows int64 i [P], int64 j [P], distances float64 [P], then the N keys joined by NUL bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipdedup.util.fsutil import atomic_file
+
+CACHE_NAME = "clipdedup-matches.bin"
+MAGIC = b"CDMATCH\x01"
+VERSION = 1
+# magic, version, dim, rows, pairs, threshold, model_len, body_len, body_crc, header_crc
+HEADER = struct.Struct("<8sIIQQdIQII")
+
+
+@dataclass
+class MatchCache:
+    """One run's matching: rows (keys, checksums), model, dim, threshold and pairs.
+
+    Attributes:
+        keys: N DB keys (image paths relative to the image dir), in row order.
+        hashes: uint64 (N,) checksums of the rows' float32 bytes.
+        pairs: int64 (P, 2), i < j, every pair within `threshold`; dist: float64 (P,) exact distances.
+    """
+
+    model: str
+    dim: int
+    threshold: float
+    keys: list[str]
+    hashes: np.ndarray
+    pairs: np.ndarray
+    dist: np.ndarray
+
+
+def cache_path(db_dir: str | os.PathLike[str]) -> str:
+    return os.path.join(db_dir, CACHE_NAME)
+
+
+def write_cache(db_dir: str | os.PathLike[str], c: MatchCache) -> None:
+    """Writes the cache atomically (temp file in the DB root, then a rename)."""
+    n, p = len(c.keys), len(c.pairs)
+    model = c.model.encode()
+    pairs = np.ascontiguousarray(c.pairs, "<i8").reshape(p, 2)
+    parts = [
+        model,
+        np.ascontiguousarray(c.hashes, "<u8").tobytes(),
+        np.ascontiguousarray(pairs[:, 0]).tobytes(),
+        np.ascontiguousarray(pairs[:, 1]).tobytes(),
+        np.ascontiguousarray(c.dist, "<f8").tobytes(),
+        os.fsencode("\0".join(c.keys)),
+    ]
+    crc, size = 0, 0
+    for part in parts:
+        crc, size = zlib.crc32(part, crc), size + len(part)
+    head = HEADER.pack(MAGIC, VERSION, c.dim, n, p, c.threshold, len(model), size, crc, 0)[:-4]
+    head += struct.pack("<I", zlib.crc32(head))
+    with atomic_file(cache_path(db_dir)) as f:
+        f.write(head)
+        for part in parts:
+            f.write(part)
+
+
+def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
+    """The cache at `db_dir`, or (None, why not): "missing", or what is wrong with it."""
+    try:
+        with open(cache_path(db_dir), "rb") as f:
+            head = f.read(HEADER.size)
+            if len(head) < HEADER.size:
+                return None, "damaged: shorter than its header"
+            magic, version, dim, n, p, threshold, model_len, size, crc, head_crc = HEADER.unpack(head)
+            if magic != MAGIC or version != VERSION:
+                return None, "damaged: not a clipdedup match cache of this version"
+            if zlib.crc32(head[:-4]) != head_crc:
+                return None, "damaged: header checksum"
+            if size < model_len + 8 * n + 24 * p or os.fstat(f.fileno()).st_size != HEADER.size + size:
+                return None, "damaged: size does not match its header"
+            body = f.read(size)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    if len(body) != size or zlib.crc32(body) != crc:
+        return None, "damaged: checksum"
+    at = model_len
+    hashes = np.frombuffer(body, "<u8", n, at)
+    pi = np.frombuffer(body, "<i8", p, at + 8 * n)
+    pj = np.frombuffer(body, "<i8", p, at + 8 * n + 8 * p)
+    dist = np.frombuffer(body, "<f8", p, at + 8 * n + 16 * p)
+    keys = os.fsdecode(body[at + 8 * n + 24 * p :]).split("\0") if n else []
+    if len(keys) != n or (p and (pi.min() < 0 or pj.max() >= n or np.any(pi >= pj))):
+        return None, "damaged: rows and pairs disagree"
+    model = body[:model_len].decode("utf-8", "replace")
+    return MatchCache(model, dim, threshold, keys, hashes.copy(), np.stack([pi, pj], 1), dist.copy()), ""
+
+
+@dataclass
+class Reuse:
+    """What a run takes from the cache.
+
+    Attributes:
+        changed: int64 sorted ids of the rows to match against all rows (new or changed).
+        pairs: int64 (P, 2) i < j, the cached pairs among unchanged rows within the threshold, in
+            this run's row ids; dist: float64 (P,).
+    """
+
+    changed: np.ndarray
+    pairs: np.ndarray
+    dist: np.ndarray
+
+
+def plan_reuse(
+    c: MatchCache, keys: list[str], hashes: np.ndarray, model: str, dim: int, threshold: float
+) -> tuple[Reuse | None, str]:
+    """What of `c` this run (rows `keys` with checksums `hashes`) can reuse, or (None, why not)."""
+    if c.model != model:
+        return None, f"it was made with model {c.model}, this run uses {model}"
+    if c.dim != dim:
+        return None, f"it holds dim {c.dim}, the DB dim {dim}"
+    if not threshold <= c.threshold:
+        return None, f"threshold {threshold:g} is above its {c.threshold:g}"
+    where = {k: i for i, k in enumerate(c.keys)}
+    old = np.fromiter((where.get(k, -1) for k in keys), np.int64, len(keys))
+    del where
+    same = old >= 0
+    same[same] = c.hashes[old[same]] == np.asarray(hashes, np.uint64)[same]
+    new_of_old = np.full(len(c.keys), -1, np.int64)
+    new_of_old[old[same]] = np.flatnonzero(same)
+    a, b = new_of_old[c.pairs[:, 0]], new_of_old[c.pairs[:, 1]]
+    keep = (a >= 0) & (b >= 0) & (c.dist <= threshold)
+    a, b, d = a[keep], b[keep], c.dist[keep]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    return Reuse(np.flatnonzero(~same), np.stack([lo, hi], 1).reshape(-1, 2), d), ""
+
+
+def merge_pairs(
+    a: np.ndarray, da: np.ndarray, b: np.ndarray, db: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint sets of pairs (int64 (P, 2), float64 (P,)) as one, sorted by (i, j)."""
+    pairs = np.concatenate([a.reshape(-1, 2), b.reshape(-1, 2)])
+    d = np.concatenate([da, db])
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
+    return pairs[order], d[order]

@@ -1,0 +1,126 @@
+"""A run's matching: the row store's pairs, through the DB's match cache when it can be reused.
+
+`match_with_cache` reads `clipdedup-matches.bin` (match/cache.py), reuses its pairs among unchanged
+rows, matches only the new or changed rows against all rows (`find_pairs_store(rows=...)`, or
+`find_pairs` on the matrix for backends that need one), and writes the cache again unless told not
+to. The pairs and distances are those of a full `find_pairs`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from clipdedup.db.rowstore import RowStore
+from clipdedup.match import find_pairs
+from clipdedup.match.cache import MatchCache, cache_path, merge_pairs, plan_reuse, read_cache, write_cache
+from clipdedup.match.core import recheck
+from clipdedup.match.store import find_pairs_store, tile_count
+from clipdedup.records import DBMeta
+
+# Backends whose screen runs on a row store (match/store.py), and the recipe each uses there.
+STORE_RECIPES = {"cpu-bf16": "bfloat16", "cpu-fp32": "float32"}
+
+
+@dataclass
+class Matched:
+    """pairs int64 (P, 2) sorted, i < j; dist float32 (P,); how the cache was used; the seconds
+    spent matching (reading the cache included, writing it not)."""
+
+    pairs: np.ndarray
+    dist: np.ndarray
+    how: str
+    seconds: float = 0.0
+
+
+def match_with_cache(
+    store: RowStore,
+    keys: list[str],
+    db_dir: str,
+    meta: DBMeta | None,
+    threshold: float,
+    *,
+    backend: str,
+    write: bool = True,
+    say: Callable[[str], object] = lambda line: print(line, file=sys.stderr),
+    progress: bool = False,
+) -> Matched:
+    """All pairs of the store's rows within `threshold`, as `find_pairs` with `backend` gives them.
+
+    Args:
+        store: the rows; keys: their image paths (the cache's row identity, with the checksums).
+        db_dir: where the cache lives; meta: the DB's model and dim (None: no cache).
+        write: write the cache afterwards (never in a dry run).
+        say: one line when a cache is there but cannot be used, or cannot be written.
+        progress: a progress bar of tiles on stderr.
+    """
+    t0 = time.perf_counter()
+    reuse, why = None, "the DB has no metadata"
+    if meta is not None:
+        cache, why = read_cache(db_dir)
+        if cache is not None:
+            reuse, why = plan_reuse(cache, keys, store.hashes, meta.model_id, meta.dim, threshold)
+        del cache
+    if reuse is None and why != "missing":
+        say(f"{cache_path(db_dir)}: not used, matching all rows: {why}")
+    if reuse is not None and 2 * len(reuse.changed) >= store.n:
+        reuse = None  # most rows changed: a full match is no slower
+    rows = None if reuse is None else reuse.changed
+    total = tile_count(store.n, None if rows is None else len(rows))
+    bar = tqdm(desc=f"match ({backend})", unit="tile", total=total, disable=not progress, file=sys.stderr)
+    if backend in STORE_RECIPES:
+        pairs, d64 = find_pairs_store(
+            store, threshold, rows=rows, recipe=STORE_RECIPES[backend], progress=bar.update
+        )
+    else:  # other backends (GPU, reference) take the matrix
+        pairs, d64 = pairs_of_matrix(store.to_matrix(), rows, threshold, backend, bar.update)
+    bar.close()
+    if reuse is not None:
+        pairs, d64 = merge_pairs(reuse.pairs, reuse.dist, pairs, d64)
+        how = f"reused {len(reuse.pairs)} pairs, matched {len(reuse.changed)} new or changed rows"
+    else:
+        how = "full match" + (f" ({why})" if why else "")
+    seconds = time.perf_counter() - t0
+    if write and meta is not None:
+        try:
+            write_cache(
+                db_dir, MatchCache(meta.model_id, meta.dim, threshold, keys, store.hashes, pairs, d64)
+            )
+        except OSError as e:
+            say(f"{cache_path(db_dir)}: not written: {e.strerror or e}")
+    return Matched(pairs, d64.astype(np.float32), how, seconds)
+
+
+def import_in_background(module: str) -> threading.Thread:
+    """Starts importing `module` on a daemon thread (join it before use): torch takes seconds to
+    import, which a run can spend scanning and loading instead."""
+    t = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
+    t.start()
+    return t
+
+
+def pairs_of_matrix(
+    x: np.ndarray, rows: np.ndarray | None, threshold: float, backend: str, progress: Callable[[int], None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """`find_pairs_store`'s answer from the matrix with any backend: pairs i < j touching `rows`
+    (None: all), sorted, with float64 distances (the ones find_pairs rounds to float32)."""
+    if rows is None:
+        pairs, _ = find_pairs(x, threshold, backend=backend, progress=progress)
+    else:
+        part, _ = find_pairs(x[rows], threshold, y=x, backend=backend, progress=progress)
+        a, b = rows[part[:, 0]], part[:, 1]
+        inside = np.zeros(len(x), bool)
+        inside[rows] = True
+        keep = (a != b) & ((a < b) | ~inside[b])
+        pairs = np.stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]], 1).reshape(-1, 2)
+        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    _, _, d64 = recheck(x, x, pairs[:, 0], pairs[:, 1], math.inf)
+    return pairs, d64

@@ -1,0 +1,302 @@
+"""Matching rows that stay on disk: `find_pairs` of a `RowStore`, in memory bounded by the screen.
+
+Resident per row while matching: the screening operands (`StoreScreen`: the row's projection onto
+k principal directions, scaled and rounded to the recipe's type, with its shift pieces; 268 bytes
+at k = 128 in bfloat16) and the store's 16 bytes. Full rows are only ever read from the store:
+
+1. One pass over the store builds the operands (a bound of the largest row norm, known from the
+   store's opening pass or from a pass of its own, fixes the power-of-two scale before any
+   projection is known): the projections, their norms and the margins of
+   `match.bounds` at the projected threshold of `match.project` (a lower bound of the distance).
+2. Each tile (a block of rows against a block of columns, `match_tile`) screens the operands; when
+   it leaves more candidates than `max_candidates` (clustered data), the tile's full rows are read
+   into two bounded buffers and screened with the same recipe instead.
+3. The exact float64 re-check (`match.core.recheck`) reads just the candidates' rows.
+
+So the answer is `find_pairs`'s, pair for pair and bit for bit: every screen is lossless and the
+re-check is the same function on the same float32 rows. Rows holding NaN or inf take part in no pair.
+
+`match_tile` is the unit of work: a block of rows (any sorted row ids) against a block of columns
+of one store, so workers that share the store's files can each take tiles (the upper triangle of
+`find_pairs_store`'s tiles, or one new block against all columns).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clipdedup.db.rowstore import RowStore
+from clipdedup.match.bounds import pow2_scale, split_pieces
+from clipdedup.match.core import recheck, scaled_from_norms, squared_norms
+from clipdedup.match.project import (
+    PROJECT_DIM,
+    Projection,
+    principal_projection,
+    project,
+    projected_threshold,
+)
+from clipdedup.match.torch_screen import RECIPES, Recipe, full_fp32_matmul, tile_hits, torch_screen
+
+BLOCK = 4096  # rows per tile side: a bfloat16 tile of 32 MiB, full-row buffers of 20 MiB at D = 1280
+
+
+@dataclass
+class StoreScreen:
+    """The screening operands of every row of a store (see the module docstring).
+
+    Attributes:
+        recipe: the screen's `match.torch_screen.Recipe`.
+        threshold: the answer's distance bound.
+        k: width of the screened rows (projected, or D without projection).
+        cols: torch (N, k + 2p) in the recipe's type: [s P x_j | 1 .. 1 | beta_j pieces].
+        alpha: torch (N, p): alpha_i pieces (rows of x are [s P x_i | alpha_i pieces | 1 .. 1]).
+        finite: bool (N,): rows without NaN or inf (the others have -inf shifts: never candidates).
+    """
+
+    recipe: Recipe
+    threshold: float
+    k: int
+    cols: Any
+    alpha: Any
+    finite: np.ndarray
+
+    def a_block(self, rows: np.ndarray) -> Any:
+        """The x-side operands of `rows` (sorted int64 ids), (len(rows), k + 2p)."""
+        p = self.recipe.pieces
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == len(rows):  # consecutive rows: a slice, not a gather
+            a = self.cols[lo:hi].clone()
+        else:
+            import torch
+
+            a = self.cols[torch.from_numpy(rows)]
+        a[:, self.k : self.k + p] = self.alpha[rows]
+        a[:, self.k + p :] = 1
+        return a
+
+
+def _finite_blocks(store: RowStore, block: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(i0, rows with non-finite ones zeroed, finite mask) for consecutive blocks of the store."""
+    for i0, blk in store.blocks(block):
+        fin = np.isfinite(blk).all(axis=1)
+        if not fin.all():
+            blk[~fin] = 0
+        yield i0, blk, fin
+
+
+def screen_store(
+    store: RowStore,
+    threshold: float,
+    recipe: Recipe,
+    *,
+    k: int = PROJECT_DIM,
+    sample: int = 1024,
+    block: int = BLOCK,
+) -> StoreScreen:
+    """Builds the `StoreScreen` of every row of `store` in two passes (bounded buffers)."""
+    import torch
+
+    n, d = store.n, store.dim
+    if store.seen is not None:  # the store's opening pass saw every row already
+        finite, top = store.seen.finite, store.seen.max_sq
+    else:
+        finite, top = np.zeros(n, bool), 0.0
+        for i0, blk, fin in _finite_blocks(store, block):
+            finite[i0 : i0 + len(blk)] = fin
+            top = max(top, float(squared_norms(blk).max(initial=0.0)))
+    rx = math.sqrt(top)  # >= every finite row's norm (a bound is enough: it only widens t1)
+    proj: Projection | None = None
+    if k < d:
+        ids = np.flatnonzero(finite)
+        ids = ids[np.linspace(0, len(ids) - 1, min(len(ids), sample)).astype(np.int64)] if len(ids) else ids
+        rows = store.take(ids) if len(ids) else np.zeros((1, d), np.float32)
+        proj = principal_projection(rows, k)
+        t1 = projected_threshold(threshold, proj, rx, rx)
+        bound = (proj.sigma + proj.eps) * rx * (1 + 2.0**-20)  # >= every computed projection's norm
+    else:
+        k, t1, bound = d, threshold, rx
+    scale = pow2_scale(bound, recipe.target_exp)
+    dtype = getattr(torch, recipe.dtype)
+    p = recipe.pieces
+    cols = torch.zeros((n, k + 2 * p), dtype=dtype)
+    na0 = np.zeros(n, np.float64)
+    with torch.inference_mode(), full_fp32_matmul():
+        for i0, blk, _ in _finite_blocks(store, block):
+            px = project(blk, proj) if proj is not None else blk
+            na0[i0 : i0 + len(px)] = squared_norms(px)
+            cols[i0 : i0 + len(px), :k] = torch.from_numpy(px) * scale
+        sp = scaled_from_norms(na0, na0, t1, k, recipe.screen(k), recipe.target_exp, scale=scale)
+        del na0
+        alpha = torch.from_numpy(np.stack(split_pieces(sp.alpha, p, dtype), 1)).to(dtype)
+        cols[:, k + p :] = torch.from_numpy(np.stack(split_pieces(sp.beta, p, dtype), 1)).to(dtype)
+        cols[:, k : k + p] = 1
+        bad = torch.from_numpy(np.flatnonzero(~finite))
+        alpha[bad] = -math.inf
+        cols[bad, k + p :] = -math.inf
+    return StoreScreen(recipe, float(threshold), k, cols, alpha, finite)
+
+
+def match_tile(
+    store: RowStore,
+    scr: StoreScreen,
+    rows: np.ndarray,
+    j0: int,
+    j1: int,
+    *,
+    in_rows: np.ndarray | None = None,
+    max_candidates: int | None = None,
+    buffers: dict | None = None,
+    a: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact pairs between `rows` (sorted int64 row ids) and the columns j0:j1 of one store.
+
+    A pair (a, b), a in rows, b in j0:j1, a != b, is reported once: as (min, max), and only from
+    the side that owns it: when b is itself a row being matched (`in_rows[b]`, default every row,
+    as in self-matching) only a < b reports it.
+
+    Args:
+        store, scr: the rows and their `screen_store` operands.
+        rows: int64 (K,) sorted row ids; j0, j1: the column block.
+        in_rows: bool (N,): the rows matched as `rows` across all tiles (None: all rows).
+        max_candidates: beyond this many screened candidates the tile's full rows are screened
+            (default one per 1024 pairs, at least 4096).
+        buffers: reused float32 buffers between calls (any dict; filled on first use).
+        a: `scr.a_block(rows)`, when the caller matches these rows against several blocks.
+
+    Returns:
+        int64 (P,), int64 (P,), float64 (P,): pairs i < j and their exact distances, unsorted.
+    """
+    import torch
+
+    buffers = {} if buffers is None else buffers
+    t = scr.threshold
+    if max_candidates is None:
+        max_candidates = max(4096, len(rows) * (j1 - j0) // 1024)
+    with torch.inference_mode():
+        a = scr.a_block(rows) if a is None else a
+        out = buffers.get("tile")
+        if out is None or out.numel() < len(rows) * (j1 - j0):
+            out = buffers["tile"] = torch.empty(len(rows) * (j1 - j0), dtype=scr.cols.dtype)
+        c = out[: len(rows) * (j1 - j0)].view(len(rows), j1 - j0)
+        torch.mm(a, scr.cols[j0:j1].T, out=c)
+        _mask_not_owned(c, rows, j0, j1, in_rows)
+        r, q = tile_hits(c)
+    ci, cj = rows[r], q + j0
+    full = len(ci) > max_candidates
+    if full:  # the screen was too coarse here: screen the tile's full rows instead
+        xa = store.take(rows, _buffer(buffers, "a", len(rows), store.dim))
+        xb = store.block(j0, j1, _buffer(buffers, "b", j1 - j0, store.dim))
+        xa[~scr.finite[rows]] = 0
+        xb[~scr.finite[j0:j1]] = 0
+        r, q = torch_screen(xa, xb, t, scr.recipe)
+        ci, cj = rows[r], q + j0
+    keep = (ci != cj) & scr.finite[ci] & scr.finite[cj]
+    keep &= ci < cj if in_rows is None else (ci < cj) | ~in_rows[cj]
+    ci, cj = ci[keep], cj[keep]
+    if full:
+        i, j, d = recheck(xa, xb, r[keep], q[keep], t)
+        i, j = rows[i], j + j0
+    else:
+        need = np.unique(np.concatenate([ci, cj]))
+        x = store.take(need, _buffer(buffers, "c", len(need), store.dim))
+        i, j, d = recheck(x, x, np.searchsorted(need, ci), np.searchsorted(need, cj), t)
+        i, j = need[i], need[j]
+    return np.minimum(i, j), np.maximum(i, j), d
+
+
+def _mask_not_owned(c: Any, rows: np.ndarray, j0: int, j1: int, in_rows: np.ndarray | None) -> None:
+    """Sets -inf where a screened tile holds a pair this tile does not report (b == a, or b a
+    matched row below a), so that the search for hits skips them (the diagonal of self-matching)."""
+    if rows[-1] < j0:
+        return  # every column is above every row
+    cols = np.arange(j0, j1) if in_rows is None else j0 + np.flatnonzero(in_rows[j0:j1])
+    if not len(cols):
+        return
+    import torch
+
+    below = torch.from_numpy(rows[:, None] >= cols[None, :])
+    if len(cols) == j1 - j0:
+        c.masked_fill_(below, float("-inf"))
+    else:
+        at = torch.from_numpy(cols - j0)
+        c[:, at] = c[:, at].masked_fill_(below, float("-inf"))
+
+
+def _buffer(buffers: dict, name: str, rows: int, dim: int) -> np.ndarray:
+    buf = buffers.get(name)
+    if buf is None or len(buf) < rows:
+        buf = buffers[name] = np.empty((max(rows, BLOCK), dim), np.float32)
+    return buf
+
+
+def find_pairs_store(
+    store: RowStore,
+    threshold: float,
+    *,
+    rows: np.ndarray | None = None,
+    recipe: str = "bfloat16",
+    k: int = PROJECT_DIM,
+    block: int = BLOCK,
+    max_candidates: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    screen: StoreScreen | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`find_pairs` of the store's rows (self-matching), or only the pairs that touch `rows`.
+
+    Args:
+        store: the rows.
+        threshold: distance bound, inclusive (finite, >= 0).
+        rows: int64 sorted row ids: only pairs with at least one end among them (every such
+            pair once); None: all pairs.
+        recipe: a `match.torch_screen.RECIPES` name ("bfloat16" for cpu-bf16, "float32" for cpu-fp32).
+        k: projected width of the screen (>= D: the rows themselves).
+        block: rows per tile side.
+        max_candidates: see `match_tile`.
+        progress: called with 1 per finished tile.
+        screen: operands already built for this store, recipe and threshold.
+
+    Returns:
+        (pairs, distances): int64 (P, 2) sorted by (i, j), i < j, and their float64 exact distances
+        (`find_pairs` returns these as float32).
+    """
+    if not (threshold >= 0) or math.isinf(threshold):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+    n = store.n
+    if n == 0 or (rows is not None and len(rows) == 0):
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
+    scr = screen or screen_store(store, float(threshold), RECIPES[recipe], k=k, block=block)
+    in_rows = None
+    if rows is not None:
+        rows = np.unique(np.asarray(rows, np.int64))
+        in_rows = np.zeros(n, bool)
+        in_rows[rows] = True
+    ids = np.arange(n, dtype=np.int64) if rows is None else rows
+    buffers: dict = {}
+    out_i, out_j, out_d = [], [], []
+    for s in range(0, len(ids), block):
+        part = ids[s : s + block]
+        a = scr.a_block(part)
+        first = int(part[0]) // block * block if rows is None else 0  # self: the upper triangle only
+        for j0 in range(first, n, block):
+            j1 = min(n, j0 + block)
+            kw = dict(in_rows=in_rows, max_candidates=max_candidates, buffers=buffers, a=a)
+            i, j, d = match_tile(store, scr, part, j0, j1, **kw)
+            out_i.append(i)
+            out_j.append(j)
+            out_d.append(d)
+            if progress:
+                progress(1)
+    i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+    order = np.lexsort((j, i))
+    return np.stack([i[order], j[order]], axis=1).reshape(-1, 2), d[order]
+
+
+def tile_count(n: int, rows: int | None = None, block: int = BLOCK) -> int:
+    """How many tiles `find_pairs_store` runs (for progress bars)."""
+    nb = -(-n // block)
+    return nb * (nb + 1) // 2 if rows is None else -(-rows // block) * nb
