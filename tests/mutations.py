@@ -164,7 +164,12 @@ MUTATIONS = [
         "stale-embedding-is-fresh",
         "an image whose mtime differs from its .npy's is re-encoded",
         "db/layout.py",
-        (("            or (not f.legacy and img.mtime_ns != f.mtime_ns)\n", ""),),
+        (
+            (
+                "    return img.mtime_ns != mtime_ns or (expected_size is not None and size != expected_size)\n",  # noqa: E501
+                "    return expected_size is not None and size != expected_size\n",
+            ),
+        ),
         ("tests/db/test_layout.py::test_plan_update_rules",),
     ),
     Mutation(
