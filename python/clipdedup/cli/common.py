@@ -77,6 +77,16 @@ existing_dir = click.Path(exists=True, file_okay=False, dir_okay=True)
 any_dir = click.Path(file_okay=False, dir_okay=True)
 
 
+batch_size_option = click.option(
+    "-b",
+    "--batch-size",
+    type=click.IntRange(1),
+    default=DEFAULT_BATCH,
+    show_default=True,
+    help="Images per encoder batch.",
+)
+
+
 def common_update_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option(

@@ -10,8 +10,8 @@ import click
 
 from clipdedup import __version__
 from clipdedup.cli.common import (
-    DEFAULT_BATCH,
     any_dir,
+    batch_size_option,
     cluster_options,
     common_update_options,
     existing_dir,
@@ -34,14 +34,7 @@ from clipdedup.trash.keep import STRATEGIES
     "-d", "--db-dir", type=any_dir, default=None, help="Embedding DB mirroring the image tree. [required]"
 )
 @common_update_options
-@click.option(
-    "-b",
-    "--batch-size",
-    type=click.IntRange(1),
-    default=DEFAULT_BATCH,
-    show_default=True,
-    help="Images per encoder batch.",
-)
+@batch_size_option
 @match_options
 @cluster_options
 @click.option(
@@ -93,14 +86,7 @@ def dedup_cmd(
 @click.option("-ii", "--import-image-dir", type=existing_dir, required=True, help="Images to import.")
 @click.option("-id", "--import-db-dir", type=any_dir, required=True, help="DB of the import images.")
 @common_update_options
-@click.option(
-    "-b",
-    "--batch-size",
-    type=click.IntRange(1),
-    default=DEFAULT_BATCH,
-    show_default=True,
-    help="Images per encoder batch.",
-)
+@batch_size_option
 @match_options
 @cluster_options
 @click.version_option(__version__, "-V", "--version")

@@ -10,8 +10,8 @@ import click
 import numpy as np
 
 from clipdedup.cli.common import (
-    DEFAULT_BATCH,
     any_dir,
+    batch_size_option,
     check_device,
     common_update_options,
     default_model,
@@ -198,14 +198,7 @@ def apply_cmd(
 @click.option("-i", "--image-dir", type=existing_dir, required=True, help="The image tree.")
 @click.option("-d", "--db-dir", type=any_dir, required=True, help="Its embedding DB.")
 @common_update_options
-@click.option(
-    "-b",
-    "--batch-size",
-    type=click.IntRange(1),
-    default=DEFAULT_BATCH,
-    show_default=True,
-    help="Images per encoder batch.",
-)
+@batch_size_option
 def db_test_cmd(
     image_dir: str,
     db_dir: str,
