@@ -47,7 +47,7 @@ MUTATIONS = [
         "db/snapshot.py",
         (
             (
-                "    for name in _STAT_FIELDS:\n        same &=",
+                "    for name in STAT_FIELDS:\n        same &=",
                 '    for name in ("mtime_ns", "size", "ino"):\n        same &=',
             ),
         ),

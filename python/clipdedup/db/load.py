@@ -204,7 +204,7 @@ def file_stats(files: Sequence[DBFile]) -> dict[str, np.ndarray]:
     n = len(files)
     return {
         name: np.fromiter(map(attrgetter(name), files), np.uint64 if name == "ino" else np.int64, n)
-        for name in ("mtime_ns", "size", "ctime_ns", "ino")
+        for name in snap_mod.STAT_FIELDS
     }
 
 

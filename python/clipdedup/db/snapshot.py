@@ -44,7 +44,8 @@ RACY_NS = 2_000_000_000
 HEADER = struct.Struct("<8sIIQQqQQII")
 _K1 = np.uint64(0x9E3779B97F4A7C15)
 _K2 = np.uint64(0xC2B2AE3D27D4EB4F)
-_STAT_FIELDS = ("mtime_ns", "size", "ctime_ns", "ino")
+# The file stats kept per row (columns of the index, in this order); ino is unsigned.
+STAT_FIELDS = ("mtime_ns", "size", "ctime_ns", "ino")
 
 
 @dataclass
@@ -186,7 +187,7 @@ def reusable_rows(
         src = np.array([p[0] for p in pairs], np.int64)
         dst = np.array([p[1] for p in pairs], np.int64)
     same = np.ones(len(src), bool)
-    for name in _STAT_FIELDS:
+    for name in STAT_FIELDS:
         same &= getattr(snap, name)[src] == stats[name][dst]
     same &= snap.ctime_ns[src] <= snap.written_ns - RACY_NS
     src, dst = src[same], dst[same]
@@ -229,7 +230,7 @@ def write_snapshot_blocks(
     before the next is asked for."""
     n, d = len(keys), dim
     blob = os.fsencode("\0".join(keys))
-    cols = [np.ascontiguousarray(stats[k], "<i8" if k != "ino" else "<u8") for k in _STAT_FIELDS]
+    cols = [np.ascontiguousarray(stats[k], "<i8" if k != "ino" else "<u8") for k in STAT_FIELDS]
     index = b"".join(c.tobytes() for c in cols) + np.ascontiguousarray(hashes, "<u8").tobytes() + blob
     index_at = DATA_OFFSET + n * d * 4
     fields = (MAGIC, VERSION, 0, n, d, written_ns, index_at, len(index), zlib.crc32(index))

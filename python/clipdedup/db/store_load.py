@@ -182,7 +182,7 @@ class DBColumns:
 def index_columns(db_dir: str | os.PathLike[str]) -> DBColumns:
     """Every embedding file under `db_dir`, as `index_db` finds them, in columns."""
     started = time.time_ns()
-    empty = {k: np.zeros(0, np.uint64 if k == "ino" else np.int64) for k in _STAT_NAMES}
+    empty = {k: np.zeros(0, np.uint64 if k == "ino" else np.int64) for k in snap_mod.STAT_FIELDS}
     if not os.path.isdir(db_dir):
         return DBColumns(os.fspath(db_dir), {}, np.zeros(0, bool), empty, started)
     out, _errors = scan_native(db_dir, suffixes=None)
@@ -195,9 +195,6 @@ def index_columns(db_dir: str | os.PathLike[str]) -> DBColumns:
     cols = {"mtime_ns": out.mtime_ns(), "size": out.size(), "ctime_ns": out.ctime_ns(), "ino": out.ino()}
     stats = {k: np.ascontiguousarray(c[picked]) for k, c in cols.items()}
     return DBColumns(os.fspath(db_dir), row, legacy, stats, started)
-
-
-_STAT_NAMES = ("mtime_ns", "size", "ctime_ns", "ino")
 
 
 def open_embeddings(
