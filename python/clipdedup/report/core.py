@@ -73,13 +73,13 @@ def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
     verb = "would move" if dry_run else "moved"
     lines = []
     for g in s.groups:
+        kept = printable(labelled(g).kept)
         for m in g.moved:
             if not m.tried:
                 continue
             if m.dest is None:
                 lines.append(f"kept in place {printable(m.source)}: {m.reason}")
             else:
-                kept = printable(labelled(g).kept)
                 lines.append(f"{verb} {printable(m.source)} -> {printable(m.dest)} (kept {kept})")
     return lines
 
