@@ -131,9 +131,8 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
     first of `db_dirs` that has one, else the default model."""
 
     def load() -> Encoder:
-        have = next((d for d in db_dirs if dbmod.read_meta(d) is not None), db_dirs[0])
-        load = opts.cluster.load_encoder if opts.cluster is not None else load_encoder
-        return load(resolve_model_id(opts.model_id, have), device=opts.device, log=opts.say)
+        loader = opts.cluster.load_encoder if opts.cluster is not None else load_encoder
+        return loader(resolve_model_id(opts.model_id, *db_dirs), device=opts.device, log=opts.say)
 
     return LazyEncoder(load)
 

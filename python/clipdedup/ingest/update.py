@@ -55,12 +55,16 @@ def scan_images(
     return res
 
 
-def resolve_model_id(model_id: str | None, db_dir: str | os.PathLike[str]) -> str:
-    """`model_id`, else the model the DB at `db_dir` was built with, else the default model."""
+def resolve_model_id(model_id: str | None, *db_dirs: str | os.PathLike[str]) -> str:
+    """`model_id`, else the model the first of `db_dirs` that records one was built with, else the
+    default model."""
     if model_id:
         return model_id
-    meta = dbmod.read_meta(db_dir)
-    return meta.model_id if meta else DEFAULT_MODEL
+    for db_dir in db_dirs:
+        meta = dbmod.read_meta(db_dir)
+        if meta is not None:
+            return meta.model_id
+    return DEFAULT_MODEL
 
 
 def update_db(
