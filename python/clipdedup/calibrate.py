@@ -79,10 +79,9 @@ def targeted_variants(model_id: str | None) -> tuple[str, ...]:
     90% crop moves a low-frequency descriptor further than a distinct image, so it is reported but
     does not pull the suggestion.
     """
-    from clipdedup.ingest.encode.base import ENCODERS
+    from clipdedup.ingest.encode.base import encoder_factory
 
-    entry = ENCODERS.entries.get(model_id) if model_id and model_id.startswith("builtin:") else None
-    targets = entry.fn.calibration_targets if entry is not None else None
+    targets = encoder_factory(model_id).calibration_targets if model_id else None
     return tuple(targets) if targets else tuple(TRANSFORMS)
 
 

@@ -169,7 +169,6 @@ def verifier_for(model_id: str | None) -> Verifier | None:
     """The verifier a model declares (its `EncoderFactory.verifier`), or None."""
     if not model_id:
         return None
-    from clipdedup.ingest.encode.base import ENCODERS
+    from clipdedup.ingest.encode.base import encoder_factory
 
-    entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
-    return entry.fn.verifier if entry is not None else None
+    return encoder_factory(model_id).verifier

@@ -151,13 +151,19 @@ class LazyEncoder:
         return self._encoder
 
 
+def encoder_factory(model_id: str) -> EncoderFactory:
+    """The registered factory of `model_id`: a built-in encoder's own, else open_clip's (which takes
+    every other id, as `load_encoder` does)."""
+    entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
+    return (entry or ENCODERS.entries["open_clip"]).fn
+
+
 def default_threshold(model_id: str) -> float:
     """The euclidean threshold a model's embeddings are matched with when -th is not given.
 
     0.1 for CLIP models (the original tool's default); a built-in encoder's own measured default.
     """
-    entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
-    return (entry or ENCODERS.entries["open_clip"]).fn.default_threshold
+    return encoder_factory(model_id).default_threshold
 
 
 def canonical_model_id(model_id: str) -> str:
