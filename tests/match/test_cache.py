@@ -99,7 +99,7 @@ def test_random_sequences_equal_full_runs(tmp_path: Path, seed: int) -> None:
         tt = [t, t, t_edge, np.nextafter(t_edge, 0), t][step]
         got, lines, how = c.run(tt)
         assert got == c.reference(tt), (step, how)
-        assert how.startswith("reused"), (step, how, lines)
+        assert how.startswith("reused") and "operands of" in how, (step, how, lines)
         assert not [line for line in lines if CACHE_NAME in line]
         t = tt if tt <= t else t
     assert c.run(t, dry_run=True)[0] == c.reference(t)
@@ -154,13 +154,23 @@ def test_cache_round_trip_and_plan() -> None:
 
 KILLER = """
 import sys, numpy as np
-from clipdedup.match.cache import read_cache, write_cache
+from clipdedup.match.cache import cache_path, read_cache, write_cache
+from clipdedup.match.screen_cache import read_screen
 db, a_dir, b_dir = sys.argv[1:]
-caches = [read_cache(a_dir)[0], read_cache(b_dir)[0]]
+
+def load(d):
+    c = read_cache(d)[0]
+    with open(cache_path(d), "rb") as f:
+        f.seek(c.screen_at)
+        sr, why = read_screen(f, c.screen_len, np.arange(len(c.keys)), c.dim, "bfloat16", 128)
+    assert sr is not None, why
+    return c, sr
+
+caches = [load(a_dir), load(b_dir)]
 print("ready", flush=True)
 i = 0
 while True:
-    write_cache(db, caches[i % 2])
+    write_cache(db, *caches[i % 2])
     i += 1
 """
 
@@ -194,6 +204,7 @@ def test_sigkill_during_the_cache_write_leaves_exact_runs(tmp_path: Path) -> Non
         assert cache is not None or why == "missing", why  # the old file or the new one, never torn
         got, lines, how = c.run(t, dry_run=True)
         assert got == want, (delay, how)
+        assert cache is None or "operands of" in how, (delay, how, lines)
     got, _, _ = c.run(t)  # a run that writes stays exact
     assert got == want
     left = {os.path.join(c.db, f) for f in os.listdir(c.db) if f.endswith(".clipdedup-tmp")}

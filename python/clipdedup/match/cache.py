@@ -17,7 +17,9 @@ safe; it is written atomically (temp file, then rename), so a run killed while w
 old cache or none, never a torn one, and each part is checked (CRC-32) when read.
 
 Layout (little-endian): HEADER, then the body: model id (UTF-8), row checksums uint64 [N],
-pair rows int64 i [P], int64 j [P], distances float64 [P], then the N keys joined by NUL bytes.
+pair rows int64 i [P], int64 j [P], distances float64 [P], then the N keys joined by NUL bytes;
+then, when the run screened on a row store, the screen section (`screen_len` bytes,
+match/screen_cache.py): every row's screening operands, so that a rerun projects only its new rows.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipdedup.match.screen_cache import section_size, write_section
+from clipdedup.match.store_screen import ScreenRows
 from clipdedup.util.fsutil import atomic_file
 
 CACHE_NAME = "clipdedup-matches.bin"
 MAGIC = b"CDMATCH\x01"
-VERSION = 1
-# magic, version, dim, rows, pairs, threshold, model_len, body_len, body_crc, header_crc
-HEADER = struct.Struct("<8sIIQQdIQII")
+VERSION = 2
+# magic, version, dim, rows, pairs, threshold, model_len, body_len, screen_len, body_crc, header_crc
+HEADER = struct.Struct("<8sIIQQdIQQII")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class MatchCache:
         keys: N DB keys (image paths relative to the image dir), in row order.
         hashes: uint64 (N,) checksums of the rows' float32 bytes.
         pairs: int64 (P, 2), i < j, every pair within `threshold`; dist: float64 (P,) exact distances.
+        screen_at, screen_len: where the screen section lies in the file (0, 0: none).
     """
 
     model: str
@@ -55,14 +60,17 @@ class MatchCache:
     hashes: np.ndarray
     pairs: np.ndarray
     dist: np.ndarray
+    screen_at: int = 0
+    screen_len: int = 0
 
 
 def cache_path(db_dir: str | os.PathLike[str]) -> str:
     return os.path.join(db_dir, CACHE_NAME)
 
 
-def write_cache(db_dir: str | os.PathLike[str], c: MatchCache) -> None:
-    """Writes the cache atomically (temp file in the DB root, then a rename)."""
+def write_cache(db_dir: str | os.PathLike[str], c: MatchCache, screen: ScreenRows | None = None) -> None:
+    """Writes the cache atomically (temp file in the DB root, then a rename), with the rows'
+    screening operands when given (rows in the same order as `c.keys`)."""
     n, p = len(c.keys), len(c.pairs)
     model = c.model.encode()
     pairs = np.ascontiguousarray(c.pairs, "<i8").reshape(p, 2)
@@ -77,12 +85,16 @@ def write_cache(db_dir: str | os.PathLike[str], c: MatchCache) -> None:
     crc, size = 0, 0
     for part in parts:
         crc, size = zlib.crc32(part, crc), size + len(part)
-    head = HEADER.pack(MAGIC, VERSION, c.dim, n, p, c.threshold, len(model), size, crc, 0)[:-4]
+    screen_len = 0 if screen is None else section_size(screen, c.dim)
+    head = HEADER.pack(MAGIC, VERSION, c.dim, n, p, c.threshold, len(model), size, screen_len, crc, 0)
+    head = head[:-4]
     head += struct.pack("<I", zlib.crc32(head))
     with atomic_file(cache_path(db_dir)) as f:
         f.write(head)
         for part in parts:
             f.write(part)
+        if screen is not None:
+            write_section(f, screen, c.dim)
 
 
 def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
@@ -92,12 +104,15 @@ def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
             head = f.read(HEADER.size)
             if len(head) < HEADER.size:
                 return None, "damaged: shorter than its header"
-            magic, version, dim, n, p, threshold, model_len, size, crc, head_crc = HEADER.unpack(head)
+            magic, version, dim, n, p, threshold, model_len, size, screen_len, crc, head_crc = HEADER.unpack(
+                head
+            )
             if magic != MAGIC or version != VERSION:
                 return None, "damaged: not a clipdedup match cache of this version"
             if zlib.crc32(head[:-4]) != head_crc:
                 return None, "damaged: header checksum"
-            if size < model_len + 8 * n + 24 * p or os.fstat(f.fileno()).st_size != HEADER.size + size:
+            total = HEADER.size + size + screen_len
+            if size < model_len + 8 * n + 24 * p or os.fstat(f.fileno()).st_size != total:
                 return None, "damaged: size does not match its header"
             body = f.read(size)
     except FileNotFoundError:
@@ -115,7 +130,11 @@ def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
     if len(keys) != n or (p and (pi.min() < 0 or pj.max() >= n or np.any(pi >= pj))):
         return None, "damaged: rows and pairs disagree"
     model = body[:model_len].decode("utf-8", "replace")
-    return MatchCache(model, dim, threshold, keys, hashes.copy(), np.stack([pi, pj], 1), dist.copy()), ""
+    pairs = np.stack([pi, pj], 1)
+    c = MatchCache(
+        model, dim, threshold, keys, hashes.copy(), pairs, dist.copy(), HEADER.size + size, screen_len
+    )
+    return c, ""
 
 
 @dataclass
@@ -124,6 +143,7 @@ class Reuse:
 
     Attributes:
         changed: int64 sorted ids of the rows to match against all rows (new or changed).
+        old: int64 (N,): each row's row in the cache when unchanged there, else -1.
         pairs: int64 (P, 2) i < j, the cached pairs among unchanged rows within the threshold, in
             this run's row ids; dist: float64 (P,).
     """
@@ -131,6 +151,7 @@ class Reuse:
     changed: np.ndarray
     pairs: np.ndarray
     dist: np.ndarray
+    old: np.ndarray
 
 
 def plan_reuse(
@@ -154,7 +175,8 @@ def plan_reuse(
     keep = (a >= 0) & (b >= 0) & (c.dist <= threshold)
     a, b, d = a[keep], b[keep], c.dist[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    return Reuse(np.flatnonzero(~same), np.stack([lo, hi], 1).reshape(-1, 2), d), ""
+    old[~same] = -1
+    return Reuse(np.flatnonzero(~same), np.stack([lo, hi], 1).reshape(-1, 2), d, old), ""
 
 
 def merge_pairs(

@@ -3,7 +3,9 @@
 `match_with_cache` reads `clipdedup-matches.bin` (match/cache.py), reuses its pairs among unchanged
 rows, matches only the new or changed rows against all rows (`find_pairs_store(rows=...)`, or
 `find_pairs` on the matrix for backends that need one), and writes the cache again unless told not
-to. The pairs and distances are those of a full `find_pairs`.
+to. Row-store backends also take the unchanged rows' screening operands from the cache
+(match/screen_cache.py) and write them back. The pairs and distances are those of a full
+`find_pairs`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from clipdedup.db.rowstore import RowStore
 from clipdedup.match import find_pairs
 from clipdedup.match.cache import MatchCache, cache_path, merge_pairs, plan_reuse, read_cache, write_cache
 from clipdedup.match.core import recheck
+from clipdedup.match.project import PROJECT_DIM
+from clipdedup.match.screen_cache import project_changed, read_screen
 from clipdedup.match.store import find_pairs_store, tile_count
+from clipdedup.match.store_screen import ScreenRows, finish_screen, screen_rows
 from clipdedup.records import DBMeta
 
 # Backends whose screen runs on a row store (match/store.py), and the recipe each uses there.
@@ -63,11 +68,12 @@ def match_with_cache(
         progress: a progress bar of tiles on stderr.
     """
     t0 = time.perf_counter()
-    reuse, why = None, "the DB has no metadata"
+    reuse, why, section = None, "the DB has no metadata", (0, 0)
     if meta is not None:
         cache, why = read_cache(db_dir)
         if cache is not None:
             reuse, why = plan_reuse(cache, keys, store.hashes, meta.model_id, meta.dim, threshold)
+            section = (cache.screen_at, cache.screen_len)
         del cache
     if reuse is None and why != "missing":
         say(f"{cache_path(db_dir)}: not used, matching all rows: {why}")
@@ -76,27 +82,53 @@ def match_with_cache(
     rows = None if reuse is None else reuse.changed
     total = tile_count(store.n, None if rows is None else len(rows))
     bar = tqdm(desc=f"match ({backend})", unit="tile", total=total, disable=not progress, file=sys.stderr)
+    sr: ScreenRows | None = None
+    kept_operands = False
     if backend in STORE_RECIPES:
+        recipe = STORE_RECIPES[backend]
+        if reuse is not None and section[1]:
+            sr, why_not = operands_of_cache(db_dir, section, reuse.old, store, recipe)
+            kept_operands = sr is not None
+            if sr is None:
+                say(f"{cache_path(db_dir)}: screening operands not used, building them: {why_not}")
+        sr = sr or screen_rows(store, recipe)
+        scr = finish_screen(sr, threshold)
         pairs, d64 = find_pairs_store(
-            store, threshold, rows=rows, recipe=STORE_RECIPES[backend], progress=bar.update
+            store, threshold, rows=rows, recipe=recipe, progress=bar.update, screen=scr
         )
+        del scr
     else:  # other backends (GPU, reference) take the matrix
         pairs, d64 = pairs_of_matrix(store.to_matrix(), rows, threshold, backend, bar.update)
     bar.close()
     if reuse is not None:
         pairs, d64 = merge_pairs(reuse.pairs, reuse.dist, pairs, d64)
         how = f"reused {len(reuse.pairs)} pairs, matched {len(reuse.changed)} new or changed rows"
+        if kept_operands:
+            how += f", screening operands of {store.n - len(reuse.changed)} rows from the cache"
     else:
         how = "full match" + (f" ({why})" if why else "")
     seconds = time.perf_counter() - t0
     if write and meta is not None:
         try:
-            write_cache(
-                db_dir, MatchCache(meta.model_id, meta.dim, threshold, keys, store.hashes, pairs, d64)
-            )
+            c = MatchCache(meta.model_id, meta.dim, threshold, keys, store.hashes, pairs, d64)
+            write_cache(db_dir, c, sr)
         except OSError as e:
             say(f"{cache_path(db_dir)}: not written: {e.strerror or e}")
     return Matched(pairs, d64.astype(np.float32), how, seconds)
+
+
+def operands_of_cache(
+    db_dir: str, section: tuple[int, int], old: np.ndarray, store: RowStore, recipe: str
+) -> tuple[ScreenRows | None, str]:
+    """The store's screening operands from the cache's screen section at `section` (offset, length),
+    unchanged rows (`old` >= 0) read from it, the others projected; or (None, why not)."""
+    try:
+        with open(cache_path(db_dir), "rb") as f:
+            f.seek(section[0])
+            sr, why = read_screen(f, section[1], old, store.dim, recipe, PROJECT_DIM)
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    return (None, why) if sr is None else project_changed(sr, store, np.flatnonzero(old < 0))
 
 
 def import_in_background(module: str) -> threading.Thread:

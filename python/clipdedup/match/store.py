@@ -4,10 +4,11 @@ Resident per row while matching: the screening operands (`StoreScreen`: the row'
 k principal directions, scaled and rounded to the recipe's type, with its shift pieces; 268 bytes
 at k = 128 in bfloat16) and the store's 16 bytes. Full rows are only ever read from the store:
 
-1. One pass over the store builds the operands (a bound of the largest row norm, known from the
-   store's opening pass or from a pass of its own, fixes the power-of-two scale before any
-   projection is known): the projections, their norms and the margins of
+1. One pass over the store builds the operands (`match.store_screen`: a bound of the largest row
+   norm, known from the store's opening pass or from a pass of its own, fixes the power-of-two
+   scale before any projection is known): the projections, their norms and the margins of
    `match.bounds` at the projected threshold of `match.project` (a lower bound of the distance).
+   A rerun takes the unchanged rows' operands from the match cache instead (`match.screen_cache`).
 2. Each tile (a block of rows against a block of columns, `match_tile`) screens the operands; when
    it leaves more candidates than `max_candidates` (clustered data), the tile's full rows are read
    into two bounded buffers and screened with the same recipe instead.
@@ -24,121 +25,18 @@ of one store, so workers that share the store's files can each take tiles (the u
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from clipdedup.db.rowstore import RowStore
-from clipdedup.match.bounds import pow2_scale, split_pieces
-from clipdedup.match.core import recheck, scaled_from_norms, squared_norms
-from clipdedup.match.project import (
-    PROJECT_DIM,
-    Projection,
-    principal_projection,
-    project,
-    projected_threshold,
-)
-from clipdedup.match.torch_screen import RECIPES, Recipe, full_fp32_matmul, tile_hits, torch_screen
+from clipdedup.match.core import recheck
+from clipdedup.match.project import PROJECT_DIM
+from clipdedup.match.store_screen import StoreScreen, screen_store
+from clipdedup.match.torch_screen import tile_hits, torch_screen
 
 BLOCK = 4096  # rows per tile side: a bfloat16 tile of 32 MiB, full-row buffers of 20 MiB at D = 1280
-
-
-@dataclass
-class StoreScreen:
-    """The screening operands of every row of a store (see the module docstring).
-
-    Attributes:
-        recipe: the screen's `match.torch_screen.Recipe`.
-        threshold: the answer's distance bound.
-        k: width of the screened rows (projected, or D without projection).
-        cols: torch (N, k + 2p) in the recipe's type: [s P x_j | 1 .. 1 | beta_j pieces].
-        alpha: torch (N, p): alpha_i pieces (rows of x are [s P x_i | alpha_i pieces | 1 .. 1]).
-        finite: bool (N,): rows without NaN or inf (the others have -inf shifts: never candidates).
-    """
-
-    recipe: Recipe
-    threshold: float
-    k: int
-    cols: Any
-    alpha: Any
-    finite: np.ndarray
-
-    def a_block(self, rows: np.ndarray) -> Any:
-        """The x-side operands of `rows` (sorted int64 ids), (len(rows), k + 2p)."""
-        p = self.recipe.pieces
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if hi - lo == len(rows):  # consecutive rows: a slice, not a gather
-            a = self.cols[lo:hi].clone()
-        else:
-            import torch
-
-            a = self.cols[torch.from_numpy(rows)]
-        a[:, self.k : self.k + p] = self.alpha[rows]
-        a[:, self.k + p :] = 1
-        return a
-
-
-def _finite_blocks(store: RowStore, block: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(i0, rows with non-finite ones zeroed, finite mask) for consecutive blocks of the store."""
-    for i0, blk in store.blocks(block):
-        fin = np.isfinite(blk).all(axis=1)
-        if not fin.all():
-            blk[~fin] = 0
-        yield i0, blk, fin
-
-
-def screen_store(
-    store: RowStore,
-    threshold: float,
-    recipe: Recipe,
-    *,
-    k: int = PROJECT_DIM,
-    sample: int = 1024,
-    block: int = BLOCK,
-) -> StoreScreen:
-    """Builds the `StoreScreen` of every row of `store` in two passes (bounded buffers)."""
-    import torch
-
-    n, d = store.n, store.dim
-    if store.seen is not None:  # the store's opening pass saw every row already
-        finite, top = store.seen.finite, store.seen.max_sq
-    else:
-        finite, top = np.zeros(n, bool), 0.0
-        for i0, blk, fin in _finite_blocks(store, block):
-            finite[i0 : i0 + len(blk)] = fin
-            top = max(top, float(squared_norms(blk).max(initial=0.0)))
-    rx = math.sqrt(top)  # >= every finite row's norm (a bound is enough: it only widens t1)
-    proj: Projection | None = None
-    if k < d:
-        ids = np.flatnonzero(finite)
-        ids = ids[np.linspace(0, len(ids) - 1, min(len(ids), sample)).astype(np.int64)] if len(ids) else ids
-        rows = store.take(ids) if len(ids) else np.zeros((1, d), np.float32)
-        proj = principal_projection(rows, k)
-        t1 = projected_threshold(threshold, proj, rx, rx)
-        bound = (proj.sigma + proj.eps) * rx * (1 + 2.0**-20)  # >= every computed projection's norm
-    else:
-        k, t1, bound = d, threshold, rx
-    scale = pow2_scale(bound, recipe.target_exp)
-    dtype = getattr(torch, recipe.dtype)
-    p = recipe.pieces
-    cols = torch.zeros((n, k + 2 * p), dtype=dtype)
-    na0 = np.zeros(n, np.float64)
-    with torch.inference_mode(), full_fp32_matmul():
-        for i0, blk, _ in _finite_blocks(store, block):
-            px = project(blk, proj) if proj is not None else blk
-            na0[i0 : i0 + len(px)] = squared_norms(px)
-            cols[i0 : i0 + len(px), :k] = torch.from_numpy(px) * scale
-        sp = scaled_from_norms(na0, na0, t1, k, recipe.screen(k), recipe.target_exp, scale=scale)
-        del na0
-        alpha = torch.from_numpy(np.stack(split_pieces(sp.alpha, p, dtype), 1)).to(dtype)
-        cols[:, k + p :] = torch.from_numpy(np.stack(split_pieces(sp.beta, p, dtype), 1)).to(dtype)
-        cols[:, k : k + p] = 1
-        bad = torch.from_numpy(np.flatnonzero(~finite))
-        alpha[bad] = -math.inf
-        cols[bad, k + p :] = -math.inf
-    return StoreScreen(recipe, float(threshold), k, cols, alpha, finite)
 
 
 def match_tile(
@@ -269,7 +167,7 @@ def find_pairs_store(
     n = store.n
     if n == 0 or (rows is not None and len(rows) == 0):
         return np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
-    scr = screen or screen_store(store, float(threshold), RECIPES[recipe], k=k, block=block)
+    scr = screen or screen_store(store, float(threshold), recipe, k=k, block=block)
     in_rows = None
     if rows is not None:
         rows = np.unique(np.asarray(rows, np.int64))
