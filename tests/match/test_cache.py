@@ -124,6 +124,11 @@ def test_doubt_means_a_full_match_with_one_line(tmp_path: Path) -> None:
     c.change(3)
     got, lines, how = c.run(t)
     assert got == c.reference(t) and len([ln for ln in lines if "damaged" in ln]) == 1
+    raw = bytearray(Path(cache_path(c.db)).read_bytes())
+    raw[8:12] = (1).to_bytes(4, "little")  # a cache of an older format
+    Path(cache_path(c.db)).write_bytes(bytes(raw))
+    got, lines, how = c.run(t)
+    assert got == c.reference(t) and len([ln for ln in lines if "format 1 by another version" in ln]) == 1
     os.remove(cache_path(c.db))  # deleting it is always safe, and says nothing
     got, lines, how = c.run(t)
     assert got == c.reference(t) and not [ln for ln in lines if CACHE_NAME in ln]

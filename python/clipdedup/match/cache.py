@@ -102,13 +102,19 @@ def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
     try:
         with open(cache_path(db_dir), "rb") as f:
             head = f.read(HEADER.size)
+            if len(head) >= 12 and head[:8] == MAGIC and struct.unpack_from("<I", head, 8)[0] != VERSION:
+                old = struct.unpack_from("<I", head, 8)[0]
+                return (
+                    None,
+                    f"written in format {old} by another version of clipdedup (this one reads {VERSION})",
+                )
             if len(head) < HEADER.size:
                 return None, "damaged: shorter than its header"
             magic, version, dim, n, p, threshold, model_len, size, screen_len, crc, head_crc = HEADER.unpack(
                 head
             )
-            if magic != MAGIC or version != VERSION:
-                return None, "damaged: not a clipdedup match cache of this version"
+            if magic != MAGIC:
+                return None, "damaged: not a clipdedup match cache"
             if zlib.crc32(head[:-4]) != head_crc:
                 return None, "damaged: header checksum"
             total = HEADER.size + size + screen_len
