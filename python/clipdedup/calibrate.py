@@ -231,7 +231,7 @@ def calibrate(
         UserError: no DB, fewer than two embeddings, a -m that is not the DB's model, no images.
     """
     from clipdedup.db import load_db, read_meta
-    from clipdedup.ingest.encode.base import canonical_model_id, default_threshold, load_encoder
+    from clipdedup.ingest.encode.base import canonical_model_id, check_layout, default_threshold, load_encoder
     from clipdedup.match.verify import verifier_for
     from clipdedup.scan import scan_tree
 
@@ -244,6 +244,8 @@ def calibrate(
         raise UserError(f"{db_dir}: {len(paths)} embeddings; calibration needs at least 2")
     if meta is not None and model_id is not None and canonical_model_id(model_id) != meta.model_id:
         raise UserError(f"{db_dir}: DB holds {meta.describe()}, not {canonical_model_id(model_id)}; drop -m")
+    if meta is not None:
+        check_layout(db_dir, meta, fix="re-encode it (update --force-update) before calibrating")
     model = meta.model_id if meta is not None else model_id
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(paths), size=min(nn_samples, len(paths)), replace=False))

@@ -21,7 +21,14 @@ from clipdedup.cluster import RayCluster
 from clipdedup.db.load import snapshot_lines
 from clipdedup.db.store_load import encoded_as_scanned, open_embeddings
 from clipdedup.errors import UserError
-from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
+from clipdedup.ingest.encode.base import (
+    DEFAULT_MODEL,
+    Encoder,
+    LazyEncoder,
+    check_layout,
+    default_threshold,
+    load_encoder,
+)
 from clipdedup.ingest.update import (
     load_embeddings,
     reencode_damaged,
@@ -104,6 +111,8 @@ def _update_or_read(
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = dbmod.read_meta(db_dir)
+        if u.meta is not None:
+            check_layout(db_dir, u.meta, fix="re-encode it with --force-update (without --skip-update)")
         entries = encoded_as_scanned(
             image_dir, db_dir, entries, u.meta.dim if u.meta else None, u.failed, opts.say
         )

@@ -87,3 +87,36 @@ def test_dedup_uses_dct_default_threshold(pics: Path, tmp_path: Path, capsys) ->
     # The same run with -th uses the given threshold.
     assert run_cli(dedup_cmd, "test", args + ["-th", "0.05"]) == 0
     assert json.loads(capsys.readouterr().out)["threshold"] == pytest.approx(0.05)
+
+
+def test_db_of_an_older_row_layout_is_refused_or_reencoded(pics: Path, tmp_path: Path, capsys) -> None:
+    """Rows of the same dim but another meaning are never read silently: an update, a
+    --skip-update run and calibrate refuse the DB with one line; --force-update re-encodes it."""
+    import dataclasses
+
+    from clipdedup.calibrate import calibrate
+    from clipdedup.cli import dedup_cmd, run_cli
+    from clipdedup.db import read_meta, write_meta
+    from clipdedup.errors import DBMismatchError
+    from clipdedup.ingest.update import update_db
+
+    db = tmp_path / "db"
+    quiet = lambda line: None  # noqa: E731
+    update_db(pics, db, "builtin:dct", log=quiet)
+    meta = read_meta(db)
+    assert meta is not None and meta.preprocess["layout"] == dct.LAYOUT == 2
+    # What the previous builtin:dct wrote: the same model id and dim, no "layout" (layout 1).
+    old = {k: v for k, v in meta.preprocess.items() if k != "layout"}
+    write_meta(db, dataclasses.replace(meta, preprocess=old))
+    with pytest.raises(DBMismatchError, match=r"layout 1, this version reads layout 2.*--force-update"):
+        update_db(pics, db, "builtin:dct", log=quiet)
+    with pytest.raises(DBMismatchError, match="layout 1"):
+        calibrate(str(db), str(pics))
+    capsys.readouterr()
+    args = ["-i", str(pics), "-d", str(db), "--skip-update", "-n", "-q"]
+    assert run_cli(dedup_cmd, "test", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layout 1" in err[0] and "Traceback" not in err[0]
+    s = update_db(pics, db, "builtin:dct", force=True, log=quiet)
+    assert s.encoded > 0 and read_meta(db).preprocess["layout"] == dct.LAYOUT
+    update_db(pics, db, "builtin:dct", log=quiet)  # current again: accepted

@@ -160,7 +160,8 @@ def test_decisions_on_the_real_pairs_of_the_testdata(testdata: Path) -> None:
     gt = json.loads((testdata / "ground_truth.json").read_text())
     bad = {b["path"] for b in gt["bad_files"]}
     names = [n for n in gt["images"] if n not in bad]
-    x = _rows([decode_pil(testdata / n, dct.SIZE) for n in names])
+    side = load_encoder("builtin:dct").input_size
+    x = _rows([decode_pil(testdata / n, side) for n in names])
     truth = {frozenset((a, b)) for g in gt["duplicate_groups_strict"] for a in g for b in g if a != b}
     data = {n: (testdata / n).read_bytes() for n in names}
     truth |= {frozenset((a, b)) for a in names for b in names if a != b and data[a] == data[b]}
@@ -181,3 +182,26 @@ def test_decisions_on_the_real_pairs_of_the_testdata(testdata: Path) -> None:
     assert len(distinct) >= 10, "the loose screen let no distinct pair through: the test shows nothing"
     kept = {p for p, ok in zip(pairs, loose.confirmed.tolist()) if ok}
     assert kept <= truth, sorted(map(sorted, kept - truth))
+
+
+def test_colour_of_a_mostly_grey_picture_counts(testdata: Path) -> None:
+    """A grey photo with one small coloured patch is not grey (its largest block chroma decides, not
+    its RMS chroma): the same picture with the patch recoloured at equal luma is turned down by the
+    check, though its luma is the same; a greyscale copy of a colour photo is still confirmed."""
+    photo = decode_pil(testdata / "base_images" / "ukbench09380.jpg", 0)
+    grey = photo.convert("L").convert("RGB")
+    w, h = grey.size
+    box = (w // 2, h // 2, w // 2 + w // 16, h // 2 + h // 16)  # a quarter of one chroma block
+    red, green = grey.copy(), grey.copy()
+    red.paste((200, 0, 0), box)
+    green.paste((0, 102, 0), box)  # luma 0.587 * 102 ~ 0.299 * 200: the same grey level
+    x = _rows([red, green, photo, grey])
+    c = dct.VERIFIER.split(x)[1]
+    r = dct.VERIFIER.required_dims
+    blocks = dct._blocks(np.stack([dct.prepare_dct(red)]).astype(np.float64) @ dct._CBCR.T, dct.CHROMA)
+    assert np.sqrt(np.mean(blocks**2)) < 4.0  # grey by its RMS chroma (layout 1's rule)
+    assert np.any(c[0, r:]), "the patch's colour was dropped as grey"
+    assert float(c[0, :r] @ c[1, :r]) > 0.99  # the luma alone cannot tell them apart
+    assert not _decide(x, 0, 1)[2], _decide(x, 0, 1)
+    assert not np.any(c[3, r:])  # the greyscale copy is grey
+    assert _decide(x, 2, 3)[2], _decide(x, 2, 3)

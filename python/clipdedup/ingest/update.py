@@ -17,7 +17,15 @@ from clipdedup.db.writer import AsyncWriter
 from clipdedup.errors import UserError
 from clipdedup.ingest import prepass
 from clipdedup.ingest.decode.base import iter_batches
-from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, canonical_model_id, load_encoder
+from clipdedup.ingest.encode.base import (
+    DEFAULT_MODEL,
+    Encoder,
+    LazyEncoder,
+    canonical_model_id,
+    check_layout,
+    layout_mismatch,
+    load_encoder,
+)
 from clipdedup.records import FileEntry, ScanResult, UpdateSummary
 from clipdedup.scan import scan_tree
 from clipdedup.util.threads import thread_plan, torch_threads
@@ -122,6 +130,10 @@ def update_db(
         asked = canonical_model_id(model_id)
         if asked != have.model_id:
             raise dbmod.mismatch_error(db_dir, have, f"model {asked}")
+    # Rows of an older layout of the same dim would be misread: refused, or all re-encoded (--force-update).
+    relayout = have is not None and layout_mismatch(have) is not None
+    if have is not None and not force:
+        check_layout(db_dir, have, fix="re-encode it with --force-update, or use a separate --db-dir")
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
     for img in plan.unnamable:
@@ -142,8 +154,10 @@ def update_db(
             want = encoder_meta(encoder.get())
             s.seconds["model load"] = time.perf_counter() - t
             s.meta = dbmod.check_meta(db_dir, want) or want
-            if have is None and not dry_run:
-                if index.files:
+            if relayout:
+                s.meta = want
+            if (have is None or relayout) and not dry_run:
+                if index.files and have is None:
                     log(f"{db_dir}: no {dbmod.META_NAME}; adopting this DB for {want.describe()}")
                 dbmod.write_meta(db_dir, want)
         else:

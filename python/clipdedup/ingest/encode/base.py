@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdedup.errors import ModelError
+from clipdedup.errors import DBMismatchError, ModelError
 from clipdedup.ingest.prep import PrepSpec
 from clipdedup.registry import Registry
 
@@ -33,6 +33,9 @@ class EncoderFactory:
     verifier: Any = None
     # The calibrate transforms the model is meant to catch; None: all of them.
     calibration_targets: tuple[str, ...] | None = None
+    # Revision of what a row means when that changed at the same dim (builtin:dct); the encoder
+    # records it in the DB metadata as preprocess["layout"] (absent: 1). None: never revised.
+    layout: int | None = None
 
 
 # Factories keyed by model-id prefix; "open_clip" takes every id no other entry claims.
@@ -156,6 +159,26 @@ def encoder_factory(model_id: str) -> EncoderFactory:
     every other id, as `load_encoder` does)."""
     entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
     return (entry or ENCODERS.entries["open_clip"]).fn
+
+
+def layout_mismatch(meta: Any) -> str | None:
+    """Why a DB's rows (its `DBMeta`) cannot be read by this version's code for its model: they were
+    written under another row layout of the same dim (`EncoderFactory.layout`); None when they can."""
+    want = encoder_factory(meta.model_id).layout
+    have = meta.preprocess.get("layout", 1) if isinstance(meta.preprocess, dict) else 1
+    if want is None or have == want:
+        return None
+    return (
+        f"DB holds {meta.model_id} rows of layout {have}, this version reads layout {want} "
+        f"(same dim {meta.dim}, other meaning)"
+    )
+
+
+def check_layout(db_dir: str | os.PathLike[str], meta: Any, *, fix: str) -> None:
+    """Raises DBMismatchError (one line, ending with `fix`) when `layout_mismatch(meta)`."""
+    why = layout_mismatch(meta)
+    if why is not None:
+        raise DBMismatchError(f"{db_dir}: {why}; {fix}")
 
 
 def default_threshold(model_id: str) -> float:

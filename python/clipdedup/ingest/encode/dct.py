@@ -11,11 +11,23 @@ Each row holds two parts (see clipdedup.match.verify for why both live in one em
   strongest frequencies do not decide the distance alone.
 - check (CHECK*CHECK + 2*CHROMA*CHROMA dims): a 16 x 16 luma thumbnail, centred and L2-normalised
   (the cosine of two is the normalised correlation of two small aligned thumbnails), and an 8 x 8
-  Cb/Cr thumbnail, L2-normalised but not centred (the colour itself counts; zero for a grey image).
-  A pair's score is the smaller of the two cosines, the colour one skipped when either image is
-  grey (clipdedup.match.verify.Verifier). It is blind to brightness and contrast, and to a greyscale copy,
-  but not to a recolouring, and it weighs pixels by their contrast, not by power-compressed
-  frequencies: skies, gradients and recoloured shots that the DCT brings close are told apart.
+  Cb/Cr thumbnail, L2-normalised but not centred (the colour itself counts; zero for a grey image:
+  no block's Cb or Cr mean reaches COLOURLESS grey levels, so a mostly grey picture with a few
+  coloured details is judged on its colour too). A pair's score is the smaller of the two cosines,
+  the colour one skipped when either image is grey (clipdedup.match.verify.Verifier). It is blind
+  to brightness and contrast, and to a greyscale copy, but not to a recolouring, and it weighs
+  pixels by their contrast, not by power-compressed frequencies: skies, gradients and recoloured
+  shots that the DCT brings close are told apart.
+
+The decoder delivers at least DECODE_SIDE pixels on the shorter side (JPEG draft mode scales by
+1/2 to 1/8 in the DCT domain) and the box filter averages that down to 32 x 32: from a decode of
+just over 32 pixels the box would mix unequal pixel counts per thumbnail pixel, and duplicates of
+one picture decoded at different draft scales would drift apart.
+
+LAYOUT numbers what a row means; the DB metadata records it (`preprocess["layout"]`) and a DB of
+another layout is refused with one line (`clipdedup.ingest.encode.base.layout_mismatch`), never
+misread. Layout 1 (no "layout" key): decoded at >= 32 px, an image grey when its RMS chroma was
+below 4 levels. Layout 2: decoded at >= DECODE_SIDE, grey by the largest block chroma.
 
 A pair is a duplicate when its screening distance is <= the threshold and its check score is
 >= MIN_SCORE. Both defaults come from bench/bench_dct_quality.py's `choose` on the tuning half of
@@ -41,12 +53,14 @@ WINDOW = 0.8  # raised-cosine taper: weight (1 - a cos(2 pi (i + 1/2) / n)) / (1
 POWER = 0.2  # coefficient compression sign(c) |c|^POWER
 CHECK = 16  # side of the luma thumbnail whose normalised correlation verifies a candidate
 CHROMA = 8  # side of the chroma (Cb, Cr) thumbnail compared beside it
-COLOURLESS = 4.0  # RMS chroma (grey levels) below which an image counts as grey
+COLOURLESS = 3.0  # grey levels: an image whose every block's |Cb| and |Cr| stay below this is grey
+DECODE_SIDE = 64  # shorter side the decoder must deliver before the box filter makes 32 x 32
+LAYOUT = 2  # row layout revision, recorded in the DB metadata (module docstring)
 CHECK_FLAT = 0.5  # RMS luma spread (grey levels) below which the check counts an image as flat
 # Chosen by `choose` in bench/bench_dct_quality.py on the tuning half of bench/corpus.py: pair
 # precision >= 0.99 at the highest recall (docs/benchmarks.md).
-DEFAULT_THRESHOLD = 0.58
-MIN_SCORE = 0.945
+DEFAULT_THRESHOLD = 0.94
+MIN_SCORE = 0.955
 FLAT_NORM = 1e-2  # AC norm (grey levels) below which an image counts as flat
 
 
@@ -163,8 +177,8 @@ def check_features(rgb: np.ndarray) -> np.ndarray:
         (B, CHECK_DIM) float32. luma: CHECK x CHECK block means of the luma, smoothed (`_smooth`),
         their mean removed, L2-normalised (zero for a flat image: RMS spread below CHECK_FLAT).
         chroma: CHROMA x CHROMA block means of (Cb, Cr), not centred (the colour itself counts),
-        L2-normalised; zero for a grey image (RMS chroma below COLOURLESS grey levels), so that a
-        greyscale copy is judged on luma alone.
+        L2-normalised; zero for a grey image (every block's |Cb| and |Cr| below COLOURLESS grey
+        levels), so that a greyscale copy is judged on luma alone.
     """
     x = np.asarray(rgb, np.float64)
     n = len(x)
@@ -172,7 +186,7 @@ def check_features(rgb: np.ndarray) -> np.ndarray:
     y -= y.mean(axis=1, keepdims=True)
     flat = np.linalg.norm(y, axis=1) <= CHECK_FLAT * CHECK  # RMS over CHECK*CHECK values
     c = _blocks(x @ _CBCR.T, CHROMA).reshape(n, CHROMA * CHROMA * 2)
-    grey = np.sqrt(np.mean(c * c, axis=1)) < COLOURLESS
+    grey = np.abs(c).max(axis=1, initial=0.0) < COLOURLESS
     return np.concatenate([_unit(y, flat), _unit(c, grey)], axis=1).astype(np.float32)
 
 
@@ -210,7 +224,7 @@ def check_features_ref(rgb: np.ndarray) -> np.ndarray:
                 px = [x[b, i * g + u, j * g + v] for u in range(g) for v in range(g)]
                 cs += [sum(float(np.dot(_CBCR[k], p)) for p in px) / g**2 for k in range(2)]
         norm = math.sqrt(sum(v * v for v in cs))
-        if norm / math.sqrt(len(cs)) >= COLOURLESS:
+        if max(abs(v) for v in cs) >= COLOURLESS:
             out[b, CHECK * CHECK :] = [v / norm for v in cs]
     return out
 
@@ -243,10 +257,12 @@ def load_dct(model_id: str, *, device: str = "cpu", dtype: str | None = None, **
     return Encoder(
         model_id=MODEL_ID,
         dim=SCREEN_DIM + CHECK_DIM,
-        input_size=SIZE,
+        input_size=DECODE_SIDE,
         prepare=prepare_dct,
         encode_batch=_encode,
         preprocess={
+            "layout": LAYOUT,
+            "decode_side": DECODE_SIDE,
             "gray": "luma of the box-resized RGB",
             "size": SIZE,
             "resize": "box, aspect not kept",
@@ -254,6 +270,7 @@ def load_dct(model_id: str, *, device: str = "cpu", dtype: str | None = None, **
             "window": WINDOW,
             "power": POWER,
             "check": f"luma {CHECK}x{CHECK} centred + CbCr {CHROMA}x{CHROMA}, each L2-normalised",
+            "colourless": COLOURLESS,
         },
         device="cpu",
     )
@@ -265,6 +282,12 @@ CALIBRATION_TARGETS = ("jpeg-q70", "resize-50%", "crop-96%", "bright+10%")
 
 ENCODERS.add(
     MODEL_ID,
-    EncoderFactory(load_dct, DEFAULT_THRESHOLD, verifier=VERIFIER, calibration_targets=CALIBRATION_TARGETS),
+    EncoderFactory(
+        load_dct,
+        DEFAULT_THRESHOLD,
+        verifier=VERIFIER,
+        calibration_targets=CALIBRATION_TARGETS,
+        layout=LAYOUT,
+    ),
     doc="model-free: 2-D DCT of 32x32 grayscale, verified by luma/chroma thumbnails (no weights, no GPU)",
 )
