@@ -46,6 +46,40 @@ def test_scores_match_reference(n: int, m: int, r: int, o: int, p: int) -> None:
     np.testing.assert_allclose(got, verify_scores_ref(a, b, pairs, r), rtol=0, atol=1e-12)
 
 
+def _image_rows(rng: np.random.Generator, k: int, n: int, o: int) -> np.ndarray:
+    """Rows [n x n image, centred, unit norm | optional (o)], with awkward images on purpose."""
+    img = rng.standard_normal((k, n, n)).cumsum(axis=1).cumsum(axis=2)  # smooth-ish pictures
+    if k > 3:
+        img[1] = 0.0  # flat: the zero segment
+        img[2] = 0.0
+        img[2, 0, :] = 1.0  # content only in the border: every window of the other side is flat
+        img[3] = img[0]
+        img[3, 1:, 1:] = img[0, :-1, :-1]  # moved by one pixel (right and down)
+    y = img.reshape(k, n * n)
+    y = y - y.mean(axis=1, keepdims=True)
+    y /= np.where(np.any(y, axis=1), np.linalg.norm(y, axis=1), 1.0)[:, None]
+    opt = _unit_rows(rng, k, o) if o else np.zeros((k, 0), np.float32)
+    opt[:4] = opt[0]  # the same colour: the awkward ones are judged on the image segment
+    return np.concatenate([y.astype(np.float32), opt], axis=1)
+
+
+@pytest.mark.parametrize(("k", "n", "o", "shift", "margin", "p"), [(1, 5, 0, 1, 1, 1), (9, 7, 3, 1, 2, 90)])
+def test_shifted_scores_match_reference(k: int, n: int, o: int, shift: int, margin: int, p: int) -> None:
+    rng = np.random.default_rng(k + n)
+    x = _image_rows(rng, k, n, o)
+    pairs = np.stack([rng.integers(0, k, p), rng.integers(0, k, p)], axis=1)
+    if k > 3:
+        pairs[:4] = [[0, 3], [0, 1], [1, 1], [2, 0]]
+    kw = {"shift": shift, "margin": margin}
+    got = verify_scores(x, x, pairs, n * n, **kw)
+    np.testing.assert_allclose(got, verify_scores_ref(x, x, pairs, n * n, **kw), rtol=0, atol=1e-9)
+    if k > 3:
+        assert got[0] == pytest.approx(1.0, abs=1e-6)  # a one-pixel move is undone
+        assert verify_scores(x, x, pairs[:1], n * n)[0] < 0.999  # the plain cosine does not undo it
+        assert got[1] == 0.0 and got[2] == pytest.approx(1.0)  # one side flat: 0; both flat: 1
+        assert got[3] == 0.0  # every window of the border-only picture is flat, the other's not
+
+
 def test_score_segments() -> None:
     """Required segment: one side zero -> 0, both zero -> 1; optional: skipped when either is zero."""
     rows = np.array(

@@ -15,13 +15,14 @@ The DB metadata records the model and the full dim, so a DB of another layout is
 misread.
 
 Contract: `Verifier.split(x)` -> (screen, check) views; the matcher sees `screen` only;
-`verify_scores(check_a, check_b, pairs, required_dims)` gives one score per candidate pair (float64,
-see `Verifier`), and a pair is confirmed when score >= `Verifier.min_score`.
+`verify_scores(check_a, check_b, pairs, required_dims, shift=, margin=)` gives one score per
+candidate pair (float64, see `Verifier`), and a pair is confirmed when score >= `Verifier.min_score`.
 `verify_scores_ref` is the plain per-pair definition; tests compare the two.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,8 @@ import numpy as np
 
 from clipdedup.records import CandidatePair, Verification
 
-CHUNK = 1 << 16  # candidate pairs scored per step: bounds the gathered rows to CHUNK * V floats
+CHUNK = 1 << 10  # candidate pairs scored per step: 2 * CHUNK * V float64 gathered (cache-sized)
+FLAT = 1e-6  # norm below which a (unit-norm row's) window counts as flat
 
 
 @dataclass(frozen=True)
@@ -38,20 +40,27 @@ class Verifier:
     """How a model's rows split into screening and check parts, and when a candidate is confirmed.
 
     The check part is [required (`required_dims`) | optional (the rest)], each segment unit norm or
-    all zero. The score of a pair is the smaller of the two segments' cosines, where:
-    - required: both zero counts 1 (the same flat image), one zero counts 0;
-    - optional: skipped (counts 1) when either side is zero: builtin:dct's colour segment is zero
-      for a grey image, so a greyscale copy is judged on brightness alone.
+    all zero. The score of a pair is the smaller of the two segments' scores, where:
+    - required: both zero counts 1 (the same flat image), one zero counts 0; otherwise its cosine,
+      or, with `shift` > 0, the segment is an n x n image (n*n = required_dims) and the score is
+      the largest normalised correlation of the first side's central window (`margin` cut from
+      each edge) with the second side's window moved by dy, dx in [-shift, shift] (each window
+      centred and scaled on its own; a flat window correlates 1 with a flat one, 0 otherwise):
+      a crop of a few percent moves the picture by about a thumbnail pixel;
+    - optional: its cosine, skipped (counts 1) when either side is zero: builtin:dct's colour
+      segment is zero for a grey image, so a greyscale copy is judged on brightness alone.
     """
 
     screen_dims: int  # leading dims of each row: the screening descriptor (unit norm)
     required_dims: int  # first dims of the check part
     min_score: float  # a candidate is confirmed when its score >= this
     measure: str  # what the score is, for reports
+    shift: int = 0  # largest window move (pixels) of the required segment; 0: plain cosine
+    margin: int = 0  # pixels cut from each edge of the first side's window; >= shift
 
     def scores(self, a: np.ndarray, b: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         """`verify_scores` with this verifier's segments."""
-        return verify_scores(a, b, pairs, self.required_dims)
+        return verify_scores(a, b, pairs, self.required_dims, shift=self.shift, margin=self.margin)
 
     def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S + V) rows -> (N, S) screening part, (N, V) check part (both float32, contiguous)."""
@@ -70,14 +79,41 @@ def _cos_ref(u: list[float], v: list[float], *, optional: bool) -> float:
     return s
 
 
-def verify_scores_ref(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims: int) -> np.ndarray:
+def _corr_ref(u: list[float], v: list[float]) -> float:
+    """Normalised correlation of two windows, written out; flat windows as `Verifier` says."""
+    mu, mv = sum(u) / len(u), sum(v) / len(v)
+    du, dv = [t - mu for t in u], [t - mv for t in v]
+    nu, nv = math.sqrt(sum(t * t for t in du)), math.sqrt(sum(t * t for t in dv))
+    if nu <= FLAT or nv <= FLAT:
+        return 1.0 if (nu <= FLAT and nv <= FLAT) else 0.0
+    return sum(p * q for p, q in zip(du, dv)) / (nu * nv)
+
+
+def _shifted_ref(u: list[float], v: list[float], shift: int, margin: int) -> float:
+    if not any(u) or not any(v):
+        return 1.0 if not (any(u) or any(v)) else 0.0
+    n = math.isqrt(len(u))
+    rows = range(margin, n - margin)
+    win = [u[i * n + j] for i in rows for j in rows]
+    best = -1.0
+    for dy in range(-shift, shift + 1):
+        for dx in range(-shift, shift + 1):
+            moved = [v[(i + dy) * n + j + dx] for i in rows for j in rows]
+            best = max(best, _corr_ref(win, moved))
+    return best
+
+
+def verify_scores_ref(
+    a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims: int, *, shift: int = 0, margin: int = 0
+) -> np.ndarray:
     """Reference: each pair's score as `Verifier` defines it, in float64, term by term.
 
     Args:
         a: (N, V) check parts of the first side.
         b: (M, V) check parts of the second side (b is a for pairs within one set).
         pairs: (P, 2) int row indices into a and b.
-        required_dims: length of the required segment.
+        required_dims: length of the required segment (n*n when shift > 0).
+        shift, margin: `Verifier.shift`, `Verifier.margin`.
 
     Returns:
         (P,) float64 scores in [-1, 1].
@@ -86,11 +122,44 @@ def verify_scores_ref(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_
     out = np.zeros(len(pairs))
     for p, (i, j) in enumerate(np.asarray(pairs, np.int64).tolist()):
         u, v = a[i].tolist(), b[j].tolist()
-        out[p] = min(_cos_ref(u[:r], v[:r], optional=False), _cos_ref(u[r:], v[r:], optional=True))
+        if shift > 0:
+            req = _shifted_ref(u[:r], v[:r], shift, margin)
+        else:
+            req = _cos_ref(u[:r], v[:r], optional=False)
+        out[p] = min(req, _cos_ref(u[r:], v[r:], optional=True))
     return out
 
 
-def verify_scores(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims: int) -> np.ndarray:
+def _shifted_scores(u: np.ndarray, v: np.ndarray, shift: int, margin: int) -> np.ndarray:
+    """Fast path of `_shifted_ref` for a chunk: (P, n*n) float64 sides -> (P,) scores. The first
+    side's window is centred once; per move, the moved window is copied contiguous (einsum on a
+    strided view is several times slower) and only its dot product with the centred window, its sum
+    and its sum of squares are needed (centring it changes nothing in the dot with a centred one)."""
+    n = math.isqrt(u.shape[1])
+    m, k = margin, n - 2 * margin
+    a, b = u.reshape(-1, n, n), v.reshape(-1, n, n)
+    wa = np.ascontiguousarray(a[:, m : n - m, m : n - m]).reshape(-1, k * k)
+    wa = wa - wa.mean(axis=1, keepdims=True)
+    na = np.sqrt(np.einsum("pk,pk->p", wa, wa))
+    best = np.full(len(a), -1.0)
+    for dy in range(-shift, shift + 1):
+        for dx in range(-shift, shift + 1):
+            wb = np.ascontiguousarray(b[:, m + dy : n - m + dy, m + dx : n - m + dx]).reshape(-1, k * k)
+            sb = wb.sum(axis=1)
+            nb = np.sqrt(np.maximum(np.einsum("pk,pk->p", wb, wb) - sb * sb / (k * k), 0.0))
+            dot = np.einsum("pk,pk->p", wa, wb)
+            flat_a, flat_b = na <= FLAT, nb <= FLAT
+            with np.errstate(divide="ignore", invalid="ignore"):
+                c = dot / (na * nb)
+            c = np.where(flat_a | flat_b, np.where(flat_a & flat_b, 1.0, 0.0), c)
+            best = np.maximum(best, c)
+    zu, zv = ~u.any(axis=1), ~v.any(axis=1)
+    return np.where(zu | zv, np.where(zu & zv, 1.0, 0.0), best)
+
+
+def verify_scores(
+    a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims: int, *, shift: int = 0, margin: int = 0
+) -> np.ndarray:
     """Fast path of `verify_scores_ref`: rows gathered in chunks, float64 einsums per chunk."""
     r = required_dims
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
@@ -98,9 +167,12 @@ def verify_scores(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, required_dims
     for s in range(0, len(pairs), CHUNK):
         p = pairs[s : s + CHUNK]
         u, v = a[p[:, 0]].astype(np.float64), b[p[:, 1]].astype(np.float64)
-        req = np.einsum("pk,pk->p", u[:, :r], v[:, :r])
-        zu, zv = ~u[:, :r].any(axis=1), ~v[:, :r].any(axis=1)
-        req = np.where(zu | zv, np.where(zu & zv, 1.0, 0.0), req)
+        if shift > 0:
+            req = _shifted_scores(u[:, :r], v[:, :r], shift, margin)
+        else:
+            req = np.einsum("pk,pk->p", u[:, :r], v[:, :r])
+            zu, zv = ~u[:, :r].any(axis=1), ~v[:, :r].any(axis=1)
+            req = np.where(zu | zv, np.where(zu & zv, 1.0, 0.0), req)
         opt = np.einsum("pk,pk->p", u[:, r:], v[:, r:])
         opt = np.where(~u[:, r:].any(axis=1) | ~v[:, r:].any(axis=1), 1.0, opt)
         out[s : s + len(p)] = np.minimum(req, opt)
