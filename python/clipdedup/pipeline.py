@@ -21,16 +21,10 @@ from clipdedup.cluster import RayCluster
 from clipdedup.db.load import snapshot_lines
 from clipdedup.db.store_load import encoded_as_scanned, open_embeddings
 from clipdedup.errors import UserError
-from clipdedup.ingest.encode.base import (
-    DEFAULT_MODEL,
-    Encoder,
-    LazyEncoder,
-    check_layout,
-    default_threshold,
-    load_encoder,
-)
+from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
 from clipdedup.ingest.update import (
     load_embeddings,
+    read_meta_as_is,
     reencode_damaged,
     resolve_model_id,
     scan_images,
@@ -110,9 +104,7 @@ def _update_or_read(
     entries = scan.entries
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
-        u.meta = dbmod.read_meta(db_dir)
-        if u.meta is not None:
-            check_layout(db_dir, u.meta, fix="re-encode it with --force-update (without --skip-update)")
+        u.meta = read_meta_as_is(db_dir)
         entries = encoded_as_scanned(
             image_dir, db_dir, entries, u.meta.dim if u.meta else None, u.failed, opts.say
         )

@@ -31,6 +31,15 @@ from clipdedup.scan import scan_tree
 from clipdedup.util.threads import thread_plan, torch_threads
 
 
+def read_meta_as_is(db_dir: str | os.PathLike[str]) -> dbmod.DBMeta | None:
+    """The metadata of a DB that a run reads without updating it (--skip-update); None when it has
+    none. Raises DBMismatchError when this version cannot read its rows (another row layout)."""
+    meta = dbmod.read_meta(db_dir)
+    if meta is not None:
+        check_layout(db_dir, meta, fix="re-encode it with --force-update (without --skip-update)")
+    return meta
+
+
 def encoder_meta(enc: Encoder) -> dbmod.DBMeta:
     return dbmod.DBMeta(model_id=enc.model_id, dim=enc.dim, preprocess=enc.preprocess)
 
