@@ -14,7 +14,14 @@ from clipdedup.ingest.decode.base import decode_pil
 from clipdedup.ingest.encode import dct
 from clipdedup.ingest.encode.base import load_encoder
 from clipdedup.match import pairs_ref
-from clipdedup.match.verify import match_verified, verifier_for, verify_scores, verify_scores_ref
+from clipdedup.match.verify import (
+    RECHECK,
+    Verifier,
+    match_verified,
+    verifier_for,
+    verify_scores,
+    verify_scores_ref,
+)
 
 
 def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -72,12 +79,34 @@ def test_shifted_scores_match_reference(k: int, n: int, o: int, shift: int, marg
         pairs[:4] = [[0, 3], [0, 1], [1, 1], [2, 0]]
     kw = {"shift": shift, "margin": margin}
     got = verify_scores(x, x, pairs, n * n, **kw)
-    np.testing.assert_allclose(got, verify_scores_ref(x, x, pairs, n * n, **kw), rtol=0, atol=1e-9)
+    ref = verify_scores_ref(x, x, pairs, n * n, **kw)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    fast = verify_scores(x, x, pairs, n * n, fast=True, **kw)  # float32 windows
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=RECHECK / 100)
     if k > 3:
         assert got[0] == pytest.approx(1.0, abs=1e-6)  # a one-pixel move is undone
         assert verify_scores(x, x, pairs[:1], n * n)[0] < 0.999  # the plain cosine does not undo it
         assert got[1] == 0.0 and got[2] == pytest.approx(1.0)  # one side flat: 0; both flat: 1
         assert got[3] == 0.0  # every window of the border-only picture is flat, the other's not
+
+
+def test_match_verified_decides_as_float64_at_the_edge() -> None:
+    """The float32 scores are scored again in float64 near the minimum: with the minimum set to a
+    candidate's float64 score, every decision is float64's, that candidate's included (float64
+    itself is within 1e-12 of the reference, checked above)."""
+    rng = np.random.default_rng(5)
+    n, k = 40, 9
+    x = _image_rows(rng, n, k, 4)
+    screen = _unit_rows(rng, n, 3) * 0.01 + 1.0  # every pair within the screening threshold
+    rows = np.concatenate([screen, x], axis=1)
+    v = Verifier(screen_dims=3, required_dims=k * k, min_score=0.0, measure="test", shift=1, margin=1)
+    pairs = match_verified(rows, 10.0, v).pairs
+    exact = verify_scores(x, x, pairs, k * k, shift=1, margin=1)
+    for ms in np.sort(exact)[:: len(exact) // 12].tolist():  # candidates exactly at the minimum
+        got = match_verified(rows, 10.0, v, min_score=ms)
+        assert np.array_equal(got.confirmed, exact >= ms)
+        edge = np.abs(exact - ms) <= RECHECK
+        assert np.array_equal(got.scores[edge], exact[edge])
 
 
 def test_score_segments() -> None:
