@@ -66,8 +66,8 @@ class Verifier:
 
     def scores(self, a: np.ndarray, b: np.ndarray, pairs: np.ndarray, *, fast: bool = False) -> np.ndarray:
         """`verify_scores` with this verifier's segments."""
-        kw = {"shift": self.shift, "margin": self.margin, "fast": fast}
-        return verify_scores(a, b, pairs, self.required_dims, **kw)
+        r, shift, margin = self.required_dims, self.shift, self.margin
+        return verify_scores(a, b, pairs, r, shift=shift, margin=margin, fast=fast)
 
     def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S + V) rows -> (N, S) screening part, (N, V) check part (both float32, contiguous)."""
