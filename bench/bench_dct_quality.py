@@ -22,6 +22,10 @@ distinct image to the trash; whether the recall target 0.95 is met is printed, n
 `--sweep` prints the grid's frontier and the choice; every run checks that the shipped defaults are
 the choice and says so. Rows measured on the tuning half are in-sample and labelled "(in-sample)".
 
+The "verify" column: the verification's share of the run (encode at the measured rate + screen +
+verify). Where recall and precision are lost (per duplicate kind, package, source size; false pairs
+per pair of sources): bench/dct_losses.py.
+
     python bench/bench_dct_quality.py [--quick] [--json out.json] [--sweep]
 """
 
@@ -275,14 +279,18 @@ def run(quick: bool) -> list[Row]:
 
 
 def quality_table(rows: list[Row]) -> str:
-    head = f"{'method':<66} {'files':>6} {'precision':>9} {'recall':>7} {'pairs':>6} {'hard neg.':>10}"
+    head = (
+        f"{'method':<66} {'files':>6} {'precision':>9} {'recall':>7} {'pairs':>6} {'hard neg.':>10} "
+        f"{'verify':>7}"
+    )
     out = [head, "-" * len(head)]
     for r in rows:
         e = r.extra
         hard = "" if e.get("hard") is None else f"{e['hard_matched']}/{e['hard']}"
+        share = f"{e['verify_share']:.1%}" if "verify_share" in e else ""
         out.append(
             f"{r.impl[:66]:<66} {r.n:>6} {e['precision']:>9.4f} {e['recall']:>7.4f} "
-            f"{e['pairs']:>6} {hard:>10}"
+            f"{e['pairs']:>6} {hard:>10} {share:>7}"
         )
     return "\n".join(out)
 
