@@ -12,11 +12,11 @@ Each row holds two parts (see clipdedup.match.verify for why both live in one em
 - check (CHECK*CHECK + 2*CHROMA*CHROMA dims): the 32 x 32 luma thumbnail, smoothed, centred and
   L2-normalised, compared by the largest normalised correlation of one's central window (MARGIN
   pixels cut from each edge) with the other's moved by up to SHIFT pixels each way (a crop of up to
-  5% per side moves the picture by up to ~1.6 thumbnail pixels), and an 8 x 8
-  Cb/Cr thumbnail, L2-normalised but not centred (the colour itself counts; zero for a grey image:
-  no block's Cb or Cr mean reaches COLOURLESS grey levels, so a mostly grey picture with a few
-  coloured details is judged on its colour too). A pair's score is the smaller of the two cosines,
-  the colour one skipped when either image is grey (clipdedup.match.verify.Verifier). It is blind
+  5% per side moves the picture by up to ~1.6 thumbnail pixels), and an 8 x 8 Cb/Cr thumbnail,
+  L2-normalised but not centred (the colour itself counts; zero for a grey image: no block's Cb or
+  Cr mean reaches COLOURLESS grey levels, so a mostly grey picture with a few coloured details is
+  judged on its colour too). A pair's score is the smaller of the two, the colour one skipped when
+  either image is grey (clipdedup.match.verify.Verifier). It is blind
   to brightness and contrast, and to a greyscale copy, but not to a recolouring, and it weighs
   pixels by their contrast, not by power-compressed frequencies: skies, gradients and recoloured
   shots that the DCT brings close are told apart.
