@@ -274,16 +274,20 @@ def run(quick: bool, sizes: list[int] | None = None, data: str | None = None, lo
         if not quick and shutil.disk_usage(data or tempfile.gettempdir()).free > 40 * 2**30:
             sizes.append(1_000_000)
     root = data or tempfile.mkdtemp(prefix="clipdedup-scale-")
+    saved = Path(root, "results.json")
+    # earlier runs into the same --data dir: kept for the plot (a size measured again replaces them)
+    earlier = {r["n"]: r for r in json.loads(saved.read_text())} if data and saved.exists() else {}
     results = []
     try:
         for n in sorted(set(sizes if quick else [SMALL, *sizes])):
             results.append(measure(root, n, log, full_store=not quick))
-            Path(root, "results.json").write_text(json.dumps(results, indent=1))
+            merged = {**earlier, **{r["n"]: r for r in results}}
+            saved.write_text(json.dumps([merged[k] for k in sorted(merged)], indent=1))
     finally:
         if data is None:
             shutil.rmtree(root, ignore_errors=True)
     global LAST
-    LAST = results
+    LAST = sorted({**earlier, **{r["n"]: r for r in results}}.values(), key=lambda r: r["n"])
     return rows_of(results)
 
 
@@ -297,7 +301,9 @@ def main() -> None:
     ap.add_argument("--plot", default=os.path.join(HERE, "out", "scale.png"))
     ap.add_argument("--sizes", default="", help="comma-separated N (the 1k reference is always run)")
     ap.add_argument(
-        "--data", default=None, help="keep the fabricated collections here (reused when complete)"
+        "--data",
+        default=None,
+        help="keep the fabricated collections and results.json here (reused; the plot shows all N there)",
     )
     args = ap.parse_args()
     sizes = [int(v) for v in args.sizes.split(",") if v.strip()] or None
