@@ -220,6 +220,25 @@ MUTATIONS = [
         ),
         ("tests/test_scan.py::test_unreadable_directory_is_reported_not_fatal",),
     ),
+    Mutation(
+        "cache-trusts-paths",
+        "a rerun reuses no pair of a row whose embedding changed (rows are compared by content)",
+        "match/cache.py",
+        (
+            (
+                "    same[same] = c.hashes[old[same]] == np.asarray(hashes, np.uint64)[same]\n",
+                "    same[same] = True\n",
+            ),
+        ),
+        ("tests/match/test_cache.py::test_random_sequences_equal_full_runs",),
+    ),
+    Mutation(
+        "stale-screen-operands",
+        "a rerun screens new and changed rows with their own operands, not the cache's",
+        "match/incremental.py",
+        (("project_changed(sr, store, np.flatnonzero(old < 0))", "(sr, '')"),),
+        ("tests/match/test_cache.py::test_random_sequences_equal_full_runs",),
+    ),
 ]
 
 
