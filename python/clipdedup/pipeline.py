@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from clipdedup import db as dbmod
 from clipdedup.cluster import RayCluster
 from clipdedup.db.load import snapshot_lines
+from clipdedup.db.rowstore import RowStore
 from clipdedup.db.store_load import encoded_as_scanned, open_embeddings
 from clipdedup.errors import UserError
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
@@ -33,10 +35,12 @@ from clipdedup.ingest.update import (
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.match.incremental import import_in_background, match_with_cache
 from clipdedup.match.verify import match_verified, verifier_for
+from clipdedup.match.verify_store import match_verified_store
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
+from clipdedup.util.fsutil import check_run_dirs
 from clipdedup.util.lock import run_locks
 
 
@@ -61,23 +65,6 @@ class RunOptions:
 
     def say(self, line: str) -> None:
         (self.log or (lambda s: print(s, file=sys.stderr)))(line)
-
-
-def _check_dirs(image_dir: str, db_dir: str, trash_dir: str | None) -> list[str]:
-    """Refuses layouts that could move files into themselves; returns dirs to leave out of the scan."""
-    if not os.path.isdir(image_dir):
-        raise UserError(f"{image_dir}: image directory does not exist")
-    img = os.path.realpath(image_dir)
-    exclude = []
-    for name, d in (("trash", trash_dir), ("DB", db_dir)):
-        if d is None:
-            continue
-        real = os.path.realpath(d)
-        if real == img or img.startswith(real + os.sep):
-            raise UserError(f"{d}: the {name} dir must not be the image dir or contain it")
-        if real.startswith(img + os.sep):
-            exclude.append(real)
-    return exclude
 
 
 def _update_or_read(
@@ -148,7 +135,9 @@ def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Calla
     if (verifier := verifier_for(model)) is None:
         pairs, dists = fp(x, s.threshold, y=y, backend=opts.backend, progress=bar.update)
     else:
-        v = match_verified(x, s.threshold, verifier, y=y, find=fp, backend=opts.backend, progress=bar.update)
+        # a store: only the screening part in RAM, the check parts of the candidates read from it
+        verify = match_verified_store if isinstance(x, RowStore) else partial(match_verified, y=y)
+        v = verify(x, s.threshold, verifier, find=fp, backend=opts.backend, progress=bar.update)
         s.verification = v.record(*namer)
         pairs, dists = v.pairs[v.confirmed], v.distances[v.confirmed]
     bar.close()
@@ -196,7 +185,7 @@ def run_dedup(image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptio
     Without `trash_dir`, or with `opts.dry_run`, nothing moves; the groups are still reported.
     """
     STRATEGIES.get(opts.keeping_logic)
-    exclude = _check_dirs(image_dir, db_dir, trash_dir)
+    exclude = check_run_dirs(image_dir, db_dir, trash_dir)
     with contextlib.ExitStack() as locks:
         if not opts.dry_run:  # a dry run writes nothing, so it locks nothing
             run_locks(locks, [db_dir], trash_dir, opts.say)
@@ -234,9 +223,10 @@ def _run_dedup_locked(
         s.threshold = _threshold(opts, u)
         torch_import.join()
         model = _model(opts, u)
-        # screen-then-verify (builtin:dct, small rows) and matching on Ray take the matrix
-        if verifier_for(model) is not None or (opts.cluster is not None and opts.cluster.match):
-            pairs, dists = _match(store.to_matrix(), None, opts, s, model, (_rel(kept), _rel(kept)))
+        # matching on Ray takes the matrix; screen-then-verify (builtin:dct) reads the store
+        if (on_ray := opts.cluster is not None and opts.cluster.match) or verifier_for(model) is not None:
+            rows = store.to_matrix() if on_ray else store
+            pairs, dists = _match(rows, None, opts, s, model, (_rel(kept), _rel(kept)))
         else:
             s.backend = MATCHERS.get(opts.backend).name
             kw: dict[str, Any] = dict(
@@ -328,8 +318,8 @@ def _run_import_locked(
     opts: RunOptions,
 ) -> RunSummary:
     base_real, imp_real = os.path.realpath(base_image_dir), os.path.realpath(import_image_dir)
-    exclude_base = _check_dirs(base_image_dir, base_db_dir, trash_dir)
-    exclude_imp = _check_dirs(import_image_dir, import_db_dir, trash_dir)
+    exclude_base = check_run_dirs(base_image_dir, base_db_dir, trash_dir)
+    exclude_imp = check_run_dirs(import_image_dir, import_db_dir, trash_dir)
     if imp_real.startswith(base_real + os.sep):
         exclude_base.append(imp_real)
     if base_real.startswith(imp_real + os.sep):

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
+from clipdedup.errors import UserError
+
 TMP_MARK = ".clipdedup-tmp"
 NAME_MAX = 255  # bytes in one path component on Linux file systems (ext4, xfs, btrfs, tmpfs)
 _TMP_EXTRA = 1 + 1 + 8 + len(TMP_MARK)  # ".", ".", mkstemp's 8 random characters, TMP_MARK
@@ -52,3 +54,21 @@ def atomic_file(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_run_dirs(image_dir: str, db_dir: str, trash_dir: str | None) -> list[str]:
+    """Refuses a run whose trash or DB dir is the image dir or holds it (files could move into
+    themselves); returns the ones inside the image dir, to leave out of its scan."""
+    if not os.path.isdir(image_dir):
+        raise UserError(f"{image_dir}: image directory does not exist")
+    img = os.path.realpath(image_dir)
+    exclude = []
+    for name, d in (("trash", trash_dir), ("DB", db_dir)):
+        if d is None:
+            continue
+        real = os.path.realpath(d)
+        if real == img or img.startswith(real + os.sep):
+            raise UserError(f"{d}: the {name} dir must not be the image dir or contain it")
+        if real.startswith(img + os.sep):
+            exclude.append(real)
+    return exclude
