@@ -10,7 +10,6 @@ import pytest
 from clipdedup.db.rowstore import store_of_matrix
 from clipdedup.match import exact_distances, find_pairs
 from clipdedup.match.store import find_pairs_store, match_tile, screen_store, tile_count
-from clipdedup.match.torch_screen import RECIPES
 from helpers import bf16_edge_pairs, planted, threshold_on_a_pair
 
 
@@ -113,7 +112,7 @@ def test_match_tile_is_a_unit_of_work():
     x = planted(150, 48, seed=2)
     t = threshold_on_a_pair(x, q=0.05)
     with store_of_matrix(x) as st:
-        scr = screen_store(st, t, RECIPES["bfloat16"], k=8)
+        scr = screen_store(st, t, "bfloat16", k=8)
         parts = [
             match_tile(st, scr, np.arange(i0, min(150, i0 + 50)), j0, min(150, j0 + 50))
             for i0 in range(0, 150, 50)

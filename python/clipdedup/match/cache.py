@@ -102,12 +102,10 @@ def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
     try:
         with open(cache_path(db_dir), "rb") as f:
             head = f.read(HEADER.size)
-            if len(head) >= 12 and head[:8] == MAGIC and struct.unpack_from("<I", head, 8)[0] != VERSION:
-                old = struct.unpack_from("<I", head, 8)[0]
-                return (
-                    None,
-                    f"written in format {old} by another version of clipdedup (this one reads {VERSION})",
-                )
+            old = struct.unpack_from("<I", head, 8)[0] if len(head) >= 12 else VERSION
+            if head[:8] == MAGIC and old != VERSION:
+                why = f"written in format {old} by another version of clipdedup (this one reads {VERSION})"
+                return None, why
             if len(head) < HEADER.size:
                 return None, "damaged: shorter than its header"
             magic, version, dim, n, p, threshold, model_len, size, screen_len, crc, head_crc = HEADER.unpack(

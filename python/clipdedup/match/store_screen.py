@@ -29,7 +29,7 @@ from clipdedup.match.project import (
     project,
     projected_threshold,
 )
-from clipdedup.match.torch_screen import RECIPES, Recipe, full_fp32_matmul
+from clipdedup.match.torch_screen import RECIPES, Recipe
 
 BLOCK = 4096  # rows per pass block: 20 MiB of float32 at D = 1280
 
@@ -74,13 +74,9 @@ class ScreenRows:
         px = project(blk, self.proj) if self.proj is not None else blk
         self.na0[ids] = squared_norms(px)
         self.finite[ids] = finite
+        at = ids if isinstance(ids, slice) else torch.from_numpy(ids)
         with torch.inference_mode():
-            if isinstance(ids, slice):
-                self.cols[ids, : self.k] = torch.from_numpy(px) * self.scale
-            else:
-                self.cols[torch.from_numpy(ids), : self.k] = (torch.from_numpy(px) * self.scale).to(
-                    self.cols.dtype
-                )
+            self.cols[at, : self.k] = (torch.from_numpy(px) * self.scale).to(self.cols.dtype)
 
 
 def new_screen_rows(n: int, recipe_name: str, k: int, proj: Projection | None, rx: float) -> ScreenRows:
@@ -169,9 +165,8 @@ def screen_rows(
         k = d
     # rx >= every finite row's norm (a bound is enough: it only widens t1)
     sr = new_screen_rows(n, recipe_name, k, proj, math.sqrt(top))
-    with full_fp32_matmul():
-        for i0, blk, fin in _finite_blocks(store, block):
-            sr.fill(slice(i0, i0 + len(blk)), blk, fin)
+    for i0, blk, fin in _finite_blocks(store, block):
+        sr.fill(slice(i0, i0 + len(blk)), blk, fin)  # `project` multiplies in full float32
     return sr
 
 
@@ -199,12 +194,12 @@ def finish_screen(sr: ScreenRows, threshold: float) -> StoreScreen:
 def screen_store(
     store: RowStore,
     threshold: float,
-    recipe: Recipe | str,
+    recipe: str,
     *,
     k: int = PROJECT_DIM,
     sample: int = 1024,
     block: int = BLOCK,
 ) -> StoreScreen:
-    """Builds the `StoreScreen` of every row of `store` (bounded buffers)."""
-    name = recipe if isinstance(recipe, str) else next(n for n, r in RECIPES.items() if r is recipe)
-    return finish_screen(screen_rows(store, name, k=k, sample=sample, block=block), threshold)
+    """Builds the `StoreScreen` of every row of `store` (bounded buffers); `recipe` is a
+    `match.torch_screen.RECIPES` name."""
+    return finish_screen(screen_rows(store, recipe, k=k, sample=sample, block=block), threshold)
