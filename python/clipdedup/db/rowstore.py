@@ -144,11 +144,12 @@ class RowStore:
         for i0 in range(0, self.n, rows):
             yield i0, self.block(i0, min(self.n, i0 + rows), buf)
 
-    def to_matrix(self) -> np.ndarray:
-        """All rows as one float32 (N, D) matrix (for backends that need it)."""
-        out = np.empty((self.n, self.dim), np.float32)
+    def to_matrix(self, dims: int | None = None) -> np.ndarray:
+        """All rows as one float32 (N, D) matrix (for backends that need it), or only their leading
+        `dims` columns (N, dims), one block at a time."""
+        out = np.empty((self.n, self.dim if dims is None else dims), np.float32)
         for i0, blk in self.blocks():
-            out[i0 : i0 + len(blk)] = blk
+            out[i0 : i0 + len(blk)] = blk[:, : out.shape[1]]
         return out
 
     def wait(self) -> str:

@@ -69,6 +69,14 @@ class Verifier:
         r, shift, margin = self.required_dims, self.shift, self.margin
         return verify_scores(a, b, pairs, r, shift=shift, margin=margin, fast=fast)
 
+    def decided_scores(self, a: np.ndarray, b: np.ndarray, pairs: np.ndarray, min_score: float) -> np.ndarray:
+        """`scores` by the fast path, those within RECHECK of `min_score` scored again in float64, so
+        that `>= min_score` decides as the float64 definition does."""
+        scores = self.scores(a, b, pairs, fast=True)
+        near = np.abs(scores - min_score) <= RECHECK
+        scores[near] = self.scores(a, b, pairs[near])
+        return scores
+
     def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S + V) rows -> (N, S) screening part, (N, V) check part (both float32, contiguous)."""
         x = np.asarray(x, np.float32)
@@ -248,9 +256,7 @@ def match_verified(
     pairs, dists = find(xs, threshold, y=ys, **find_kw)
     t1 = time.perf_counter()
     ms = verifier.min_score if min_score is None else float(min_score)
-    scores = verifier.scores(xc, yc, pairs, fast=True)
-    near = np.abs(scores - ms) <= RECHECK
-    scores[near] = verifier.scores(xc, yc, pairs[near])
+    scores = verifier.decided_scores(xc, yc, pairs, ms)
     t2 = time.perf_counter()
     return Verified(
         pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}

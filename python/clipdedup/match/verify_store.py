@@ -16,17 +16,9 @@ from typing import Any
 import numpy as np
 
 from clipdedup.db.rowstore import RowStore
-from clipdedup.match.verify import RECHECK, Verified, Verifier
+from clipdedup.match.verify import Verified, Verifier
 
 PAIR_CHUNK = 8192  # candidate pairs scored per step: at most 16,384 rows read (85 MB at 1,295 floats)
-
-
-def screen_part(store: RowStore, dims: int) -> np.ndarray:
-    """float32 (N, dims): the leading `dims` columns of every row, one block of the store at a time."""
-    out = np.empty((store.n, dims), np.float32)
-    for i0, blk in store.blocks():
-        out[i0 : i0 + len(blk)] = blk[:, :dims]
-    return out
 
 
 def match_verified_store(
@@ -53,7 +45,7 @@ def match_verified_store(
         find = find_pairs
     s = verifier.screen_dims
     t = time.perf_counter()
-    xs = screen_part(store, s)
+    xs = store.to_matrix(s)
     pairs, dists = find(xs, threshold, **find_kw)
     del xs
     t1 = time.perf_counter()
@@ -65,10 +57,7 @@ def match_verified_store(
         need = np.unique(part)
         check = np.ascontiguousarray(store.take(need, buf)[:, s:])
         local = np.searchsorted(need, part)
-        sc = verifier.scores(check, check, local, fast=True)
-        near = np.abs(sc - ms) <= RECHECK
-        sc[near] = verifier.scores(check, check, local[near])
-        scores[at : at + len(part)] = sc
+        scores[at : at + len(part)] = verifier.decided_scores(check, check, local, ms)
     t2 = time.perf_counter()
     return Verified(
         pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}
