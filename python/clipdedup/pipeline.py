@@ -39,8 +39,8 @@ from clipdedup.match.verify_store import match_verified_store
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
-from clipdedup.trash.move import Mover, choose_keep_safe, is_inside
-from clipdedup.util.fsutil import check_run_dirs
+from clipdedup.trash.move import Mover, choose_keep_safe
+from clipdedup.util.fsutil import check_run_dirs, is_inside
 from clipdedup.util.lock import run_locks
 
 

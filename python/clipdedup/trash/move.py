@@ -29,6 +29,7 @@ from clipdedup.trash.fileops import (
 )
 from clipdedup.trash.journal import Journal, content_hash, move_grab_path
 from clipdedup.trash.keep import Candidate, choose_keep
+from clipdedup.util.fsutil import is_inside
 
 # Callers (and tests) reach the file operations through this module too.
 __all__ = [
@@ -69,12 +70,6 @@ def verify_unchanged(path: str, entry: FileEntry) -> str | None:
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
         return "changed since it was scanned"
     return None
-
-
-def is_inside(path: str, root: str) -> bool:
-    """Whether `path` (resolved) is `root` (resolved) or below it."""
-    p, r = os.path.realpath(path), os.path.realpath(root)
-    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
 def stays_inside(path: str, root: str) -> bool:

@@ -61,14 +61,18 @@ def check_run_dirs(image_dir: str, db_dir: str, trash_dir: str | None) -> list[s
     themselves); returns the ones inside the image dir, to leave out of its scan."""
     if not os.path.isdir(image_dir):
         raise UserError(f"{image_dir}: image directory does not exist")
-    img = os.path.realpath(image_dir)
     exclude = []
     for name, d in (("trash", trash_dir), ("DB", db_dir)):
         if d is None:
             continue
-        real = os.path.realpath(d)
-        if real == img or img.startswith(real + os.sep):
+        if is_inside(image_dir, d):
             raise UserError(f"{d}: the {name} dir must not be the image dir or contain it")
-        if real.startswith(img + os.sep):
-            exclude.append(real)
+        if is_inside(d, image_dir):
+            exclude.append(os.path.realpath(d))
     return exclude
+
+
+def is_inside(path: str, root: str) -> bool:
+    """Whether `path` (resolved) is `root` (resolved) or below it."""
+    p, r = os.path.realpath(path), os.path.realpath(root)
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
