@@ -104,11 +104,11 @@ def test_db_of_an_older_row_layout_is_refused_or_reencoded(pics: Path, tmp_path:
     quiet = lambda line: None  # noqa: E731
     update_db(pics, db, "builtin:dct", log=quiet)
     meta = read_meta(db)
-    assert meta is not None and meta.preprocess["layout"] == dct.LAYOUT == 3
+    assert meta is not None and meta.preprocess["layout"] == dct.LAYOUT == 4
     # What the previous builtin:dct wrote: the same model id and dim, no "layout" (layout 1).
     old = {k: v for k, v in meta.preprocess.items() if k != "layout"}
     write_meta(db, dataclasses.replace(meta, preprocess=old))
-    with pytest.raises(DBMismatchError, match=r"layout 1, this version reads layout 3.*--force-update"):
+    with pytest.raises(DBMismatchError, match=r"layout 1 \(4367 dims\), this version reads layout 4.*--force-update"):
         update_db(pics, db, "builtin:dct", log=quiet)
     with pytest.raises(DBMismatchError, match="layout 1"):
         calibrate(str(db), str(pics))

@@ -139,7 +139,7 @@ def update_db(
         asked = canonical_model_id(model_id)
         if asked != have.model_id:
             raise dbmod.mismatch_error(db_dir, have, f"model {asked}")
-    # Rows of an older layout of the same dim would be misread: refused, or all re-encoded (--force-update).
+    # Rows of an older layout would be misread: refused, or all re-encoded (--force-update).
     relayout = have is not None and layout_mismatch(have) is not None
     if have is not None and not force:
         check_layout(db_dir, have, fix="re-encode it with --force-update, or use a separate --db-dir")

@@ -8,10 +8,10 @@ The score of a pair (a, b) is defined in four steps:
 1. Gates. mu, sd: mean and spread (population standard deviation) of the N x N luma; cm: RMS of
    the C x C chroma magnitudes. A duplicate (re-encoded, resized, cropped a little, +-10% brightness
    or contrast) keeps all three within a few percent; the pair is refused (score -1) when
-   |ln((sd_a + 1) / (sd_b + 1))| > SD_LOG, |ln((cm_a + 2) / (cm_b + 2))| > CM_LOG or
-   |ln((mu_a + 8) / (mu_b + 8))| > MU_LOG: a flat panel beside a framed one, a dark logo beside a
-   bright one, a grey picture beside a coloured one (a greyscale copy is not a duplicate: keeping
-   one file of the two would lose the colour).
+   |ln((sd_a + 1) / (sd_b + 1))| > SD_LOG, |ln((mu_a + 8) / (mu_b + 8))| > MU_LOG or, unless either
+   side is grey (no chroma block reaches COLOURLESS grey levels: a greyscale copy is a duplicate),
+   |ln((cm_a + 2) / (cm_b + 2))| > CM_LOG: a flat panel beside a framed one, a dark logo beside a
+   bright one, a faintly tinted sprite beside a strongly coloured one.
 2. Colour: the cosine of the two chroma vectors, or 1 when either has no block reaching COLOURLESS
    grey levels (both are nearly grey: the luma decides).
 3. Alignment: a crop of up to 5% per side scales and moves the picture by up to 10% and 5% on each
@@ -169,17 +169,22 @@ def stats(lum: np.ndarray, chroma: np.ndarray) -> tuple[float, float, float]:
     return float(lum.mean()), float(lum.std()), math.sqrt(float(np.mean(np.sum(cc * cc, axis=1))))
 
 
-def gates_pass(sa: tuple[float, float, float], sb: tuple[float, float, float]) -> bool:
+def grey(chroma: np.ndarray) -> bool:
+    """No chroma block reaches COLOURLESS grey levels."""
+    return bool(np.abs(chroma).max(initial=0.0) < COLOURLESS)
+
+
+def gates_pass(sa: tuple[float, float, float], sb: tuple[float, float, float], either_grey: bool) -> bool:
     (mua, sda, cma), (mub, sdb, cmb) = sa, sb
     return (
         abs(math.log((sda + 1.0) / (sdb + 1.0))) <= SD_LOG
-        and abs(math.log((cma + 2.0) / (cmb + 2.0))) <= CM_LOG
+        and (either_grey or abs(math.log((cma + 2.0) / (cmb + 2.0))) <= CM_LOG)
         and abs(math.log((mua + 8.0) / (mub + 8.0))) <= MU_LOG
     )
 
 
 def colour_term(ca: np.ndarray, cb: np.ndarray) -> float:
-    if np.abs(ca).max(initial=0.0) < COLOURLESS or np.abs(cb).max(initial=0.0) < COLOURLESS:
+    if grey(ca) or grey(cb):
         return 1.0
     return float(ca @ cb) / math.sqrt(float(ca @ ca) * float(cb @ cb))
 
@@ -190,7 +195,7 @@ def warp_score_ref(ra: np.ndarray, rb: np.ndarray, shape: WarpCheck) -> float:
     ra, rb = np.asarray(ra, np.float64), np.asarray(rb, np.float64)
     la, lb = ra[: n * n].reshape(n, n), rb[: n * n].reshape(n, n)
     ca, cb = ra[n * n :], rb[n * n :]
-    if not gates_pass(stats(la, ca), stats(lb, cb)):
+    if not gates_pass(stats(la, ca), stats(lb, cb), grey(ca) or grey(cb)):
         return -1.0
     sy, oy, sx, ox = align(smooth(half(la)), smooth(half(lb)), m // 2)
     luma = local_term(smooth(la), smooth(lb), m, (sy, 2.0 * oy, sx, 2.0 * ox))
@@ -201,3 +206,10 @@ def warp_scores_ref(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, shape: Warp
     """Reference: (P,) float64 scores of pairs (rows of a, rows of b) of check parts."""
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     return np.array([warp_score_ref(a[i], b[j], shape) for i, j in pairs.tolist()], np.float64)
+
+
+def warp_scores(
+    a: np.ndarray, b: np.ndarray, pairs: np.ndarray, shape: WarpCheck, threads: int | None = None
+) -> np.ndarray:
+    """Fast path of `warp_scores_ref`."""
+    return warp_scores_ref(a, b, pairs, shape)

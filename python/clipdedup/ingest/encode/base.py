@@ -163,14 +163,14 @@ def encoder_factory(model_id: str) -> EncoderFactory:
 
 def layout_mismatch(meta: Any) -> str | None:
     """Why a DB's rows (its `DBMeta`) cannot be read by this version's code for its model: they were
-    written under another row layout of the same dim (`EncoderFactory.layout`); None when they can."""
+    written under another row layout (`EncoderFactory.layout`); None when they can."""
     want = encoder_factory(meta.model_id).layout
     have = meta.preprocess.get("layout", 1) if isinstance(meta.preprocess, dict) else 1
     if want is None or have == want:
         return None
     return (
-        f"DB holds {meta.model_id} rows of layout {have}, this version reads layout {want} "
-        f"(same dim {meta.dim}, other meaning)"
+        f"DB holds {meta.model_id} rows of layout {have} ({meta.dim} dims), this version reads "
+        f"layout {want}"
     )
 
 

@@ -9,35 +9,28 @@ Each row holds two parts (see clipdedup.match.verify for why both live in one em
   mean is removed and the image is tapered by a raised-cosine window (the border, what a crop or a
   caption changes first, weighs less); each coefficient is compressed to sign(c) |c|^0.2 so the few
   strongest frequencies do not decide the distance alone.
-- check (CHECK*CHECK + 2*CHROMA*CHROMA dims): the 32 x 32 luma thumbnail, smoothed, centred and
-  L2-normalised, compared by the largest normalised correlation of one's central window (MARGIN
-  pixels cut from each edge) with the other's moved by up to SHIFT pixels each way (a crop of up to
-  5% per side moves the picture by up to ~1.6 thumbnail pixels), and an 8 x 8 Cb/Cr thumbnail,
-  L2-normalised but not centred (the colour itself counts; zero for a grey image: no block's Cb or
-  Cr mean reaches COLOURLESS grey levels, so a mostly grey picture with a few coloured details is
-  judged on its colour too). A pair's score is the smaller of the two, the colour one skipped when
-  either image is grey (clipdedup.match.verify.Verifier). It is blind
-  to brightness and contrast, and to a greyscale copy, but not to a recolouring, and it weighs
-  pixels by their contrast, not by power-compressed frequencies: skies, gradients and recoloured
-  shots that the DCT brings close are told apart.
+- check (CHECK*CHECK + 2*CHROMA*CHROMA dims): the CHECK x CHECK luma thumbnail and the CHROMA x
+  CHROMA Cb/Cr block means, in grey levels, compared by clipdedup.match.warp_check: gates on
+  brightness, spread and colour strength, the chroma cosine, and the worst block of the luma after
+  one thumbnail is aligned onto the other (scale and offset per axis: a crop of up to 5% per side
+  scales the picture by up to 10%, which no whole-pixel move undoes). It is blind to +-10% brightness
+  and contrast, not to a recolouring or a greyscale copy, and a change confined to one part of the
+  picture (another frame of an animation, a sprite with and without its engine glow) counts in full.
 
 The decoder delivers at least DECODE_SIDE pixels on the shorter side (JPEG draft mode scales by
-1/2 to 1/8 in the DCT domain) and the box filter averages that down to 32 x 32: from a decode of
-just over 32 pixels the box would mix unequal pixel counts per thumbnail pixel, and duplicates of
-one picture decoded at different draft scales would drift apart. DECODE_SIDE is 128, not 64: a
-draft scale of 1/4 or 1/8 is a low-pass of each 8 x 8 block on its own, not an area average, and
-on fine detail (sprite sheets, small icons scaled up) a JPEG decoded at 1/4 correlated 0.80-0.91
-with a PNG copy of the same pixels where both decoded in full correlated 0.97-0.999; on the tuning
-half, recall at precision 0.99 went from 0.940 (64) to 0.957 (128; 96: 0.952, 192: 0.954, full
-decode 0.955) at about the same encode rate (docs/benchmarks.md).
+1/2 to 1/8 in the DCT domain) and the box filter averages that down to CHECK x CHECK; the screen's
+SIZE x SIZE grey image is the mean of 2 x 2 blocks of that. A draft scale of 1/4 or 1/8 is a
+low-pass of each 8 x 8 block on its own, not an area average, and on fine detail (sprite sheets,
+small icons scaled up) a JPEG decoded at 1/4 correlated 0.80-0.91 with a PNG copy of the same
+pixels where both decoded in full correlated 0.97-0.999 (docs/benchmarks.md).
 
 LAYOUT numbers what a row means; the DB metadata records it (`preprocess["layout"]`) and a DB of
 another layout is refused with one line (`clipdedup.ingest.encode.base.layout_mismatch`), never
-misread. Layout 1 (no "layout" key, 527 dims): decoded at >= 32 px, a 16 x 16 luma check, an
-image grey when its RMS chroma was below 4 levels. Layout 2 (1,295 dims): decoded at >=
-64 px, the 32 x 32 luma check compared over small moves, grey by the largest block chroma.
-Layout 3 (1,295 dims): the same, decoded at >= DECODE_SIDE (128) px.
-(A DB of layout 1 is refused by its dim already; the layout also covers a change at the same dim.)
+misread. Layout 1 (no "layout" key, 527 dims): decoded at >= 32 px, a 16 x 16 luma check. Layouts 2
+and 3 (1,295 dims): a 32 x 32 smoothed, normalised luma check compared over whole-pixel moves,
+decoded at >= 64 and >= 128 px. Layout 4 (4,367 dims): the raw 64 x 64 luma and 8 x 8 chroma of
+the aligned check. (Layouts 1 and 4 are refused by their dim already; the layout also covers a
+change at the same dim.)
 
 A pair is a duplicate when its screening distance is <= the threshold and its check score is
 >= MIN_SCORE. Both defaults come from bench/bench_dct_quality.py's `choose` on the tuning half of
@@ -47,6 +40,7 @@ bench/corpus.py (docs/benchmarks.md).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -55,26 +49,22 @@ from PIL import Image
 from clipdedup.errors import ModelError
 from clipdedup.ingest.encode.base import ENCODERS, Encoder, EncoderFactory
 from clipdedup.match.verify import Verifier
+from clipdedup.match.warp_check import WarpCheck, warp_scores, warp_scores_ref
 
 MODEL_ID = "builtin:dct"
 SIZE = 32  # side of the grayscale image the DCT is taken of
 BLOCK = 12  # K: the K x K lowest frequencies are kept, DC dropped -> K*K - 1 dims
 WINDOW = 0.8  # raised-cosine taper: weight (1 - a cos(2 pi (i + 1/2) / n)) / (1 + a), 0.11 at the border
 POWER = 0.2  # coefficient compression sign(c) |c|^POWER
-CHECK = 32  # side of the luma thumbnail whose normalised correlation verifies a candidate
-SHIFT = 1  # largest move (thumbnail pixels) of one check window against the other
-# Pixels cut from each edge of the fixed window. The edges are what a crop or a caption changes;
-# tuning-half recall at precision 0.99: 0.957 (2), 0.960 (3, 4 and 5; 4 with no hard negative).
-MARGIN = 4
+CHECK = 64  # side of the luma thumbnail of the check (clipdedup.match.warp_check)
+MARGIN = 8  # pixels cut from each edge of the first side's window before the alignment
 CHROMA = 8  # side of the chroma (Cb, Cr) thumbnail compared beside it
-COLOURLESS = 3.0  # grey levels: an image whose every block's |Cb| and |Cr| stay below this is grey
-DECODE_SIDE = 128  # shorter side the decoder must deliver before the box filter makes 32 x 32
-LAYOUT = 3  # row layout revision, recorded in the DB metadata (module docstring)
-CHECK_FLAT = 0.5  # RMS luma spread (grey levels) below which the check counts an image as flat
+DECODE_SIDE = 128  # shorter side the decoder must deliver before the box filter makes CHECK x CHECK
+LAYOUT = 4  # row layout revision, recorded in the DB metadata (module docstring)
 # Chosen by `choose` in bench/bench_dct_quality.py on the tuning half of bench/corpus.py: pair
 # precision >= 0.99 at the highest recall (docs/benchmarks.md).
-DEFAULT_THRESHOLD = 0.94
-MIN_SCORE = 0.945
+DEFAULT_THRESHOLD = 1.0
+MIN_SCORE = 0.79
 FLAT_NORM = 1e-2  # AC norm (grey levels) below which an image counts as flat
 
 
@@ -147,8 +137,8 @@ def dct_features_ref(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare_dct(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> (32, 32, 3) float32, resized with an antialiasing box filter."""
-    return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
+    """RGB PIL image -> (CHECK, CHECK, 3) float32, resized with an antialiasing box filter."""
+    return np.asarray(img.convert("RGB").resize((CHECK, CHECK), Image.Resampling.BOX), dtype=np.float32)
 
 
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as Pillow's convert("L")
@@ -161,106 +151,67 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _blocks(x: np.ndarray, side: int) -> np.ndarray:
-    """(B, 32, 32, C) -> (B, side, side, C) block means."""
-    f = SIZE // side
+    """(B, n, n, C) -> (B, side, side, C) block means."""
+    f = x.shape[1] // side
     return x.reshape(len(x), side, f, side, f, x.shape[-1]).mean(axis=(2, 4))
 
 
-def _smooth(y: np.ndarray) -> np.ndarray:
-    """(B, n, n) -> the same smoothed by the [1, 2, 1] / 4 kernel along both axes, edges repeated:
-    a crop of a few percent shifts the content by a fraction of a thumbnail pixel, and a smoothed
-    thumbnail correlates through such a shift."""
-    p = np.pad(y, ((0, 0), (1, 1), (0, 0)), mode="edge")
-    y = (p[:, :-2] + 2.0 * p[:, 1:-1] + p[:, 2:]) / 4.0
-    p = np.pad(y, ((0, 0), (0, 0), (1, 1)), mode="edge")
-    return (p[:, :, :-2] + 2.0 * p[:, :, 1:-1] + p[:, :, 2:]) / 4.0
-
-
-def _unit(t: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(t, axis=1, keepdims=True)
-    return np.divide(t, norm, out=np.zeros_like(t), where=~zero[:, None])
-
-
 def check_features(rgb: np.ndarray) -> np.ndarray:
-    """Fast path: the check part of a batch, [luma | chroma].
+    """Fast path: the check part of a batch, [luma | chroma] in grey levels (nothing normalised: the
+    check compares brightness, spread and colour strength too, clipdedup.match.warp_check).
 
     Args:
-        rgb: (B, 32, 32, 3) in [0, 255], any float or integer dtype.
+        rgb: (B, CHECK, CHECK, 3) in [0, 255], any float or integer dtype.
 
     Returns:
-        (B, CHECK_DIM) float32. luma: CHECK x CHECK block means of the luma, smoothed (`_smooth`),
-        their mean removed, L2-normalised (zero for a flat image: RMS spread below CHECK_FLAT).
-        chroma: CHROMA x CHROMA block means of (Cb, Cr), not centred (the colour itself counts),
-        L2-normalised; zero for a grey image (every block's |Cb| and |Cr| below COLOURLESS grey
-        levels), so that a greyscale copy is judged on luma alone.
+        (B, CHECK_DIM) float32: the CHECK x CHECK luma, then CHROMA x CHROMA block means of (Cb, Cr),
+        interleaved per block.
     """
     x = np.asarray(rgb, np.float64)
     n = len(x)
-    y = _smooth(_blocks(luma(x)[..., None], CHECK)[..., 0]).reshape(n, CHECK * CHECK)
-    y -= y.mean(axis=1, keepdims=True)
-    flat = np.linalg.norm(y, axis=1) <= CHECK_FLAT * CHECK  # RMS over CHECK*CHECK values
     c = _blocks(x @ _CBCR.T, CHROMA).reshape(n, CHROMA * CHROMA * 2)
-    grey = np.abs(c).max(axis=1, initial=0.0) < COLOURLESS
-    return np.concatenate([_unit(y, flat), _unit(c, grey)], axis=1).astype(np.float32)
-
-
-def _clamp(i: int) -> int:
-    return min(max(i, 0), CHECK - 1)
+    return np.concatenate([luma(x).reshape(n, CHECK * CHECK), c], axis=1).astype(np.float32)
 
 
 def check_features_ref(rgb: np.ndarray) -> np.ndarray:
-    """Reference: the check part written out block by block."""
+    """Reference: the check part written out pixel by pixel and block by block."""
     x = np.asarray(rgb, np.float64)
     out = np.zeros((len(x), CHECK_DIM), np.float32)
+    g = CHECK // CHROMA
     for b in range(len(x)):
-        lum = [[float(np.dot(x[b, i, j], _LUMA)) for j in range(SIZE)] for i in range(SIZE)]
-        f = SIZE // CHECK
-        blk = [
-            [sum(lum[i * f + u][j * f + v] for u in range(f) for v in range(f)) / f**2 for j in range(CHECK)]
-            for i in range(CHECK)
-        ]
-
-        k = {-1: 0.25, 0: 0.5, 1: 0.25}
-        ys = [
-            sum(k[u] * k[v] * blk[_clamp(i + u)][_clamp(j + v)] for u in k for v in k)
-            for i in range(CHECK)
-            for j in range(CHECK)
-        ]
-        m = sum(ys) / len(ys)
-        ys = [v - m for v in ys]
-        norm = math.sqrt(sum(v * v for v in ys))
-        if norm > CHECK_FLAT * CHECK:
-            out[b, : CHECK * CHECK] = [v / norm for v in ys]
-        g = SIZE // CHROMA
+        out[b, : CHECK * CHECK] = [float(np.dot(x[b, i, j], _LUMA)) for i in range(CHECK) for j in range(CHECK)]
         cs = []
         for i in range(CHROMA):
             for j in range(CHROMA):
                 px = [x[b, i * g + u, j * g + v] for u in range(g) for v in range(g)]
                 cs += [sum(float(np.dot(_CBCR[k], p)) for p in px) / g**2 for k in range(2)]
-        norm = math.sqrt(sum(v * v for v in cs))
-        if max(abs(v) for v in cs) >= COLOURLESS:
-            out[b, CHECK * CHECK :] = [v / norm for v in cs]
+        out[b, CHECK * CHECK :] = cs
     return out
 
 
+def screen_gray(rgb: np.ndarray) -> np.ndarray:
+    """(B, CHECK, CHECK, 3) -> (B, SIZE, SIZE) luma means of CHECK/SIZE-pixel blocks."""
+    return _blocks(luma(rgb)[..., None], SIZE)[..., 0]
+
+
 def embed(rgb: np.ndarray) -> np.ndarray:
-    """(B, 32, 32, 3) prepared images -> (B, SCREEN_DIM + CHECK_DIM) float32 rows [screen | check]."""
+    """(B, CHECK, CHECK, 3) prepared images -> (B, SCREEN_DIM + CHECK_DIM) float32 rows [screen | check]."""
     rgb = np.asarray(rgb)
-    return np.concatenate([dct_features(luma(rgb)), check_features(rgb)], axis=1)
+    return np.concatenate([dct_features(screen_gray(rgb)), check_features(rgb)], axis=1)
 
 
 SCREEN_DIM = BLOCK * BLOCK - 1
-CHECK_DIM = CHECK * CHECK + 2 * CHROMA * CHROMA
+SHAPE = WarpCheck(side=CHECK, margin=MARGIN, chroma=CHROMA)
+CHECK_DIM = SHAPE.dims
 VERIFIER = Verifier(
     screen_dims=SCREEN_DIM,
-    required_dims=CHECK * CHECK,
     min_score=MIN_SCORE,
     measure=(
-        f"correlation of {CHECK}x{CHECK} luma thumbnails (best of moves up to {SHIFT} px) "
-        f"and of {CHROMA}x{CHROMA} chroma"
+        f"1 - worst block residual of {CHECK}x{CHECK} luma after aligning scale and offset per axis, "
+        f"and the cosine of {CHROMA}x{CHROMA} chroma; -1: brightness, spread or colour differ"
     ),
-    shift=SHIFT,
-    margin=MARGIN,
+    score=partial(warp_scores, shape=SHAPE),
+    score_ref=partial(warp_scores_ref, shape=SHAPE),
 )
 
 
@@ -288,9 +239,8 @@ def load_dct(model_id: str, *, device: str = "cpu", dtype: str | None = None, **
             "block": BLOCK,
             "window": WINDOW,
             "power": POWER,
-            "check": f"luma {CHECK}x{CHECK} smoothed, centred + CbCr {CHROMA}x{CHROMA}, each L2-normalised",
-            "check_shift": [SHIFT, MARGIN],
-            "colourless": COLOURLESS,
+            "check": f"luma {CHECK}x{CHECK} + CbCr {CHROMA}x{CHROMA} in grey levels, aligned per pair",
+            "check_margin": MARGIN,
         },
         device="cpu",
     )
