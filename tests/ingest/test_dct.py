@@ -108,7 +108,8 @@ def test_db_of_an_older_row_layout_is_refused_or_reencoded(pics: Path, tmp_path:
     # What the previous builtin:dct wrote: the same model id and dim, no "layout" (layout 1).
     old = {k: v for k, v in meta.preprocess.items() if k != "layout"}
     write_meta(db, dataclasses.replace(meta, preprocess=old))
-    with pytest.raises(DBMismatchError, match=r"layout 1 \(4367 dims\), this version reads layout 4.*--force-update"):
+    want = r"layout 1 \(4367 dims\), this version reads layout 4.*--force-update"
+    with pytest.raises(DBMismatchError, match=want):
         update_db(pics, db, "builtin:dct", log=quiet)
     with pytest.raises(DBMismatchError, match="layout 1"):
         calibrate(str(db), str(pics))

@@ -30,7 +30,8 @@ def _pictures(rng: np.random.Generator, n: int) -> np.ndarray:
     field = rng.standard_normal((n, 8, 8, 3)).repeat(side // 8, 1).repeat(side // 8, 2)
     pic = np.clip(128 + 40 * field + rng.normal(0, 3, (n, side, side, 3)), 0, 255)
     for i in range(1, n, 3):  # a brighter, noisier copy of an earlier picture
-        pic[i] = np.clip(pic[rng.integers(0, i)] * rng.uniform(0.92, 1.08) + rng.normal(0, 2, pic[i].shape), 0, 255)
+        noise = rng.normal(0, 2, pic[i].shape)
+        pic[i] = np.clip(pic[rng.integers(0, i)] * rng.uniform(0.92, 1.08) + noise, 0, 255)
     return pic
 
 

@@ -156,7 +156,8 @@ def local_term(a: np.ndarray, b: np.ndarray, margin: int, warp: tuple[float, flo
     loc = 0.0
     for i in range(GRID):
         for j in range(GRID):
-            sa, sb = ua[i * k : (i + 1) * k, j * k : (j + 1) * k], ub[i * k : (i + 1) * k, j * k : (j + 1) * k]
+            rows, cols = slice(i * k, (i + 1) * k), slice(j * k, (j + 1) * k)
+            sa, sb = ua[rows, cols], ub[rows, cols]
             e = float(np.sum((sa - sb) ** 2))
             s = float(np.sum(sa * sa + sb * sb)) / 2.0
             loc = max(loc, e / (s + FLOOR))

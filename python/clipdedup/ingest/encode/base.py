@@ -169,8 +169,7 @@ def layout_mismatch(meta: Any) -> str | None:
     if want is None or have == want:
         return None
     return (
-        f"DB holds {meta.model_id} rows of layout {have} ({meta.dim} dims), this version reads "
-        f"layout {want}"
+        f"DB holds {meta.model_id} rows of layout {have} ({meta.dim} dims), this version reads layout {want}"
     )
 
 

@@ -179,7 +179,8 @@ def check_features_ref(rgb: np.ndarray) -> np.ndarray:
     out = np.zeros((len(x), CHECK_DIM), np.float32)
     g = CHECK // CHROMA
     for b in range(len(x)):
-        out[b, : CHECK * CHECK] = [float(np.dot(x[b, i, j], _LUMA)) for i in range(CHECK) for j in range(CHECK)]
+        px = [x[b, i, j] for i in range(CHECK) for j in range(CHECK)]
+        out[b, : CHECK * CHECK] = [float(np.dot(v, _LUMA)) for v in px]
         cs = []
         for i in range(CHROMA):
             for j in range(CHROMA):
