@@ -42,6 +42,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "check-without-alignment",
+        "builtin:dct's check aligns scale and offset per axis before comparing (a 5% off-centre crop)",
+        "match/warp_check.py",
+        (("ITERS = 5  #", "ITERS = 0  #"),),
+        ("tests/match/test_verify.py::test_decisions_on_planted_variants_of_real_photos",),
+    ),
+    Mutation(
+        "check-whole-picture",
+        "builtin:dct's check turns down a picture with one part replaced (the worst block decides)",
+        "match/warp_check.py",
+        (("GRID = 4  #", "GRID = 1  #"),),
+        ("tests/match/test_verify.py::test_decisions_on_planted_variants_of_real_photos",),
+    ),
+    Mutation(
         "drop-ctime-check",
         "a snapshot row whose .npy was rewritten in place (same mtime, size, inode) is re-read",
         "db/snapshot.py",
