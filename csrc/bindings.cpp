@@ -13,6 +13,7 @@
 #include "npz_reader.hpp"
 #include "scanner.hpp"
 #include "snapshot.hpp"
+#include "warp_check.hpp"
 
 namespace py = pybind11;
 
@@ -238,6 +239,31 @@ py::tuple gather_rows(const py::object& path, std::uint64_t data_offset, Int64Ar
     return py::make_tuple(fatal, res.bad);
 }
 
+// Scores of pairs (a[i], b[j]) of check rows into out (float64 (P,)); all checks before any work.
+void warp_scores(py::buffer a, py::buffer b, Int64Array pairs, py::buffer out, const clipdedup::WarpParams& p,
+                 int threads) {
+    const std::string bad = clipdedup::warp_params_error(p);
+    if (!bad.empty()) throw py::value_error(bad);
+    py::buffer_info ia = matrix_info(a, false), ib = matrix_info(b, false);
+    const auto dims = static_cast<py::ssize_t>(p.dims());
+    if (ia.shape[1] != dims || ib.shape[1] != dims)
+        throw py::value_error("a and b must have side^2 + 2 chroma^2 = " + std::to_string(dims) + " columns");
+    if (pairs.ndim() != 2 || pairs.shape(1) != 2) throw py::value_error("pairs must be an int64 (P, 2) array");
+    py::buffer_info io = out.request(/*writable=*/true);
+    const py::ssize_t np_ = pairs.shape(0);
+    if (io.format != py::format_descriptor<double>::format() || io.ndim != 1 || io.shape[0] != np_ ||
+        (np_ > 0 && io.strides[0] != 8))
+        throw py::value_error("out must be a contiguous writable float64 (P,) array");
+    const std::int64_t* q = pairs.data();
+    for (py::ssize_t k = 0; k < np_; ++k)
+        if (q[2 * k] < 0 || q[2 * k] >= ia.shape[0] || q[2 * k + 1] < 0 || q[2 * k + 1] >= ib.shape[0])
+            throw py::index_error("pair " + std::to_string(k) + ": row index out of range");
+    py::gil_scoped_release release;
+    clipdedup::warp_scores(static_cast<const float*>(ia.ptr), static_cast<std::size_t>(ia.shape[0]),
+                           static_cast<const float*>(ib.ptr), static_cast<std::size_t>(ib.shape[0]), q,
+                           static_cast<std::size_t>(np_), p, static_cast<double*>(io.ptr), std::max(1, threads));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -305,4 +331,19 @@ PYBIND11_MODULE(_native, m) {
           py::arg("expect"), py::arg("out"), py::arg("threads") = 1,
           "Reads matrix rows src[k] of the file into out[dst[k]], checking each against expect[k]. Returns "
           "(fatal reason or None, [k of the pairs that were short or failed the check]).");
+    m.def(
+        "warp_scores",
+        [](py::buffer a, py::buffer b, Int64Array pairs, py::buffer out, int side, int margin, int chroma, int iters,
+           int grid, double colourless, double sd_log, double cm_log, double mu_log, double scale_lim,
+           double offset_lim, double floor, double flat, double damp, int threads) {
+            const clipdedup::WarpParams p{side,   margin, chroma,    iters,      grid,  colourless, sd_log,
+                                          cm_log, mu_log, scale_lim, offset_lim, floor, flat,       damp};
+            warp_scores(a, b, pairs, out, p, threads);
+        },
+        py::arg("a"), py::arg("b"), py::arg("pairs"), py::arg("out"), py::kw_only(), py::arg("side"),
+        py::arg("margin"), py::arg("chroma"), py::arg("iters"), py::arg("grid"), py::arg("colourless"),
+        py::arg("sd_log"), py::arg("cm_log"), py::arg("mu_log"), py::arg("scale_lim"), py::arg("offset_lim"),
+        py::arg("floor"), py::arg("flat"), py::arg("damp"), py::arg("threads") = 1,
+        "out[k] = builtin:dct's check score of (a[pairs[k, 0]], b[pairs[k, 1]]) (clipdedup.match.warp_check), "
+        "float64, GIL released; a, b float32 (N, dims), (M, dims) C-contiguous.");
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,57 @@ def gather_rows(
     _check_matrix(out)
     where = path if isinstance(path, int) else os.fsencode(path)
     return _native.gather_rows(where, data_offset, src, dst, expect, out, threads or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class WarpParams:
+    """The shape of a check part and the constants of builtin:dct's check; clipdedup.match.warp_check
+    fills it from its own constants, which stay their only spelling."""
+
+    side: int
+    margin: int
+    chroma: int
+    iters: int
+    grid: int
+    colourless: float
+    sd_log: float
+    cm_log: float
+    mu_log: float
+    scale_lim: float
+    offset_lim: float
+    floor: float
+    flat: float
+    damp: float
+
+
+def warp_scores(
+    a: np.ndarray, b: np.ndarray, pairs: np.ndarray, params: WarpParams, threads: int | None = None
+) -> np.ndarray:
+    """Scores of builtin:dct's check (`clipdedup.match.warp_check.warp_score_ref`, float64 throughout).
+
+    Args:
+        a: float32 (N, V) C-contiguous check parts, V = side^2 + 2 chroma^2.
+        b: float32 (M, V) C-contiguous (may be `a` itself).
+        pairs: int64 (P, 2) rows (i of a, j of b).
+        params: the shape and constants of the definition.
+        threads: worker threads; default one per core (CPU-bound).
+
+    Returns:
+        float64 (P,): the score of each pair, -1 where the gates refuse it.
+
+    Raises:
+        ValueError: a matrix, pairs or params of the wrong shape; IndexError: a row out of range.
+    """
+    _check_matrix(a, writable=False)
+    _check_matrix(b, writable=False)
+    pairs = np.ascontiguousarray(pairs, np.int64)
+    if pairs.size == 0:
+        pairs = pairs.reshape(0, 2)
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be (P, 2), got shape {pairs.shape}")
+    out = np.full(len(pairs), np.nan)
+    _native.warp_scores(a, b, pairs, out, **asdict(params), threads=threads or os.cpu_count() or 1)
+    return out
 
 
 def _check_matrix(a: np.ndarray, writable: bool = True) -> None:

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipdedup import native
+
 COLOURLESS = 3.0  # grey levels: a side whose every chroma block stays below this counts as grey
 SD_LOG, CM_LOG, MU_LOG = 0.3, 0.8, 0.3  # gate bounds on the log ratios of spread, colour, brightness
 ITERS = 5  # Gauss-Newton steps of the alignment
@@ -209,8 +211,38 @@ def warp_scores_ref(a: np.ndarray, b: np.ndarray, pairs: np.ndarray, shape: Warp
     return np.array([warp_score_ref(a[i], b[j], shape) for i, j in pairs.tolist()], np.float64)
 
 
+def native_params(shape: WarpCheck) -> native.WarpParams:
+    """The shape and this module's constants, as the native fast path takes them."""
+    return native.WarpParams(
+        side=shape.side,
+        margin=shape.margin,
+        chroma=shape.chroma,
+        iters=ITERS,
+        grid=GRID,
+        colourless=COLOURLESS,
+        sd_log=SD_LOG,
+        cm_log=CM_LOG,
+        mu_log=MU_LOG,
+        scale_lim=SCALE_LIM,
+        offset_lim=OFFSET_LIM,
+        floor=FLOOR,
+        flat=FLAT,
+        damp=DAMP,
+    )
+
+
 def warp_scores(
     a: np.ndarray, b: np.ndarray, pairs: np.ndarray, shape: WarpCheck, threads: int | None = None
 ) -> np.ndarray:
-    """Fast path of `warp_scores_ref`."""
-    return warp_scores_ref(a, b, pairs, shape)
+    """Fast path of `warp_scores_ref` (clipdedup.native.warp_scores): (P,) float64 scores.
+
+    Args:
+        a, b: float32 (N, shape.dims) and (M, shape.dims) C-contiguous check parts.
+        pairs: int (P, 2) row pairs (i of a, j of b).
+        shape: the check part's shape.
+        threads: worker threads; default one per core.
+
+    Returns:
+        float64 (P,), within ~1e-12 of `warp_scores_ref`.
+    """
+    return native.warp_scores(a, b, pairs, native_params(shape), threads)
