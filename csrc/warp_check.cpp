@@ -414,7 +414,9 @@ bool gate(double x, double y, double add, double lim) { return std::fabs(std::lo
 
 double score_pair(const Layout& L, const WarpParams& p, const double* A, const double* B, const float* ca,
                   const float* cb, PairScratch& s) {
-    if (!(gate(A[kSd], B[kSd], 1.0, p.sd_log) && gate(A[kCm], B[kCm], 2.0, p.cm_log) &&
+    // grey: no chroma block reaches `colourless`; then the colour gate and term stand aside.
+    const bool either_grey = A[kCmax] < p.colourless || B[kCmax] < p.colourless;
+    if (!(gate(A[kSd], B[kSd], 1.0, p.sd_log) && (either_grey || gate(A[kCm], B[kCm], 2.0, p.cm_log)) &&
           gate(A[kMu], B[kMu], 8.0, p.mu_log)))
         return -1.0;
     double warp[4];
@@ -423,7 +425,7 @@ double score_pair(const Layout& L, const WarpParams& p, const double* A, const d
     warp[3] *= 2.0;
     const double luma = local_term(L, p, A, B, warp, s);
     double colour = 1.0;
-    if (!(A[kCmax] < p.colourless || B[kCmax] < p.colourless)) {
+    if (!either_grey) {
         const std::size_t nc = 2 * Layout::sq(p.chroma);
         double dot = 0.0;
         for (std::size_t k = 0; k < nc; ++k) dot += static_cast<double>(ca[k]) * static_cast<double>(cb[k]);
