@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -10,9 +12,11 @@
 namespace clipdedup {
 namespace {
 
-// Bytes of per-row tables held at once, over all threads; each thread keeps its own few rows
-// (least recently used out), small enough to stay in cache.
+// Each thread keeps the tables of the last few rows it met (least recently used out): up to
+// kRowsPerThread of them within kTableBytes over all threads (small enough to stay in cache), at
+// least two; where two rows per thread would pass kMaxBytes, fewer threads run.
 constexpr std::size_t kTableBytes = 16u << 20;
+constexpr std::size_t kMaxBytes = 64u << 20;
 constexpr std::size_t kRowsPerThread = 16;
 
 // What warp_score_ref computes from one row alone, whichever side of a pair it is on.
@@ -455,7 +459,11 @@ void init_scratch(const Layout& L, PairScratch& s) {
 // j when b is a, else na + j), and the least recently used one is replaced.
 class RowCache {
 public:
-    RowCache(const Layout& L, std::size_t slots) : L_(L), keys_(slots, -1), used_(slots, 0), data_(slots * L.total) {}
+    RowCache(const Layout& L, std::size_t slots) : L_(L), keys_(slots, -1), used_(slots, 0), data_(slots * L.total) {
+        scratch_.lum.resize(Layout::sq(L.n));
+        scratch_.tmp.resize(Layout::sq(L.n));
+        scratch_.half.resize(Layout::sq(L.nh));
+    }
 
     // The table of row `key` (from `row`), never the slot of `keep`.
     const double* get(std::int64_t key, const float* row, const WarpParams& p, const double* keep) {
@@ -491,42 +499,51 @@ std::string warp_params_error(const WarpParams& p) {
     if (p.side < 4 || p.side % 2 != 0) return "side must be even and at least 4";
     if (p.margin < 2 || p.margin % 2 != 0) return "margin must be even and at least 2";
     if (2 * p.margin >= p.side) return "margin must leave a window: 2 * margin < side";
-    if (p.side > 4096 || p.chroma < 0 || p.chroma > 4096) return "side and chroma must be in [0, 4096]";
+    if (p.side > 1024 || p.chroma < 0 || p.chroma > 1024) return "side and chroma must be at most 1024";
     if (p.iters < 0 || p.grid < 1) return "iters must be >= 0 and grid >= 1";
     return {};
 }
 
 void warp_scores(const float* a, std::size_t na, const float* b, std::size_t nb, const std::int64_t* pairs,
                  std::size_t npairs, const WarpParams& p, double* out, int threads) {
-    (void)nb;
     if (npairs == 0) return;
     const Layout L(p);
     const std::size_t dims = p.dims(), nn = Layout::sq(p.side);
     const bool same = a == b && na == nb;
     // Blocks of consecutive pairs keep a thread on the rows that sorted pairs share.
     constexpr std::size_t kBlock = 64;
-    const std::size_t nt = std::min<std::size_t>(std::max(1, threads), (npairs + kBlock - 1) / kBlock);
+    std::size_t nt = std::min<std::size_t>(std::max(1, threads), (npairs + kBlock - 1) / kBlock);
     const std::size_t row_bytes = L.total * sizeof(double);
+    nt = std::min(nt, std::max<std::size_t>(1, kMaxBytes / (3 * row_bytes)));  // 2 slots + scratch
     const std::size_t slots = std::max<std::size_t>(2, std::min(kRowsPerThread, kTableBytes / nt / row_bytes));
-    std::atomic<std::size_t> next{0};
-    auto work = [&]() {
-        RowCache cache(L, slots);
+    struct Worker {
+        RowCache cache;
         PairScratch s;
-        init_scratch(L, s);
+        Worker(const Layout& L, std::size_t slots) : cache(L, slots) { init_scratch(L, s); }
+    };
+    std::vector<Worker> workers;  // allocated here, so that running out of memory raises, not aborts
+    workers.reserve(nt);
+    for (std::size_t t = 0; t < nt; ++t) workers.emplace_back(L, slots);
+    std::atomic<std::size_t> next{0};
+    auto work = [&](Worker& w) {
         for (std::size_t lo; (lo = next.fetch_add(kBlock)) < npairs;)
             for (std::size_t k = lo; k < std::min(npairs, lo + kBlock); ++k) {
                 const auto i = static_cast<std::size_t>(pairs[2 * k]), j = static_cast<std::size_t>(pairs[2 * k + 1]);
                 const float* ra = a + i * dims;
                 const float* rb = b + j * dims;
-                const double* A = cache.get(static_cast<std::int64_t>(i), ra, p, nullptr);
+                const double* A = w.cache.get(static_cast<std::int64_t>(i), ra, p, nullptr);
                 const auto kb = static_cast<std::int64_t>(same ? j : na + j);
-                const double* B = cache.get(kb, rb, p, A);
-                out[k] = score_pair(L, p, A, B, ra + nn, rb + nn, s);
+                const double* B = w.cache.get(kb, rb, p, A);
+                out[k] = score_pair(L, p, A, B, ra + nn, rb + nn, w.s);
             }
     };
     std::vector<std::thread> pool;
-    for (std::size_t t = 1; t < nt; ++t) pool.emplace_back(work);
-    work();
+    try {
+        for (std::size_t t = 1; t < nt; ++t) pool.emplace_back(work, std::ref(workers[t]));
+    } catch (const std::system_error&) {
+        // no more threads to be had: the ones running (and this one) share the pairs out
+    }
+    work(workers[0]);
     for (auto& t : pool) t.join();
 }
 
