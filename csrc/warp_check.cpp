@@ -6,7 +6,6 @@
 #include <functional>
 #include <system_error>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 namespace clipdedup {
@@ -114,7 +113,7 @@ void precompute_row(const Layout& L, const WarpParams& p, const float* row, doub
         cmax = std::max(cmax, std::max(std::fabs(cb), std::fabs(cr)));
     }
     t[kCm] = std::sqrt(cc2 / static_cast<double>(blocks));  // no chroma: 0 / 0, NaN, as numpy's mean
-    t[kCmax] = cmax;
+    t[kCmax] = std::isnan(cc2) ? cc2 : cmax;                // numpy's max is NaN when any value is
     t[kCc2] = cc2;
 
     // half(): 2 x 2 means; then smooth() and np.gradient's differences (one-sided at the edges).

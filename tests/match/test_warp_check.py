@@ -142,9 +142,11 @@ def test_degenerate_rows(shape: WarpCheck) -> None:
         (f.luma(), faint),  # 8: coloured, but much less than 6
         (f.luma(), colour),  # 9: NaN below
         (f.luma(), rng.permutation(colour)),  # 10: as colourful as 6, another colour
+        (f.luma(), grey[0]),  # 11: grey but for a NaN: not grey (numpy's max is NaN)
     ]
     a = _rows(shape, [r[0] for r in rows], [r[1] for r in rows])
     a[9, 5] = np.nan
+    a[11, -1] = np.nan
     i, j = np.meshgrid(np.arange(len(a)), np.arange(len(a)), indexing="ij")
     pairs = np.stack([i.ravel(), j.ravel()], 1)
     ref = _check(a, a, pairs, shape).reshape(len(a), len(a))
@@ -152,7 +154,8 @@ def test_degenerate_rows(shape: WarpCheck) -> None:
     if shape.side > 16:  # grey beside grey or coloured: the luma decides (16: too few pixels)
         assert ref[3, 4] > 0.5 and ref[3, 6] > 0.9 and ref[6, 3] > 0.9
     assert ref[6, 5] == ref[6, 7] == ref[6, 8] == -1.0  # gates
-    assert np.all(ref[9] == -1.0) and np.all(ref[:, 9] == -1.0)  # NaN
+    assert np.all(ref[9] == -1.0) and np.all(ref[:, 9] == -1.0)  # NaN luma
+    assert ref[11, 6] == ref[6, 11] == -1.0  # NaN chroma: the colour gate refuses it
     assert -1.0 < ref[6, 10] < 0.5  # the colour term decides
 
 
@@ -205,6 +208,14 @@ def test_different_matrices_and_no_pairs() -> None:
     empty = warp_scores(a, b, np.zeros((0, 2), np.int64), shape)
     assert empty.dtype == np.float64 and empty.shape == (0,)
     assert warp_scores(a[:0], b[:0], np.zeros((0, 2), np.int64), shape).shape == (0,)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+def test_no_chroma_counts_as_grey() -> None:
+    shape = WarpCheck(32, 4, 0)
+    a, b = _structured(np.random.default_rng(8), shape, 6)
+    ref = _check(a, b, np.stack([np.arange(6), np.arange(6)], 1), shape)
+    assert np.all(ref[np.arange(6) % 4 != 3] > 0.9)
 
 
 def test_bad_input_is_one_exception() -> None:
