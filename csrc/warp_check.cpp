@@ -278,13 +278,12 @@ void integer_start(const Layout& L, const WarpParams& p, const double* A, const 
 
 // The sums behind J^T J and J^T r of one Gauss-Newton step, J = [g by uy, g by, g bx ux, g bx,
 // bw, 1] and r = wa - g (bw - mean): per row of the window sums over x, then weighted by uy.
-struct NormalSums {
-    double yy = 0, yx = 0, yxu = 0, xx = 0, xxu = 0, xuxu = 0, yw = 0, xw = 0, xuw = 0, ww = 0;
-    double y = 0, x = 0, xu = 0, w = 0, yr = 0, xr = 0, xur = 0, wr = 0, r = 0;
-};
+enum Sum { YY, YX, YXU, XX, XXU, XUXU, YW, XW, XUW, WW, Y, X, XU, W, YR, XR, XUR, WR, R, kSums };
 
+// tot[q] = sum over the window of term q (y = by, x = bx, u = ux, w = bw, r), uyt[q] = the same
+// weighted by uy; *uy2yy = sum of uy^2 by^2.
 void normal_sums(const double* by, const double* bx, const double* bw, const double* wa, const double* u, int w,
-                 double g, double mean, NormalSums* tot, NormalSums* uyt, double* uy2yy) {
+                 double g, double mean, double* tot, double* uyt, double* uy2yy) {
     for (int i = 0; i < w; ++i) {
         const std::size_t o = static_cast<std::size_t>(i) * w;
         double yy = 0, yx = 0, yxu = 0, xx = 0, xxu = 0, xuxu = 0, yw = 0, xw = 0, xuw = 0, ww = 0;
@@ -298,14 +297,11 @@ void normal_sums(const double* by, const double* bx, const double* bw, const dou
             sy += y, sx += x, sxu += xu, sw += b;
             yr += y * r, xr += x * r, xur += xu * r, wr += b * r, sr += r;
         }
-        const NormalSums row{yy, yx, yxu, xx, xxu, xuxu, yw, xw, xuw, ww, sy, sx, sxu, sw, yr, xr, xur, wr, sr};
+        const double row[kSums] = {yy, yx, yxu, xx, xxu, xuxu, yw, xw, xuw, ww, sy, sx, sxu, sw, yr, xr, xur, wr, sr};
         const double uy = u[i];
-        const double* rp = &row.yy;
-        double* tp = &tot->yy;
-        double* up = &uyt->yy;
-        for (std::size_t q = 0; q < sizeof(NormalSums) / sizeof(double); ++q) {
-            tp[q] += rp[q];
-            up[q] += uy * rp[q];
+        for (int q = 0; q < kSums; ++q) {
+            tot[q] += row[q];
+            uyt[q] += uy * row[q];
         }
         *uy2yy += uy * uy * yy;
     }
@@ -339,23 +335,24 @@ void align(const Layout& L, const WarpParams& p, const double* A, const double* 
             den += bc * bc;
         }
         const double g = num / std::max(den, 1e-12);
-        NormalSums t, ut;
-        double uy2yy = 0.0;
-        normal_sums(outs[1], outs[2], bw, wa, s.u.data(), w, g, mean, &t, &ut, &uy2yy);
+        // J = [g by uy, g by, g bx ux, g bx, bw, 1], r = wa - g (bw - mean): J^T J and J^T r from
+        // sums per row of the window, g and g^2 applied at the end.
+        double t[kSums] = {}, ut[kSums] = {}, uy2yy = 0.0;
+        normal_sums(outs[1], outs[2], bw, wa, s.u.data(), w, g, mean, t, ut, &uy2yy);
         const double g2 = g * g;
         double a[6][6] = {
-            {g2 * uy2yy, g2 * ut.yy, g2 * ut.yxu, g2 * ut.yx, g * ut.yw, g * ut.y},
-            {0, g2 * t.yy, g2 * t.yxu, g2 * t.yx, g * t.yw, g * t.y},
-            {0, 0, g2 * t.xuxu, g2 * t.xxu, g * t.xuw, g * t.xu},
-            {0, 0, 0, g2 * t.xx, g * t.xw, g * t.x},
-            {0, 0, 0, 0, t.ww, t.w},
+            {g2 * uy2yy, g2 * ut[YY], g2 * ut[YXU], g2 * ut[YX], g * ut[YW], g * ut[Y]},
+            {0, g2 * t[YY], g2 * t[YXU], g2 * t[YX], g * t[YW], g * t[Y]},
+            {0, 0, g2 * t[XUXU], g2 * t[XXU], g * t[XUW], g * t[XU]},
+            {0, 0, 0, g2 * t[XX], g * t[XW], g * t[X]},
+            {0, 0, 0, 0, t[WW], t[W]},
             {0, 0, 0, 0, 0, static_cast<double>(ww)},
         };
         for (int i = 0; i < 6; ++i) {
             a[i][i] += p.damp;
             for (int j = 0; j < i; ++j) a[i][j] = a[j][i];
         }
-        double rhs[6] = {g * ut.yr, g * t.yr, g * t.xur, g * t.xr, t.wr, t.r};
+        double rhs[6] = {g * ut[YR], g * t[YR], g * t[XUR], g * t[XR], t[WR], t[R]};
         double step[6];
         if (!solve6(a, rhs, step)) break;  // numpy would raise; J^T J + damp I is positive definite
         sy = clamp(sy + step[0], 1.0 - p.scale_lim, 1.0 + p.scale_lim);
