@@ -122,7 +122,7 @@ def test_alignment_improves_a_cropped_and_rescaled_copy(monkeypatch: pytest.Monk
 @pytest.mark.parametrize("shape", [WarpCheck(64, 8, 8), WarpCheck(16, 4, 4)], ids=["64", "16"])
 def test_degenerate_rows(shape: WarpCheck) -> None:
     """Flat luma (exact and inexact constants, and a whisper of noise), grey chroma, other colours,
-    rows the gates refuse (darker, flatter, greyer, NaN), each against every other."""
+    rows the gates refuse (darker, flatter, less colourful, NaN), each against every other."""
     rng = np.random.default_rng(3)
     n, cc = shape.side, 2 * shape.chroma**2
     f = Field(rng, n)
@@ -204,7 +204,8 @@ def test_different_matrices_and_no_pairs() -> None:
     assert len(a) != len(b)
     pairs = np.array([[6, 7], [0, 0], [6, 0], [0, 7]])
     _check(a, b, pairs, shape)
-    _check(b, a, pairs[:, ::-1].copy(), shape)
+    _check(b, a, pairs[:, ::-1], shape)  # a strided view
+    _check(a, b, pairs.astype(np.int32), shape)
     empty = warp_scores(a, b, np.zeros((0, 2), np.int64), shape)
     assert empty.dtype == np.float64 and empty.shape == (0,)
     assert warp_scores(a[:0], b[:0], np.zeros((0, 2), np.int64), shape).shape == (0,)
