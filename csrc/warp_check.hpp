@@ -29,8 +29,9 @@ std::string warp_params_error(const WarpParams& p);
 
 // out[k] = score of (row pairs[2k] of a, row pairs[2k + 1] of b), a: (na, dims) and b: (nb, dims)
 // float32 C-contiguous. The caller has checked p (warp_params_error) and every index (in range).
-// b may be a itself; the per-row precomputation is then shared. Extra memory stays under ~64 MB:
-// the pairs are scored in chunks touching a bounded number of distinct rows.
+// b may be a itself; the per-row precomputation is then shared. Pairs go to the threads in blocks
+// of consecutive pairs; each thread keeps the precomputed tables of the last rows it met (at most
+// 16, and under ~64 MB over all threads), so pairs sorted by their first row reuse its table.
 void warp_scores(const float* a, std::size_t na, const float* b, std::size_t nb, const std::int64_t* pairs,
                  std::size_t npairs, const WarpParams& p, double* out, int threads);
 
