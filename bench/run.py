@@ -36,6 +36,7 @@ STAGES = [
     ("match", "bench_match"),
     ("scale", "bench_scale"),
     ("dct quality", "bench_dct_quality"),
+    ("dct check", "bench_warp"),
 ]
 
 

@@ -85,13 +85,9 @@ struct RowScratch {
     std::vector<double> lum, tmp, half;
 };
 
-void precompute_row(const Layout& L, const WarpParams& p, const float* row, double* t, RowScratch& s) {
-    const int n = L.n, nh = L.nh;
-    const std::size_t nn = Layout::sq(n), hh = Layout::sq(nh);
-    s.lum.resize(nn);
-    s.tmp.resize(nn);
-    s.half.resize(hh);
-    double* lum = s.lum.data();
+// The stats of one row (kMu .. kCc2), as warp_check.stats and grey() compute them; lum (n x n) gets
+// the row's luma as doubles.
+void row_stats(const WarpParams& p, std::size_t nn, const float* row, double* lum, double* t) {
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (std::size_t k = 0; k < nn; ++k) {
@@ -115,6 +111,16 @@ void precompute_row(const Layout& L, const WarpParams& p, const float* row, doub
     t[kCm] = std::sqrt(cc2 / static_cast<double>(blocks));  // no chroma: 0 / 0, NaN, as numpy's mean
     t[kCmax] = std::isnan(cc2) ? cc2 : cmax;                // numpy's max is NaN when any value is
     t[kCc2] = cc2;
+}
+
+void precompute_row(const Layout& L, const WarpParams& p, const float* row, double* t, RowScratch& s) {
+    const int n = L.n, nh = L.nh;
+    const std::size_t nn = Layout::sq(n), hh = Layout::sq(nh);
+    s.lum.resize(nn);
+    s.tmp.resize(nn);
+    s.half.resize(hh);
+    double* lum = s.lum.data();
+    row_stats(p, nn, row, lum, t);
 
     // half(): 2 x 2 means; then smooth() and np.gradient's differences (one-sided at the edges).
     for (int i = 0; i < nh; ++i) {
@@ -412,13 +418,18 @@ double local_term(const Layout& L, const WarpParams& p, const double* A, const d
 
 bool gate(double x, double y, double add, double lim) { return std::fabs(std::log((x + add) / (y + add))) <= lim; }
 
+// The gates of warp_check.gates_pass on two rows' stats.
+bool gates_pass(const WarpParams& p, const double* A, const double* B) {
+    const bool either_grey = A[kCmax] < p.colourless || B[kCmax] < p.colourless;
+    return gate(A[kSd], B[kSd], 1.0, p.sd_log) && (either_grey || gate(A[kCm], B[kCm], 2.0, p.cm_log)) &&
+           gate(A[kMu], B[kMu], 8.0, p.mu_log);
+}
+
 double score_pair(const Layout& L, const WarpParams& p, const double* A, const double* B, const float* ca,
                   const float* cb, PairScratch& s) {
     // grey: no chroma block reaches `colourless`; then the colour gate and term stand aside.
     const bool either_grey = A[kCmax] < p.colourless || B[kCmax] < p.colourless;
-    if (!(gate(A[kSd], B[kSd], 1.0, p.sd_log) && (either_grey || gate(A[kCm], B[kCm], 2.0, p.cm_log)) &&
-          gate(A[kMu], B[kMu], 8.0, p.mu_log)))
-        return -1.0;
+    if (!gates_pass(p, A, B)) return -1.0;
     double warp[4];
     align(L, p, A, B, s, warp);
     warp[1] *= 2.0;
@@ -489,6 +500,18 @@ private:
     std::uint64_t clock_ = 0;
 };
 
+// Runs fn(t) for t = 0 .. nt - 1, t = 0 on this thread; where no more threads can be had, the ones
+// running share the work out (fn takes work from a shared counter).
+void run_threads(std::size_t nt, const std::function<void(std::size_t)>& fn) {
+    std::vector<std::thread> pool;
+    try {
+        for (std::size_t t = 1; t < nt; ++t) pool.emplace_back(fn, t);
+    } catch (const std::system_error&) {
+    }
+    fn(0);
+    for (auto& t : pool) t.join();
+}
+
 }  // namespace
 
 std::string warp_params_error(const WarpParams& p) {
@@ -520,27 +543,43 @@ void warp_scores(const float* a, std::size_t na, const float* b, std::size_t nb,
     std::vector<Worker> workers;  // allocated here, so that running out of memory raises, not aborts
     workers.reserve(nt);
     for (std::size_t t = 0; t < nt; ++t) workers.emplace_back(L, slots);
+    // Every row's stats first: most candidates of a loose screen fail a gate, and those need no table.
+    const std::size_t nrows = same ? na : na + nb;
+    std::vector<double> stats(nrows * kStats);
+    std::vector<char> used(nrows, 0);  // only the rows some pair names
+    for (std::size_t k = 0; k < npairs; ++k) {
+        used[static_cast<std::size_t>(pairs[2 * k])] = 1;
+        used[static_cast<std::size_t>(pairs[2 * k + 1]) + (same ? 0 : na)] = 1;
+    }
+    std::atomic<std::size_t> next_row{0};
+    auto stat_rows = [&](std::vector<double>& lum) {
+        constexpr std::size_t kRowBlock = 256;
+        for (std::size_t lo; (lo = next_row.fetch_add(kRowBlock)) < nrows;)
+            for (std::size_t r = lo; r < std::min(nrows, lo + kRowBlock); ++r)
+                if (used[r]) row_stats(p, nn, r < na ? a + r * dims : b + (r - na) * dims, lum.data(), stats.data() + r * kStats);
+    };
     std::atomic<std::size_t> next{0};
     auto work = [&](Worker& w) {
         for (std::size_t lo; (lo = next.fetch_add(kBlock)) < npairs;)
             for (std::size_t k = lo; k < std::min(npairs, lo + kBlock); ++k) {
                 const auto i = static_cast<std::size_t>(pairs[2 * k]), j = static_cast<std::size_t>(pairs[2 * k + 1]);
+                const auto kb = static_cast<std::int64_t>(same ? j : na + j);
+                if (!gates_pass(p, stats.data() + i * kStats, stats.data() + static_cast<std::size_t>(kb) * kStats)) {
+                    out[k] = -1.0;
+                    continue;
+                }
                 const float* ra = a + i * dims;
                 const float* rb = b + j * dims;
                 const double* A = w.cache.get(static_cast<std::int64_t>(i), ra, p, nullptr);
-                const auto kb = static_cast<std::int64_t>(same ? j : na + j);
                 const double* B = w.cache.get(kb, rb, p, A);
                 out[k] = score_pair(L, p, A, B, ra + nn, rb + nn, w.s);
             }
     };
-    std::vector<std::thread> pool;
-    try {
-        for (std::size_t t = 1; t < nt; ++t) pool.emplace_back(work, std::ref(workers[t]));
-    } catch (const std::system_error&) {
-        // no more threads to be had: the ones running (and this one) share the pairs out
-    }
-    work(workers[0]);
-    for (auto& t : pool) t.join();
+    run_threads(nt, [&](std::size_t) {
+        std::vector<double> lum(nn);
+        stat_rows(lum);
+    });
+    run_threads(nt, [&](std::size_t t) { work(workers[t]); });
 }
 
 }  // namespace clipdedup

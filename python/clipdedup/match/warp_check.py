@@ -28,7 +28,8 @@ The score of a pair (a, b) is defined in four steps:
    with and without its engine glow, two portraits on one body); a duplicate's residual is spread
    thin over every block. A flat window (norm below FLAT) scores 1 beside a flat one, 0 otherwise.
 
-The score is min(luma term, colour term) after the gates, in [-1, 1], and the pair is confirmed at
+The score is min(luma term, colour term) after the gates, in [-3, 1] (a block's residual is at most
+four times its signal; -1 also stands for a gate's refusal), and the pair is confirmed at
 >= the model's minimum score. `warp_scores_ref` is the definition, in float64 numpy per pair;
 `warp_scores` is the native fast path (clipdedup.native.warp_scores, float64 throughout), and
 tests compare the two on random and real rows.
