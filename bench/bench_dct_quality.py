@@ -14,11 +14,13 @@ default), run in a separate interpreter (CLIPDEDUP_PHASH_PYTHON, default
 ~/.cache/clipdedup-bench/phash-venv/bin/python) so that installing imagededup cannot change the
 shared environment; without it the PHash rows are left out, with a line.
 
-The procedure (`choose`): on the tuning half at its full size, every (screening threshold T, check
-score S) of the grid TS x SS; keep those with pair precision >= 0.99 and at most 1 hard negative in
-40 matched; take the highest recall, then the highest precision, then the larger T and the smaller S
-(the loosest setting with the same result). Precision comes first because a false pair moves a
-distinct image to the trash; whether the recall target 0.95 is met is printed, not assumed.
+The procedure (`choose`): on the tuning half, every (screening threshold T, check score S) of the
+grid TS x SS; keep those with pair precision >= 0.99 and at most 1 hard negative in 40 matched, on
+the whole half and on each of its subsets at N = 500 and 2,000 in PART_SEEDS orders
+(`tuning_parts`); take the highest recall on the whole half, then the highest precision, then the
+larger T and the smaller S (the loosest setting with the same result). Precision comes first
+because a false pair moves a distinct image to the trash; whether the recall target 0.95 is met is
+printed, not assumed.
 `--sweep` prints the grid's frontier and the choice; every run checks that the shipped defaults are
 the choice and says so. Rows measured on the tuning half are in-sample and labelled "(in-sample)".
 

@@ -50,7 +50,7 @@ ITERS = 5  # Gauss-Newton steps of the alignment
 SCALE_LIM = 0.12  # warp scale within 1 +- this
 OFFSET_LIM = 0.1  # warp offset within +- this fraction of the side
 GRID = 4  # blocks per side of the local comparison
-FLOOR = 0.01  # added to each block's signal share (a block with little signal may differ a little)
+FLOOR = 0.02  # added to each block's signal share (a block with little signal may differ a little)
 FLAT = 1e-6  # norm of a centred window below which it counts as flat
 DAMP = 1e-6  # added to the Gauss-Newton normal matrix's diagonal
 
