@@ -1,5 +1,7 @@
 #include "warp_check.hpp"
 
+#include "warp_rows.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -11,155 +13,14 @@
 namespace clipdedup {
 namespace {
 
+using namespace warp_detail;
+
 // Each thread keeps the tables of the last few rows it met (least recently used out): up to
 // kRowsPerThread of them within kTableBytes over all threads (small enough to stay in cache), at
 // least two; where two rows per thread would pass kMaxBytes, fewer threads run.
 constexpr std::size_t kTableBytes = 16u << 20;
 constexpr std::size_t kMaxBytes = 64u << 20;
 constexpr std::size_t kRowsPerThread = 16;
-
-// What warp_score_ref computes from one row alone, whichever side of a pair it is on.
-enum Stat { kMu, kSd, kCm, kCmax, kCc2, kNuHalf, kNaFull, kStats = 8 };
-
-// One row's table (doubles): stats | half-size smoothed thumbnail, its d/dy, its d/dx (nh x nh
-// each) | full-size smoothed thumbnail (n x n) | a's centred half-size window (wh x wh) | a's
-// centred full-size window over its norm (w x w).
-struct Layout {
-    int n, m, nh, mh, w, wh;
-    std::size_t half3, full, wa_half, ua_full, total;  // half3: the three half-size planes
-    explicit Layout(const WarpParams& p)
-        : n(p.side), m(p.margin), nh(p.side / 2), mh(p.margin / 2), w(p.side - 2 * p.margin),
-          wh(p.side / 2 - p.margin) {
-        half3 = kStats;
-        full = half3 + 3 * sq(nh);
-        wa_half = full + sq(n);
-        ua_full = wa_half + sq(wh);
-        total = ua_full + sq(w);
-    }
-    static std::size_t sq(int k) { return static_cast<std::size_t>(k) * static_cast<std::size_t>(k); }
-};
-
-// smooth(): [1, 2, 1] / 4 along rows then columns, edges repeated; tmp is n x n.
-void smooth(const double* y, int n, double* tmp, double* out) {
-    for (int i = 0; i < n; ++i) {
-        const double* up = y + static_cast<std::size_t>(std::max(i - 1, 0)) * n;
-        const double* mid = y + static_cast<std::size_t>(i) * n;
-        const double* dn = y + static_cast<std::size_t>(std::min(i + 1, n - 1)) * n;
-        double* t = tmp + static_cast<std::size_t>(i) * n;
-#pragma omp simd
-        for (int j = 0; j < n; ++j) t[j] = (up[j] + 2.0 * mid[j] + dn[j]) / 4.0;
-    }
-    for (int i = 0; i < n; ++i) {
-        const double* t = tmp + static_cast<std::size_t>(i) * n;
-        double* o = out + static_cast<std::size_t>(i) * n;
-        o[0] = (t[0] + 2.0 * t[0] + t[1]) / 4.0;
-#pragma omp simd
-        for (int j = 1; j < n - 1; ++j) o[j] = (t[j - 1] + 2.0 * t[j] + t[j + 1]) / 4.0;
-        o[n - 1] = (t[n - 2] + 2.0 * t[n - 1] + t[n - 1]) / 4.0;
-    }
-}
-
-// The centred (n0 + k, n0 + l) window of side w of an n x n image into out; returns its norm.
-double centred_window(const double* img, int n, int n0, int w, double* out) {
-    double sum = 0.0;
-    for (int i = 0; i < w; ++i) {
-        const double* r = img + static_cast<std::size_t>(n0 + i) * n + n0;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < w; ++j) sum += r[j];
-    }
-    const double mean = sum / (static_cast<double>(w) * w);
-    double ss = 0.0;
-    for (int i = 0; i < w; ++i) {
-        const double* r = img + static_cast<std::size_t>(n0 + i) * n + n0;
-        double* o = out + static_cast<std::size_t>(i) * w;
-#pragma omp simd reduction(+ : ss)
-        for (int j = 0; j < w; ++j) {
-            o[j] = r[j] - mean;
-            ss += o[j] * o[j];
-        }
-    }
-    return std::sqrt(ss);
-}
-
-struct RowScratch {
-    std::vector<double> lum, tmp, half;
-};
-
-// The stats of one row (kMu .. kCc2), as warp_check.stats and grey() compute them; lum (n x n) gets
-// the row's luma as doubles.
-void row_stats(const WarpParams& p, std::size_t nn, const float* row, double* lum, double* t) {
-    double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-    for (std::size_t k = 0; k < nn; ++k) {
-        lum[k] = row[k];
-        sum += lum[k];
-    }
-    const double mu = sum / static_cast<double>(nn);
-    double ss = 0.0;
-#pragma omp simd reduction(+ : ss)
-    for (std::size_t k = 0; k < nn; ++k) ss += (lum[k] - mu) * (lum[k] - mu);
-    t[kMu] = mu;
-    t[kSd] = std::sqrt(ss / static_cast<double>(nn));
-    const float* ch = row + nn;
-    const std::size_t blocks = Layout::sq(p.chroma);
-    double cc2 = 0.0, cmax = 0.0;
-    for (std::size_t k = 0; k < blocks; ++k) {
-        const double cb = ch[2 * k], cr = ch[2 * k + 1];
-        cc2 += cb * cb + cr * cr;
-        cmax = std::max(cmax, std::max(std::fabs(cb), std::fabs(cr)));
-    }
-    t[kCm] = std::sqrt(cc2 / static_cast<double>(blocks));  // no chroma: 0 / 0, NaN, as numpy's mean
-    t[kCmax] = std::isnan(cc2) ? cc2 : cmax;                // numpy's max is NaN when any value is
-    t[kCc2] = cc2;
-}
-
-void precompute_row(const Layout& L, const WarpParams& p, const float* row, double* t, RowScratch& s) {
-    const int n = L.n, nh = L.nh;
-    const std::size_t nn = Layout::sq(n), hh = Layout::sq(nh);
-    s.lum.resize(nn);
-    s.tmp.resize(nn);
-    s.half.resize(hh);
-    double* lum = s.lum.data();
-    row_stats(p, nn, row, lum, t);
-
-    // half(): 2 x 2 means; then smooth() and np.gradient's differences (one-sided at the edges).
-    for (int i = 0; i < nh; ++i) {
-        const double* r0 = lum + static_cast<std::size_t>(2 * i) * n;
-        const double* r1 = r0 + n;
-        double* h = s.half.data() + static_cast<std::size_t>(i) * nh;
-        for (int j = 0; j < nh; ++j) h[j] = (r0[2 * j] + r0[2 * j + 1] + r1[2 * j] + r1[2 * j + 1]) / 4.0;
-    }
-    smooth(lum, n, s.tmp.data(), t + L.full);
-    double* sh = t + L.half3;
-    smooth(s.half.data(), nh, s.tmp.data(), sh);
-    double* gy = sh + hh;
-    double* gx = gy + hh;
-    for (int i = 0; i < nh; ++i) {
-        const double* r = sh + static_cast<std::size_t>(i) * nh;
-        const double* up = sh + static_cast<std::size_t>(std::max(i - 1, 0)) * nh;
-        const double* dn = sh + static_cast<std::size_t>(std::min(i + 1, nh - 1)) * nh;
-        double* oy = gy + static_cast<std::size_t>(i) * nh;
-        double* ox = gx + static_cast<std::size_t>(i) * nh;
-        if (i == 0 || i == nh - 1) {
-            for (int j = 0; j < nh; ++j) oy[j] = dn[j] - up[j];
-        } else {
-#pragma omp simd
-            for (int j = 0; j < nh; ++j) oy[j] = (dn[j] - up[j]) / 2.0;
-        }
-        ox[0] = r[1] - r[0];
-#pragma omp simd
-        for (int j = 1; j < nh - 1; ++j) ox[j] = (r[j + 1] - r[j - 1]) / 2.0;
-        ox[nh - 1] = r[nh - 1] - r[nh - 2];
-    }
-    t[kNuHalf] = centred_window(sh, nh, L.mh, L.wh, t + L.wa_half);
-    double* ua = t + L.ua_full;
-    const double na = centred_window(t + L.full, n, L.m, L.w, ua);
-    t[kNaFull] = na;
-    // ua = wa / na as times 1 / na: within an ulp of the division, at a fraction of its cost.
-    const double inv = na > 0.0 ? 1.0 / na : 0.0;
-#pragma omp simd
-    for (std::size_t k = 0; k < Layout::sq(L.w); ++k) ua[k] *= inv;
-}
 
 struct PairScratch {
     std::vector<int> y0, x0;
@@ -461,44 +322,6 @@ void init_scratch(const Layout& L, PairScratch& s) {
     s.by.resize(Layout::sq(L.wh));
     s.bx.resize(Layout::sq(L.wh));
 }
-
-// A thread's tables of the rows it met last: rows are looked up by key (a's row i: i; b's row j:
-// j when b is a, else na + j), and the least recently used one is replaced.
-class RowCache {
-public:
-    RowCache(const Layout& L, std::size_t slots) : L_(L), keys_(slots, -1), used_(slots, 0), data_(slots * L.total) {
-        scratch_.lum.resize(Layout::sq(L.n));
-        scratch_.tmp.resize(Layout::sq(L.n));
-        scratch_.half.resize(Layout::sq(L.nh));
-    }
-
-    // The table of row `key` (from `row`), never the slot of `keep`.
-    const double* get(std::int64_t key, const float* row, const WarpParams& p, const double* keep) {
-        std::size_t victim = keys_.size();
-        for (std::size_t k = 0; k < keys_.size(); ++k) {
-            if (keys_[k] == key) {
-                used_[k] = ++clock_;
-                return slot(k);
-            }
-            if (slot(k) != keep && (victim == keys_.size() || used_[k] < used_[victim])) victim = k;
-        }
-        keys_[victim] = key;  // there are at least two slots, so one is not `keep`
-        used_[victim] = ++clock_;
-        double* t = slot(victim);
-        precompute_row(L_, p, row, t, scratch_);
-        return t;
-    }
-
-private:
-    double* slot(std::size_t k) { return data_.data() + k * L_.total; }
-
-    const Layout& L_;
-    std::vector<std::int64_t> keys_;
-    std::vector<std::uint64_t> used_;
-    std::vector<double> data_;
-    RowScratch scratch_;
-    std::uint64_t clock_ = 0;
-};
 
 // Runs fn(t) for t = 0 .. nt - 1, t = 0 on this thread; where no more threads can be had, the ones
 // running share the work out (fn takes work from a shared counter).

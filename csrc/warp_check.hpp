@@ -17,7 +17,7 @@ struct WarpParams {
     int iters = 5;    // Gauss-Newton steps
     int grid = 4;     // blocks per side of the local comparison
     double colourless = 3.0, sd_log = 0.3, cm_log = 0.8, mu_log = 0.3;
-    double scale_lim = 0.12, offset_lim = 0.1, floor = 0.01, flat = 1e-6, damp = 1e-6;
+    double scale_lim = 0.12, offset_lim = 0.1, floor = 0.02, flat = 1e-6, damp = 1e-6;
 
     std::size_t dims() const {
         return static_cast<std::size_t>(side) * side + 2 * static_cast<std::size_t>(chroma) * chroma;
