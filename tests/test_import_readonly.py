@@ -168,3 +168,45 @@ def test_up_to_date_base_db_is_not_written_either(testdata: Path, tmp_path: Path
     s = run_import(str(base), str(bdb), str(imp), str(tmp_path / "idb"), str(tmp_path / "trash"), opts)
     assert (snapshot(base), snapshot(bdb)) == before
     assert [m.rel for m in s.moved] == ["copy.jpg"] and s.updates["base"].encoded == 0
+
+
+def test_builtin_dct_import_reads_row_stores_and_never_writes_the_base(
+    testdata: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Screen-then-verify in import mode keeps only the screening parts in RAM (no whole matrix of
+    either DB is built), finds the planted copies (one only in memory: a stale base entry), and
+    leaves the base dir and base DB as they were."""
+    from clipdedup.db.rowstore import RowStore
+    from clipdedup.ingest.update import update_db
+
+    base, bdb, imp = tmp_path / "base", tmp_path / "bdb", tmp_path / "import"
+    shutil.copytree(testdata / "base_images", base)
+    update_db(base, bdb, "builtin:dct", log=lambda line: None)
+    st = os.stat(base / "ukbench01380.jpg")
+    os.utime(base / "ukbench01380.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # stale entry
+    imp.mkdir()
+    for name in ("ukbench00120.jpg", "ukbench01380.jpg"):
+        shutil.copyfile(base / name, imp / f"copy_{name}")
+    shutil.copyfile(testdata / "formats_images" / "marbles.pbm", imp / "unique.pbm")
+    before = snapshot(base), snapshot(bdb)
+    whole = RowStore.to_matrix
+
+    def no_matrix(self, dims=None):
+        if dims is None or dims >= self.dim:
+            raise AssertionError("a builtin:dct import built a whole matrix")
+        return whole(self, dims)
+
+    def no_load(*a, **kw):
+        raise AssertionError("a builtin:dct import loaded a DB as a matrix")
+
+    from clipdedup import pipeline
+
+    monkeypatch.setattr(RowStore, "to_matrix", no_matrix)
+    monkeypatch.setattr(pipeline, "load_embeddings", no_load)
+    opts = RunOptions(model_id="builtin:dct", log=lambda line: None)
+    s = run_import(str(base), str(bdb), str(imp), str(tmp_path / "idb"), str(tmp_path / "trash"), opts)
+    monkeypatch.undo()
+    assert (snapshot(base), snapshot(bdb)) == before
+    assert sorted(m.rel for m in s.moved) == ["copy_ukbench00120.jpg", "copy_ukbench01380.jpg"]
+    assert sorted(os.listdir(imp)) == ["unique.pbm"]
+    assert s.verification is not None and all(c.b.startswith("base:") for c in s.verification.candidates)

@@ -136,7 +136,7 @@ def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Calla
         pairs, dists = fp(x, s.threshold, y=y, backend=opts.backend, progress=bar.update)
     else:
         # a store: only the screening part in RAM, the check parts of the candidates read from it
-        verify = match_verified_store if isinstance(x, RowStore) else partial(match_verified, y=y)
+        verify = partial(match_verified_store if isinstance(x, RowStore) else match_verified, y=y)
         v = verify(x, s.threshold, verifier, find=fp, backend=opts.backend, progress=bar.update)
         s.verification = v.record(*namer)
         pairs, dists = v.pairs[v.confirmed], v.distances[v.confirmed]
@@ -348,21 +348,28 @@ def _run_import_locked(
     dim = either.dim if either else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
-    bkept, xb, eb, nb = load_embeddings(
-        base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo
-    )
-    ikept, xi, ei, ni = load_embeddings(
-        import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
-    )
+    # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM.
+    load: Callable[..., tuple] = open_embeddings if verifier_for(_model(opts, ub, ui)) else load_embeddings
+    with contextlib.ExitStack() as stores:  # a store's snapshot is written on a thread: lines after
+        bkept, xb, eb, nb = load(
+            base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo
+        )
+        if isinstance(xb, RowStore):
+            stores.enter_context(xb)
+        ikept, xi, ei, ni = load(
+            import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
+        )
+        if isinstance(xi, RowStore):
+            stores.enter_context(xi)
+        s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
+        s.seconds["load"] = time.perf_counter() - t
+        for path, reason in s.load_errors:
+            opts.say(f"{path}: skipped: {reason}")
+        s.threshold = _threshold(opts, ub if ub.meta else ui)
+        namer = (lambda a: ikept[a].rel, lambda b: "base:" + bkept[b].rel)
+        pairs, dists = _match(xi, xb, opts, s, _model(opts, ub, ui), namer)
     for line in snapshot_lines(base_db_dir, binfo) + snapshot_lines(import_db_dir, iinfo):
         opts.say(line)
-    s.load_errors, s.not_in_db, s.loaded = eb + ei, nb + ni, len(bkept) + len(ikept)
-    s.seconds["load"] = time.perf_counter() - t
-    for path, reason in s.load_errors:
-        opts.say(f"{path}: skipped: {reason}")
-    s.threshold = _threshold(opts, ub if ub.meta else ui)
-    namer = (lambda a: ikept[a].rel, lambda b: "base:" + bkept[b].rel)
-    pairs, dists = _match(xi, xb, opts, s, _model(opts, ub, ui), namer)
     if opts.top_k > 0:
         base_names = [e.rel for e in bkept]
         names = [e.rel for e in ikept]

@@ -1,6 +1,7 @@
 """Screen-then-verify on a row store (match/verify_store.py) gives `match_verified`'s answer on the
-matrix: the same candidates, distances, scores and decisions, for any chunking of the candidates;
-and a builtin:dct dedup run of real images keeps only the screening part in RAM."""
+matrix: the same candidates, distances, scores and decisions, for any chunking of the candidates,
+within one store and between two (import mode); and a builtin:dct dedup run of real images keeps
+only the screening part in RAM."""
 
 from __future__ import annotations
 
@@ -44,6 +45,24 @@ def test_store_answer_equals_the_matrix_answer(n: int, chunk: int) -> None:
     np.testing.assert_array_equal(got.scores, want.scores)
     np.testing.assert_array_equal(got.confirmed, want.confirmed)
     assert got.min_score == want.min_score and got.measure == want.measure
+
+
+@pytest.mark.parametrize("n,m,chunk", [(0, 3, 5), (3, 0, 5), (60, 45, 1), (150, 90, 7), (200, 120, 8192)])
+def test_two_store_answer_equals_the_matrix_answer(n: int, m: int, chunk: int) -> None:
+    """Import mode: pairs (row of x, row of y), the check parts read from each side's store."""
+    both = rows(n + m, seed=n + m)
+    x, y = both[:n], both[n:]
+    t = 0.9
+    scores = match_verified(x, t, VERIFIER, y=y).scores
+    ms = float(np.median(scores)) if len(scores) else None
+    want = match_verified(x, t, VERIFIER, y=y, min_score=ms, backend="cpu-bf16")
+    with store_of_matrix(x, block_rows=64) as sx, store_of_matrix(y, block_rows=32) as sy:
+        got = match_verified_store(sx, t, VERIFIER, y=sy, min_score=ms, chunk=chunk, backend="cpu-bf16")
+    assert n < 60 or len(want.pairs) > 10 and 0 < want.confirmed.sum() < len(want.pairs)
+    np.testing.assert_array_equal(got.pairs, want.pairs)
+    np.testing.assert_array_equal(got.distances, want.distances)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_array_equal(got.confirmed, want.confirmed)
 
 
 def test_a_dct_run_reads_the_check_parts_from_the_store(pics: Path, tmp_path: Path, monkeypatch) -> None:
