@@ -387,14 +387,16 @@ void warp_scores(const float* a, std::size_t na, const float* b, std::size_t nb,
             for (std::size_t k = lo; k < std::min(npairs, lo + kBlock); ++k) {
                 const auto i = static_cast<std::size_t>(pairs[2 * k]), j = static_cast<std::size_t>(pairs[2 * k + 1]);
                 const auto kb = static_cast<std::int64_t>(same ? j : na + j);
-                if (!gates_pass(p, stats.data() + i * kStats, stats.data() + static_cast<std::size_t>(kb) * kStats)) {
+                const double* sa = stats.data() + i * kStats;
+                const double* sb = stats.data() + static_cast<std::size_t>(kb) * kStats;
+                if (!gates_pass(p, sa, sb)) {
                     out[k] = -1.0;
                     continue;
                 }
                 const float* ra = a + i * dims;
                 const float* rb = b + j * dims;
-                const double* A = w.cache.get(static_cast<std::int64_t>(i), ra, p, nullptr);
-                const double* B = w.cache.get(kb, rb, p, A);
+                const double* A = w.cache.get(static_cast<std::int64_t>(i), ra, sa, nullptr);
+                const double* B = w.cache.get(kb, rb, sb, A);
                 out[k] = score_pair(L, p, A, B, ra + nn, rb + nn, w.s);
             }
     };

@@ -75,14 +75,16 @@ void row_stats(const WarpParams& p, std::size_t nn, const float* row, double* lu
     t[kCc2] = cc2;
 }
 
-void precompute_row(const Layout& L, const WarpParams& p, const float* row, double* t, RowScratch& s) {
+void precompute_row(const Layout& L, const float* row, const double* stats, double* t, RowScratch& s) {
     const int n = L.n, nh = L.nh;
     const std::size_t nn = Layout::sq(n), hh = Layout::sq(nh);
     s.lum.resize(nn);
     s.tmp.resize(nn);
     s.half.resize(hh);
     double* lum = s.lum.data();
-    row_stats(p, nn, row, lum, t);
+    std::copy(stats, stats + kCc2 + 1, t);
+#pragma omp simd
+    for (std::size_t k = 0; k < nn; ++k) lum[k] = row[k];
 
     // half(): 2 x 2 means; then smooth() and np.gradient's differences (one-sided at the edges).
     for (int i = 0; i < nh; ++i) {

@@ -45,8 +45,8 @@ double centred_window(const double* img, int n, int n0, int w, double* out);
 // the row's luma as doubles.
 void row_stats(const WarpParams& p, std::size_t nn, const float* row, double* lum, double* t);
 
-// The whole table of one row (Layout) into t.
-void precompute_row(const Layout& L, const WarpParams& p, const float* row, double* t, RowScratch& s);
+// The whole table of one row (Layout) into t, its stats (kMu .. kCc2) taken from `stats` (row_stats).
+void precompute_row(const Layout& L, const float* row, const double* stats, double* t, RowScratch& s);
 
 // A thread's tables of the rows it met last: rows are looked up by key (a's row i: i; b's row j:
 // j when b is a, else na + j), and the least recently used one is replaced.
@@ -58,8 +58,8 @@ public:
         scratch_.half.resize(Layout::sq(L.nh));
     }
 
-    // The table of row `key` (from `row`), never the slot of `keep`.
-    const double* get(std::int64_t key, const float* row, const WarpParams& p, const double* keep) {
+    // The table of row `key` (from `row` and its row_stats `stats`), never the slot of `keep`.
+    const double* get(std::int64_t key, const float* row, const double* stats, const double* keep) {
         std::size_t victim = keys_.size();
         for (std::size_t k = 0; k < keys_.size(); ++k) {
             if (keys_[k] == key) {
@@ -71,7 +71,7 @@ public:
         keys_[victim] = key;  // there are at least two slots, so one is not `keep`
         used_[victim] = ++clock_;
         double* t = slot(victim);
-        precompute_row(L_, p, row, t, scratch_);
+        precompute_row(L_, row, stats, t, scratch_);
         return t;
     }
 
