@@ -167,9 +167,14 @@ def check_features(rgb: np.ndarray) -> np.ndarray:
         interleaved per block.
     """
     x = np.asarray(rgb, np.float64)
+    return _check_of(x, luma(x))
+
+
+def _check_of(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`check_features` of float64 RGB x whose luma y (B, CHECK, CHECK) is already taken."""
     n = len(x)
     c = _blocks(x @ _CBCR.T, CHROMA).reshape(n, CHROMA * CHROMA * 2)
-    return np.concatenate([luma(x).reshape(n, CHECK * CHECK), c], axis=1).astype(np.float32)
+    return np.concatenate([y.reshape(n, CHECK * CHECK), c], axis=1).astype(np.float32)
 
 
 def check_features_ref(rgb: np.ndarray) -> np.ndarray:
@@ -189,15 +194,13 @@ def check_features_ref(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def screen_gray(rgb: np.ndarray) -> np.ndarray:
-    """(B, CHECK, CHECK, 3) -> (B, SIZE, SIZE) luma means of CHECK/SIZE-pixel blocks."""
-    return _blocks(luma(rgb)[..., None], SIZE)[..., 0]
-
-
 def embed(rgb: np.ndarray) -> np.ndarray:
-    """(B, CHECK, CHECK, 3) prepared images -> (B, SCREEN_DIM + CHECK_DIM) float32 rows [screen | check]."""
-    rgb = np.asarray(rgb)
-    return np.concatenate([dct_features(screen_gray(rgb)), check_features(rgb)], axis=1)
+    """(B, CHECK, CHECK, 3) prepared images -> (B, SCREEN_DIM + CHECK_DIM) float32 rows [screen | check];
+    the screen's SIZE x SIZE grey image is the mean of CHECK/SIZE-pixel blocks of the check's luma."""
+    x = np.asarray(rgb, np.float64)
+    y = luma(x)
+    gray = _blocks(y[..., None], SIZE)[..., 0]
+    return np.concatenate([dct_features(gray), _check_of(x, y)], axis=1)
 
 
 SCREEN_DIM = BLOCK * BLOCK - 1
