@@ -349,7 +349,8 @@ def _run_import_locked(
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
     # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM.
-    load: Callable[..., tuple] = open_embeddings if verifier_for(_model(opts, ub, ui)) else load_embeddings
+    model = _model(opts, ub, ui)
+    load: Callable[..., tuple] = open_embeddings if verifier_for(model) else load_embeddings
     with contextlib.ExitStack() as stores:  # a store's snapshot is written on a thread: lines after
         bkept, xb, eb, nb = load(
             base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo
@@ -367,7 +368,7 @@ def _run_import_locked(
             opts.say(f"{path}: skipped: {reason}")
         s.threshold = _threshold(opts, ub if ub.meta else ui)
         namer = (lambda a: ikept[a].rel, lambda b: "base:" + bkept[b].rel)
-        pairs, dists = _match(xi, xb, opts, s, _model(opts, ub, ui), namer)
+        pairs, dists = _match(xi, xb, opts, s, model, namer)
     for line in snapshot_lines(base_db_dir, binfo) + snapshot_lines(import_db_dir, iinfo):
         opts.say(line)
     if opts.top_k > 0:

@@ -3,8 +3,8 @@
 A model with a verifier (builtin:dct) stores [screen (S dims) | check (V dims)] per image, and only
 the screening part takes part in the pair search. So a dedup or import run keeps just that part in
 RAM (S floats per image instead of S + V: 143 of 4,367 for builtin:dct), and reads the check parts
-of the candidates from the store(s) in bounded chunks of pairs. The pairs, distances, scores and decisions are
-`match_verified`'s on the whole matrix (a test compares them).
+of the candidates from the store(s) in bounded chunks of pairs. The pairs, distances, scores and
+decisions are `match_verified`'s on the whole matrix (a test compares them).
 """
 
 from __future__ import annotations
@@ -54,24 +54,27 @@ def match_verified_store(
     t1 = time.perf_counter()
     ms = verifier.min_score if min_score is None else float(min_score)
     scores = np.empty(len(pairs), np.float64)
-    if y is None:
-        buf = np.empty((min(2 * chunk, max(store.n, 1)), store.dim), np.float32)
-        for at in range(0, len(pairs), chunk):
-            part = pairs[at : at + chunk]
-            need = np.unique(part)
-            check = np.ascontiguousarray(store.take(need, buf)[:, s:])
-            scores[at : at + len(part)] = verifier.scores(check, check, np.searchsorted(need, part))
-    else:
-        bufs = [np.empty((min(chunk, max(st.n, 1)), st.dim), np.float32) for st in (store, y)]
-        for at in range(0, len(pairs), chunk):
-            part = pairs[at : at + chunk]
-            checks, local = [], np.empty_like(part)
-            for side, (st, buf) in enumerate(zip((store, y), bufs)):
-                need = np.unique(part[:, side])
-                checks.append(np.ascontiguousarray(st.take(need, buf)[:, s:]))
-                local[:, side] = np.searchsorted(need, part[:, side])
-            scores[at : at + len(part)] = verifier.scores(checks[0], checks[1], local)
+    # One buffer per store: within one store both sides of a chunk share one read of their rows (up to
+    # 2 * chunk of them); with two, each side reads up to chunk rows from its own.
+    per, sides = (2 * chunk, [store]) if y is None else (chunk, [store, y])
+    bufs = [np.empty((min(per, max(st.n, 1)), st.dim), np.float32) for st in sides]
+    for at in range(0, len(pairs), chunk):
+        part = pairs[at : at + chunk]
+        if y is None:
+            check, local = _checks(store, part, bufs[0], s)
+            scores[at : at + len(part)] = verifier.scores(check, check, local)
+        else:
+            ca, la = _checks(store, part[:, 0], bufs[0], s)
+            cb, lb = _checks(y, part[:, 1], bufs[1], s)
+            scores[at : at + len(part)] = verifier.scores(ca, cb, np.stack([la, lb], axis=1))
     t2 = time.perf_counter()
     return Verified(
         pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}
     )
+
+
+def _checks(st: RowStore, rows: np.ndarray, buf: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """The check parts (columns s on) of the distinct rows named in `rows`, read once each, and
+    `rows` as positions in them."""
+    need = np.unique(rows)
+    return np.ascontiguousarray(st.take(need, buf)[:, s:]), np.searchsorted(need, rows)
