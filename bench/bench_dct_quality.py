@@ -8,7 +8,7 @@ Sets:
   duplicates; byte-identical copies always are).
 
 builtin:dct runs through the real path: `update_db` (dry run) encodes,
-`clipdedup.match.verify.match_verified` screens with `find_pairs` and verifies. PHash is
+`clipdedup.match.verify.verifier.match_verified` screens with `find_pairs` and verifies. PHash is
 imagededup's own code (`PHash().encode_image`, `find_duplicates(max_distance_threshold=10)`, its
 default), run in a separate interpreter (CLIPDEDUP_PHASH_PYTHON, default
 ~/.cache/clipdedup-bench/phash-venv/bin/python) so that installing imagededup cannot change the
@@ -123,7 +123,7 @@ def dct_verified(
     rows: dict[str, np.ndarray], files: list[str], threshold: float, min_score: float | None = None
 ):
     from clipdedup.ingest.encode.dct import VERIFIER
-    from clipdedup.match.verify import match_verified
+    from clipdedup.match.verify.verifier import match_verified
 
     x = np.stack([rows[f] for f in files])
     return match_verified(x, threshold, VERIFIER, min_score=min_score)

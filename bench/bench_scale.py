@@ -132,7 +132,7 @@ def _base_cmd(img: str, db: str) -> list[str]:
 def measure(root: str, n: int, log=print, full_store: bool = True) -> dict:
     """Steps (1)-(4) of the module docstring on a fabricated collection of n (+ 1k) images; without
     `full_store`, (1)-(3) only."""
-    from clipdedup.match.cache import cache_path
+    from clipdedup.match.cache.matches import cache_path
 
     d = os.path.join(root, str(n))
     img, db = os.path.join(d, "img"), os.path.join(d, "db")

@@ -5,7 +5,7 @@ rescaled, re-lit and noisy copy of each, in one matrix (as the DB's check rows a
 screen hands them over, sorted by their first row: each picture with its copy and with 4 random
 rows (most of those are refused by the gates, as most candidates of a real screen are not).
 
-The reference (clipdedup.match.warp_check.warp_scores_ref, float64 numpy, one pair at a time) is
+The reference (clipdedup.match.verify.warp_check.warp_scores_ref, float64 numpy, one pair at a time) is
 timed on the first pairs only; the native path (warp_scores) on the same pairs, checked against it
 (atol 1e-9), and on all 20,000 pairs with 1 thread and with one per core, checked on a sample
 against the reference and against each other (the same bits). Rounds interleaved (common.py).
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from clipdedup.match.warp_check import WarpCheck, warp_scores, warp_scores_ref
+from clipdedup.match.verify.warp_check import WarpCheck, warp_scores, warp_scores_ref
 from common import Row, interleaved, main
 
 SHAPE = WarpCheck()

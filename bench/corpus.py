@@ -15,7 +15,7 @@ of that distance between a planted duplicate and its source: a pair of "distinct
 than that is as alike as the duplicates a matcher must find at recall 0.95 (the same icon at several
 sizes, a game's low-resolution copy of its splash screen, consecutive animation frames, one photo
 under mild filters), and no threshold could separate it. The first of such a group is kept. This
-measure is a pixel comparison like builtin:dct's check (clipdedup.match.verify), so the corpus says
+measure is a pixel comparison like builtin:dct's check (clipdedup.match.verify.verifier), so the corpus says
 nothing about pairs closer than NEAR; docs/benchmarks.md reports how many sources it dropped.
 
 Per source, `DUPS_PER_SOURCE` duplicate kinds are drawn from DUPLICATE_KINDS (recompression,

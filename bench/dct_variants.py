@@ -1,6 +1,6 @@
 """builtin:dct's check, part by part: the procedure's choice (bench_dct_quality.choose) on the tuning
 half of bench/corpus.py for the shipped check and for variants of it with one part taken out or
-changed, each scored by the native path with clipdedup.match.warp_check's constants changed for the
+changed, each scored by the native path with clipdedup.match.verify.warp_check's constants changed for the
 run (the shipped rows; the screen is the same for all). What each part of the check buys at the
 procedure's precision; the hold-out is not looked at.
 
@@ -39,7 +39,7 @@ VARIANTS: list[tuple[str, dict, bool]] = [
 
 @contextlib.contextmanager
 def constants(changes: dict) -> Iterator[None]:
-    from clipdedup.match import warp_check
+    from clipdedup.match.verify import warp_check
 
     old = {k: getattr(warp_check, k) for k in changes}
     for k, v in changes.items():

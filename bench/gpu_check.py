@@ -77,8 +77,8 @@ def part_pytest(args) -> list[Check]:
 
 # ------------------------------------------------------------------------------------------ plan
 def part_plan(args) -> list[Check]:
-    from clipdedup.match.kernels.pairwise import MAX_GRID, launch_plan, tile_count
-    from clipdedup.match.triton import plan_steps
+    from clipdedup.kernels.pairwise import MAX_GRID, launch_plan, tile_count
+    from clipdedup.match.backends.triton import plan_steps
 
     out = []
     for n in (6_500_000, 10**9):
@@ -144,8 +144,8 @@ def same(got, want) -> tuple[bool, str]:
 def backends(cpu: bool) -> dict[str, Callable]:
     """Name -> (x, y, t) -> sorted (pairs, distances), for the two GPU backends (or their CPU runs)."""
     from clipdedup.match import find_pairs
-    from clipdedup.match.torch_cuda import device_bytes, pairs_torch_cuda
-    from clipdedup.match.triton import pairs_triton
+    from clipdedup.match.backends.torch_cuda import device_bytes, pairs_torch_cuda
+    from clipdedup.match.backends.triton import pairs_triton
 
     def sort(i, j, d):
         order = np.lexsort((j, i))

@@ -44,14 +44,14 @@ MUTATIONS = [
     Mutation(
         "check-without-alignment",
         "builtin:dct's check aligns scale and offset per axis before comparing (a 5% off-centre crop)",
-        "match/warp_check.py",
+        "match/verify/warp_check.py",
         (("ITERS = 5  #", "ITERS = 0  #"),),
         ("tests/match/test_verify.py::test_decisions_on_planted_variants_of_real_photos",),
     ),
     Mutation(
         "check-whole-picture",
         "builtin:dct's check turns down a picture with one part replaced (the worst block decides)",
-        "match/warp_check.py",
+        "match/verify/warp_check.py",
         (("GRID = 4  #", "GRID = 1  #"),),
         ("tests/match/test_verify.py::test_decisions_on_planted_variants_of_real_photos",),
     ),
@@ -92,7 +92,7 @@ MUTATIONS = [
     Mutation(
         "halve-screen-margin",
         "low-precision screening loses no pair within the threshold",
-        "match/bounds.py",
+        "match/screen/bounds.py",
         (
             (
                 "    return (per_norm * na + const) * scale, (per_norm * nb + const) * scale",
@@ -237,7 +237,7 @@ MUTATIONS = [
     Mutation(
         "cache-trusts-paths",
         "a rerun reuses no pair of a row whose embedding changed (rows are compared by content)",
-        "match/cache.py",
+        "match/cache/matches.py",
         (
             (
                 "    same[same] = c.hashes[old[same]] == np.asarray(hashes, np.uint64)[same]\n",
@@ -249,7 +249,7 @@ MUTATIONS = [
     Mutation(
         "stale-screen-operands",
         "a rerun screens new and changed rows with their own operands, not the cache's",
-        "match/incremental.py",
+        "match/cache/incremental.py",
         (("project_changed(sr, store, np.flatnonzero(old < 0))", "(sr, '')"),),
         ("tests/match/test_cache.py::test_random_sequences_equal_full_runs",),
     ),
@@ -285,6 +285,8 @@ def native_module() -> Path | None:
 def copy_package(dst_root: Path) -> Path:
     pkg = dst_root / "clipdedup"
     shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"), ignore_dangling_symlinks=True)
+    if not (pkg / "kernels").exists():  # the wheel maps kernels/ (repository root) to clipdedup/kernels
+        shutil.copytree(REPO / "kernels", pkg / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     if not compiled(pkg):
         so = native_module()
         if so is None:

@@ -177,8 +177,8 @@ def synthetic_distances(
         verifier}, images used, [(path, reason)] for unreadable images).
     """
     from clipdedup.ingest.decode.base import DecodeError, decode_pil
+    from clipdedup.ingest.encode.base import verifier_for
     from clipdedup.match import exact_distances
-    from clipdedup.match.verify import verifier_for
 
     verifier = verifier_for(enc.model_id)
     out: dict[str, list[float]] = {name: [] for name in TRANSFORMS}
@@ -231,8 +231,13 @@ def calibrate(
         UserError: no DB, fewer than two embeddings, a -m that is not the DB's model, no images.
     """
     from clipdedup.db import load_db, read_meta
-    from clipdedup.ingest.encode.base import canonical_model_id, check_layout, default_threshold, load_encoder
-    from clipdedup.match.verify import verifier_for
+    from clipdedup.ingest.encode.base import (
+        canonical_model_id,
+        check_layout,
+        default_threshold,
+        load_encoder,
+        verifier_for,
+    )
     from clipdedup.scan import scan_tree
 
     say = progress or (lambda line: None)

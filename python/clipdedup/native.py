@@ -140,7 +140,7 @@ def gather_rows(
 
 @dataclass(frozen=True)
 class WarpParams:
-    """The shape of a check part and the constants of builtin:dct's check; clipdedup.match.warp_check
+    """The shape of a check part and the constants of builtin:dct's check; clipdedup.match.verify.warp_check
     fills it from its own constants, which stay their only spelling."""
 
     side: int
@@ -162,7 +162,7 @@ class WarpParams:
 def warp_scores(
     a: np.ndarray, b: np.ndarray, pairs: np.ndarray, params: WarpParams, threads: int | None = None
 ) -> np.ndarray:
-    """Scores of builtin:dct's check (`clipdedup.match.warp_check.warp_score_ref`, float64 throughout).
+    """Scores of builtin:dct's check (`clipdedup.match.verify.warp_check.warp_score_ref`, float64 throughout).
 
     Args:
         a: float32 (N, V) C-contiguous check parts, V = side^2 + 2 chroma^2.

@@ -23,6 +23,7 @@ from clipdedup.db.load import snapshot_lines
 from clipdedup.db.rowstore import RowStore
 from clipdedup.db.store_load import encoded_as_scanned, open_embeddings
 from clipdedup.errors import UserError
+from clipdedup.ingest.encode import base as encode
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
 from clipdedup.ingest.update import (
     load_embeddings,
@@ -33,9 +34,9 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
-from clipdedup.match.incremental import import_in_background, match_with_cache
-from clipdedup.match.verify import match_verified, verifier_for
-from clipdedup.match.verify_store import match_verified_store
+from clipdedup.match.cache.incremental import import_in_background, match_with_cache
+from clipdedup.match.verify.store import match_verified_store
+from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
@@ -132,7 +133,7 @@ def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Calla
     s.backend = MATCHERS.get(opts.backend).name if fp is find_pairs else f"ray: {opts.backend or 'auto'}"
     bar = tqdm(desc=f"match ({s.backend})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
-    if (verifier := verifier_for(model)) is None:
+    if (verifier := encode.verifier_for(model)) is None:
         pairs, dists = fp(x, s.threshold, y=y, backend=opts.backend, progress=bar.update)
     else:
         # a store: only the screening part in RAM, the check parts of the candidates read from it
@@ -224,7 +225,8 @@ def _run_dedup_locked(
         torch_import.join()
         model = _model(opts, u)
         # matching on Ray takes the matrix; screen-then-verify (builtin:dct) reads the store
-        if (on_ray := opts.cluster is not None and opts.cluster.match) or verifier_for(model) is not None:
+        on_ray = opts.cluster is not None and opts.cluster.match
+        if on_ray or encode.verifier_for(model) is not None:
             rows = store.to_matrix() if on_ray else store
             pairs, dists = _match(rows, None, opts, s, model, (_rel(kept), _rel(kept)))
         else:
@@ -350,7 +352,7 @@ def _run_import_locked(
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
     # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM.
     model = _model(opts, ub, ui)
-    load: Callable[..., tuple] = open_embeddings if verifier_for(model) else load_embeddings
+    load: Callable[..., tuple] = open_embeddings if encode.verifier_for(model) else load_embeddings
     with contextlib.ExitStack() as stores:  # a store's snapshot is written on a thread: lines after
         bkept, xb, eb, nb = load(
             base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo

@@ -150,7 +150,7 @@ class CandidatePair:
     a: str
     b: str  # import mode: a base file, "base:" + its path
     distance: float  # screening distance
-    score: float  # check score (clipdedup.match.verify)
+    score: float  # check score (clipdedup.match.verify.verifier)
     confirmed: bool  # score >= the verifier's bar: a duplicate pair
 
 

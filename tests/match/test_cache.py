@@ -1,4 +1,4 @@
-"""The match cache (match/cache.py): reruns that match only new or changed rows give a full run's
+"""The match cache (match/cache/matches.py): reruns that match only new or changed rows give a full run's
 pairs on random add / change / delete sequences; anything doubtful means a full match with one
 line; a SIGKILL while the cache is written leaves runs that are still exact."""
 
@@ -16,7 +16,7 @@ import pytest
 
 from clipdedup import db as dbmod
 from clipdedup.match import exact_distances, find_pairs
-from clipdedup.match.cache import CACHE_NAME, MatchCache, cache_path, plan_reuse, read_cache
+from clipdedup.match.cache.matches import CACHE_NAME, MatchCache, cache_path, plan_reuse, read_cache
 from clipdedup.pipeline import RunOptions, run_dedup
 from clipdedup.scan import scan_tree
 
@@ -159,8 +159,8 @@ def test_cache_round_trip_and_plan() -> None:
 
 KILLER = """
 import sys, numpy as np
-from clipdedup.match.cache import cache_path, read_cache, write_cache
-from clipdedup.match.screen_cache import read_screen
+from clipdedup.match.cache.matches import cache_path, read_cache, write_cache
+from clipdedup.match.cache.screen import read_screen
 db, a_dir, b_dir = sys.argv[1:]
 
 def load(d):

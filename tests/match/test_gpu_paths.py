@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from clipdedup import native  # noqa: E402
-from clipdedup.match.kernels.pairwise import MAX_GRID, launch_plan, tile_coords, tile_count  # noqa: E402
-from clipdedup.match.triton import ChunkLoader, _triton_why_not, plan_steps  # noqa: E402
+from clipdedup.kernels.pairwise import MAX_GRID, launch_plan, tile_coords, tile_count  # noqa: E402
+from clipdedup.match.backends.triton import ChunkLoader, _triton_why_not, plan_steps  # noqa: E402
 
 INT32_MAX = (1 << 31) - 1
 
@@ -85,7 +85,7 @@ def test_kernel_compiles_offline_for_its_targets() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from clipdedup.match.kernels.pairwise import pairwise_within_kernel
+    from clipdedup.kernels.pairwise import pairwise_within_kernel
 
     sig = dict.fromkeys(["q_ptr", "k_ptr"], "*fp16") | dict.fromkeys(["hq_ptr", "hk_ptr"], "*fp32")
     sig |= {"out_ptr": "*i32", "count_ptr": "*i64", "cap": "i64", "tile0": "i64"}
@@ -223,7 +223,7 @@ def test_triton_unavailable_below_compute_capability_8(monkeypatch: pytest.Monke
 
 
 def test_kernel_wrapper_checks_before_launching() -> None:
-    from clipdedup.match.kernels.pairwise import pairwise_within
+    from clipdedup.kernels.pairwise import pairwise_within
 
     q = torch.zeros((0, 32), dtype=torch.float16)
     h = torch.zeros(0)
@@ -236,9 +236,9 @@ def test_kernel_wrapper_checks_before_launching() -> None:
 def test_triton_driver_with_a_reference_screen_and_progress() -> None:
     """pairs_triton's driver (scaling, steps, offsets, limit bookkeeping, progress) with the kernel's
     float64 reference standing in for the kernel: the reference's answer, one progress tick a step."""
+    from clipdedup.kernels.pairwise import pairwise_within_ref
     from clipdedup.match import find_pairs
-    from clipdedup.match.kernels.pairwise import pairwise_within_ref
-    from clipdedup.match.triton import pairs_triton
+    from clipdedup.match.backends.triton import pairs_triton
     from helpers import planted, threshold_on_a_pair
 
     calls: list[dict] = []

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 
 from clipdedup.match import find_pairs  # noqa: E402
-from clipdedup.match.triton import ChunkLoader, Step, pairs_triton, plan_steps, run_steps  # noqa: E402
+from clipdedup.match.backends.triton import ChunkLoader, Step, pairs_triton, plan_steps, run_steps  # noqa: E402
 from helpers import all_distances, planted, threshold_on_a_pair  # noqa: E402
 
 SMALL = (16, 16, 32)  # BM, BN, BK: keeps the interpreter quick and makes tiles much smaller than n
@@ -158,7 +158,7 @@ def check_kernel(mod, n, m, d, self_mode, device, blocks, row_base=0, col_base=0
 
 
 def _interp_kernel(n, m, d, self_mode):
-    from clipdedup.match.kernels import pairwise
+    from clipdedup.kernels import pairwise
 
     _interpreted()
     check_kernel(pairwise, n, m, d, self_mode, "cpu", SMALL)
@@ -178,7 +178,7 @@ def test_kernel_matches_its_reference(interp, n, m, d, self_mode):
 @pytest.mark.parametrize("n,m,d", [(1, 1, 64), (300, 65, 128), (1000, 1000, 512)])
 @pytest.mark.parametrize("self_mode", [False, True])
 def test_kernel_cuda_matches_its_reference(n, m, d, self_mode):
-    from clipdedup.match.kernels import pairwise
+    from clipdedup.kernels import pairwise
 
     check_kernel(pairwise, n, m, d, self_mode, "cuda", (128, 128, 64))
     check_kernel(pairwise, n, m, d, self_mode, "cuda", SMALL, row_base=7, col_base=0, cap=1)
@@ -205,8 +205,8 @@ def test_plan_covers_every_pair_once(n, m, self_mode, budget_rows):
 def test_streamed_steps_on_cpu_equal_reference():
     """The step loop with its prefetching, on CPU tensors, with the kernel's float64 reference as the
     screen: the chunks and offsets must reproduce the whole problem's pairs."""
+    from clipdedup.match.backends.triton import TARGET_EXP, triton_screen
     from clipdedup.match.core import recheck, scaled_problem
-    from clipdedup.match.triton import TARGET_EXP, triton_screen
 
     x = planted(90, 64, seed=20)
     y = planted(50, 64, seed=21)
@@ -221,7 +221,7 @@ def test_streamed_steps_on_cpu_equal_reference():
         prefetched: list[Step] = []
 
         def compute(q, k, st: Step, overlap, hq=hq, hk=hk, self_mode=self_mode, prefetched=prefetched):
-            from clipdedup.match.kernels.pairwise import pairwise_within_ref
+            from clipdedup.kernels.pairwise import pairwise_within_ref
 
             overlap()
             prefetched.append(st)
@@ -246,7 +246,7 @@ def _interp_counters() -> None:
     """The kernel itself, launched by hand: slots from a counter that starts negative (as a 32-bit
     counter did after 2^31 hits) are never stored, the counter counts past 2^31 without wrapping,
     and every program adds one to the tile counter."""
-    from clipdedup.match.kernels import pairwise
+    from clipdedup.kernels import pairwise
 
     _interpreted()
     n, d, bm = 40, 32, 16
@@ -284,7 +284,7 @@ def test_kernel_counters_are_int64_and_negative_slots_dropped(interp):
 def _interp_skipped_launch() -> None:
     """A launch that never runs (what Triton's launcher did when the grid product wrapped) makes
     the tile count fall short: the wrapper raises instead of returning a partial answer."""
-    from clipdedup.match.kernels import pairwise
+    from clipdedup.kernels import pairwise
 
     _interpreted()
     q, _, hq, _ = kernel_inputs(50, 50, 32, seed=4)
@@ -307,7 +307,7 @@ def test_kernel_skipped_launch_and_pair_limit_raise(interp):
 
 
 def _interp_backend_limit() -> None:
-    from clipdedup.match.kernels.pairwise import TooManyPairsError
+    from clipdedup.kernels.pairwise import TooManyPairsError
 
     _interpreted()
     x = np.tile(planted(1, 32, seed=5), (70, 1))

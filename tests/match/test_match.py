@@ -7,11 +7,16 @@ import pytest
 import torch
 
 from clipdedup.match import MATCHERS, exact_distances, find_pairs, nearest_within, pairs_ref
-from clipdedup.match.bounds import UBF16, Screen
+from clipdedup.match.backends.cpu import pairs_cpu_bf16
 from clipdedup.match.core import Tiles, scaled_problem
-from clipdedup.match.cpu import pairs_cpu_bf16
-from clipdedup.match.project import principal_projection, project, projected_candidates, projected_threshold
-from clipdedup.match.torch_screen import RECIPES, AugmentedScreen, torch_screen
+from clipdedup.match.screen.bounds import UBF16, Screen
+from clipdedup.match.screen.project import (
+    principal_projection,
+    project,
+    projected_candidates,
+    projected_threshold,
+)
+from clipdedup.match.screen.torch_screen import RECIPES, AugmentedScreen, torch_screen
 from helpers import all_distances, bf16_edge_pairs, planted, threshold_on_a_pair
 
 CPU_BACKENDS = [b for b in ("cpu-fp32", "cpu-bf16") if MATCHERS.entries[b].unavailable_reason() is None]

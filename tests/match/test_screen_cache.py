@@ -1,4 +1,4 @@
-"""The match cache's screen section (match/screen_cache.py): operands kept from a run and completed
+"""The match cache's screen section (match/cache/screen.py): operands kept from a run and completed
 with the new or changed rows equal, bit for bit, a fresh build with the same projection and bound;
 matching on them gives the reference's pairs; doubts give None and a reason, never wrong operands."""
 
@@ -11,9 +11,9 @@ import pytest
 
 from clipdedup.db.rowstore import store_of_matrix
 from clipdedup.match import find_pairs
-from clipdedup.match.screen_cache import project_changed, read_screen, section_size, write_section
+from clipdedup.match.cache.screen import project_changed, read_screen, section_size, write_section
+from clipdedup.match.screen.store_screen import ScreenRows, finish_screen, new_screen_rows, screen_rows
 from clipdedup.match.store import find_pairs_store
-from clipdedup.match.store_screen import ScreenRows, finish_screen, new_screen_rows, screen_rows
 from helpers import planted, threshold_on_a_pair
 
 K = 128
@@ -135,8 +135,8 @@ def test_doubts_give_none_and_why() -> None:
 def test_the_documented_layout_sizes() -> None:
     from pathlib import Path
 
-    from clipdedup.match.cache import HEADER
-    from clipdedup.match.screen_cache import SECTION_HEAD
+    from clipdedup.match.cache.matches import HEADER
+    from clipdedup.match.cache.screen import SECTION_HEAD
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "db-format.md").read_text()
     assert f"| `[0, {HEADER.size})` | header: magic `CDMATCH" in doc

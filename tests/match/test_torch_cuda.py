@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from clipdedup.match import find_pairs
-from clipdedup.match import torch_screen as ts
-from clipdedup.match.torch_cuda import device_bytes, pairs_torch_cuda
-from clipdedup.match.triton import plan_steps
+from clipdedup.match.backends.torch_cuda import device_bytes, pairs_torch_cuda
+from clipdedup.match.backends.triton import plan_steps
+from clipdedup.match.screen import torch_screen as ts
 from helpers import planted, threshold_on_a_pair
 
 

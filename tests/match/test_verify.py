@@ -12,10 +12,10 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from clipdedup.ingest.decode.base import decode_pil
 from clipdedup.ingest.encode import dct
-from clipdedup.ingest.encode.base import load_encoder
+from clipdedup.ingest.encode.base import load_encoder, verifier_for
 from clipdedup.match import pairs_ref
-from clipdedup.match.verify import Verifier, match_verified, verifier_for
-from clipdedup.match.warp_check import warp_scores_ref
+from clipdedup.match.verify.verifier import Verifier, match_verified
+from clipdedup.match.verify.warp_check import warp_scores_ref
 
 
 def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -155,7 +155,7 @@ def test_decisions_on_planted_variants_of_real_photos(testdata: Path) -> None:
 
 def _unaligned(ra: np.ndarray, rb: np.ndarray) -> float:
     """The luma term with the alignment's best whole-pixel move and no scale (warp_check step 4)."""
-    from clipdedup.match import warp_check as w
+    from clipdedup.match.verify import warp_check as w
 
     n, m = dct.CHECK, dct.MARGIN
     la, lb = ra[: n * n].reshape(n, n).astype(np.float64), rb[: n * n].reshape(n, n).astype(np.float64)
@@ -211,7 +211,7 @@ def test_colour_of_a_mostly_grey_picture_counts(testdata: Path) -> None:
     x = _rows([red, green, photo, grey])
     c = dct.VERIFIER.split(x)[1]
     n = dct.CHECK * dct.CHECK
-    from clipdedup.match import warp_check as wc
+    from clipdedup.match.verify import warp_check as wc
 
     assert np.abs(c[0, :n] - c[1, :n]).max() < 2.0  # the luma alone cannot tell them apart
     assert wc.colour_term(c[0, n:].astype(np.float64), c[1, n:].astype(np.float64)) < 0.5

@@ -1,4 +1,4 @@
-"""Screen-then-verify on a row store (match/verify_store.py) gives `match_verified`'s answer on the
+"""Screen-then-verify on a row store (match/verify/store.py) gives `match_verified`'s answer on the
 matrix: the same candidates, distances, scores and decisions, for any chunking of the candidates,
 within one store and between two (import mode); and a builtin:dct dedup run of real images keeps
 only the screening part in RAM."""
@@ -12,8 +12,8 @@ import pytest
 
 from clipdedup.db.rowstore import store_of_matrix
 from clipdedup.ingest.encode.dct import CHECK_DIM, SCREEN_DIM, VERIFIER
-from clipdedup.match.verify import match_verified
-from clipdedup.match.verify_store import match_verified_store
+from clipdedup.match.verify.store import match_verified_store
+from clipdedup.match.verify.verifier import match_verified
 
 
 def rows(n: int, seed: int) -> np.ndarray:

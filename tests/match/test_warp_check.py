@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from clipdedup import native
-from clipdedup.match import warp_check as wc
-from clipdedup.match.warp_check import WarpCheck, warp_scores, warp_scores_ref
+from clipdedup.match.verify import warp_check as wc
+from clipdedup.match.verify.warp_check import WarpCheck, warp_scores, warp_scores_ref
 
 # Observed agreement is ~1e-12: the native sums run in another order than numpy's pairwise ones,
 # and the Gauss-Newton steps carry that rounding into the warp.

@@ -3,7 +3,7 @@
 The answer is defined by `exact_distances`: sqrt(sum((float64(a_k) - float64(b_k))^2)) computed from
 the float32 inputs. Fast backends screen tiles with a matmul in float32 or lower precision, keep
 every pair within the threshold plus a margin derived from the screening precision's rounding-error
-bound (`match.bounds`), and re-check those candidates with `exact_distances`. So each backend returns
+bound (`match.screen.bounds`), and re-check those candidates with `exact_distances`. So each backend returns
 the reference's pairs, pair for pair, including pairs exactly at the threshold. Memory is
 O(N*D + tile + pairs); no N x N matrix is ever built.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from clipdedup.match import cpu, torch_cuda, triton  # noqa: F401  (register the backends)
+from clipdedup.match.backends import cpu, torch_cuda, triton  # noqa: F401  (register the backends)
 from clipdedup.match.core import MATCHERS, exact_distances, recheck
 from clipdedup.match.neighbours import nearest_by_name, nearest_within
 from clipdedup.match.reference import pairs_ref

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipdedup.match.bounds import Screen, margins, pow2_scale
+from clipdedup.match.screen.bounds import Screen, margins, pow2_scale
 from clipdedup.registry import Registry
 
 Matcher = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]

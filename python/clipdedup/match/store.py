@@ -4,11 +4,11 @@ Resident per row while matching: the screening operands (`StoreScreen`: the row'
 k principal directions, scaled and rounded to the recipe's type, with its shift pieces; 268 bytes
 at k = 128 in bfloat16) and the store's 16 bytes. Full rows are only ever read from the store:
 
-1. One pass over the store builds the operands (`match.store_screen`: a bound of the largest row
+1. One pass over the store builds the operands (`match.screen.store_screen`: a bound of the largest row
    norm, known from the store's opening pass or from a pass of its own, fixes the power-of-two
    scale before any projection is known): the projections, their norms and the margins of
-   `match.bounds` at the projected threshold of `match.project` (a lower bound of the distance).
-   A rerun takes the unchanged rows' operands from the match cache instead (`match.screen_cache`).
+   `match.screen.bounds` at the projected threshold of `match.screen.project` (a lower bound of the distance).
+   A rerun takes the unchanged rows' operands from the match cache instead (`match.cache.screen`).
 2. Each tile (a block of rows against a block of columns, `match_tile`) screens the operands; when
    it leaves more candidates than `max_candidates` (clustered data), the tile's full rows are read
    into two bounded buffers and screened with the same recipe instead.
@@ -32,9 +32,9 @@ import numpy as np
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match.core import recheck
-from clipdedup.match.project import PROJECT_DIM
-from clipdedup.match.store_screen import StoreScreen, screen_store
-from clipdedup.match.torch_screen import tile_hits, torch_screen
+from clipdedup.match.screen.project import PROJECT_DIM
+from clipdedup.match.screen.store_screen import StoreScreen, screen_store
+from clipdedup.match.screen.torch_screen import tile_hits, torch_screen
 
 BLOCK = 4096  # rows per tile side: a bfloat16 tile of 32 MiB, full-row buffers of 20 MiB at D = 1280
 
@@ -151,7 +151,7 @@ def find_pairs_store(
         threshold: distance bound, inclusive (finite, >= 0).
         rows: int64 sorted row ids: only pairs with at least one end among them (every such
             pair once); None: all pairs.
-        recipe: a `match.torch_screen.RECIPES` name ("bfloat16" for cpu-bf16, "float32" for cpu-fp32).
+        recipe: a `match.screen.torch_screen.RECIPES` name ("bfloat16" for cpu-bf16, "float32" for cpu-fp32).
         k: projected width of the screen (>= D: the rows themselves).
         block: rows per tile side.
         max_candidates: see `match_tile`.

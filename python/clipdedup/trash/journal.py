@@ -35,7 +35,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-META_DIR = ".clipdedup"
+from clipdedup.util.lock import TRASH_META_DIR
+
+META_DIR = TRASH_META_DIR
 JOURNAL_NAME = "journal.jsonl"
 HASH_NAME = "blake2b"
 

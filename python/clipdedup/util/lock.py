@@ -23,6 +23,8 @@ from collections.abc import Callable
 from clipdedup.errors import UserError
 
 DB_LOCK_NAME = ".clipdedup.lock"
+# The trash dir's own folder (journal, lock); trash.journal names it META_DIR.
+TRASH_META_DIR = ".clipdedup"
 
 
 def pid_alive(pid: int) -> bool:
@@ -159,9 +161,7 @@ def db_lock(db_dir: str, log: Callable[[str], None] | None = None) -> DirLock:
 
 
 def trash_lock(trash_dir: str, log: Callable[[str], None] | None = None) -> DirLock:
-    from clipdedup.trash.journal import META_DIR
-
-    return DirLock(os.path.join(trash_dir, META_DIR, "lock"), f"trash dir {trash_dir}", log)
+    return DirLock(os.path.join(trash_dir, TRASH_META_DIR, "lock"), f"trash dir {trash_dir}", log)
 
 
 def run_locks(

@@ -29,7 +29,7 @@ class EncoderFactory:
     load: Callable[..., Encoder]
     default_threshold: float = CLIP_DEFAULT_THRESHOLD
     # A model whose rows carry a check part: how its screened candidates are verified
-    # (clipdedup.match.verify.Verifier); None: every pair within the threshold is a duplicate.
+    # (clipdedup.match.verify.verifier.Verifier); None: every pair within the threshold is a duplicate.
     verifier: Any = None
     # The calibrate transforms the model is meant to catch; None: all of them.
     calibration_targets: tuple[str, ...] | None = None
@@ -159,6 +159,12 @@ def encoder_factory(model_id: str) -> EncoderFactory:
     every other id, as `load_encoder` does)."""
     entry = ENCODERS.entries.get(model_id) if model_id.startswith("builtin:") else None
     return (entry or ENCODERS.entries["open_clip"]).fn
+
+
+def verifier_for(model_id: str | None) -> Any:
+    """The verifier a model declares (its `EncoderFactory.verifier`, a
+    `clipdedup.match.verify.verifier.Verifier`), or None."""
+    return encoder_factory(model_id).verifier if model_id else None
 
 
 def layout_mismatch(meta: Any) -> str | None:

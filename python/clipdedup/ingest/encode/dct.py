@@ -1,6 +1,6 @@
 """`builtin:dct`: a model-free near-duplicate encoder (no weights, no GPU), screened then verified.
 
-Each row holds two parts (see clipdedup.match.verify for why both live in one embedding):
+Each row holds two parts (see clipdedup.match.verify.verifier for why both live in one embedding):
 - screen (BLOCK*BLOCK - 1 dims): an image becomes grayscale 32x32 (aspect ratio not kept, as
   perceptual hashes do); its 2-D DCT-II is taken and the low-frequency K x K block without the DC term
   is kept, L2-normalised. Dropping DC and normalising make it blind to brightness and contrast
@@ -10,7 +10,7 @@ Each row holds two parts (see clipdedup.match.verify for why both live in one em
   caption changes first, weighs less); each coefficient is compressed to sign(c) |c|^0.2 so the few
   strongest frequencies do not decide the distance alone.
 - check (CHECK*CHECK + 2*CHROMA*CHROMA dims): the CHECK x CHECK luma thumbnail and the CHROMA x
-  CHROMA Cb/Cr block means, in grey levels, compared by clipdedup.match.warp_check: gates on
+  CHROMA Cb/Cr block means, in grey levels, compared by clipdedup.match.verify.warp_check: gates on
   brightness, spread and colour strength, the chroma cosine, and the worst block of the luma after
   one thumbnail is aligned onto the other (scale and offset per axis: a crop of up to 5% per side
   scales the picture by up to 10%, which no whole-pixel move undoes). It is blind to +-10% brightness
@@ -47,15 +47,15 @@ from PIL import Image
 
 from clipdedup.errors import ModelError
 from clipdedup.ingest.encode.base import ENCODERS, Encoder, EncoderFactory
-from clipdedup.match.verify import Verifier
-from clipdedup.match.warp_check import WarpCheck, warp_scores, warp_scores_ref
+from clipdedup.match.verify.verifier import Verifier
+from clipdedup.match.verify.warp_check import WarpCheck, warp_scores, warp_scores_ref
 
 MODEL_ID = "builtin:dct"
 SIZE = 32  # side of the grayscale image the DCT is taken of
 BLOCK = 12  # K: the K x K lowest frequencies are kept, DC dropped -> K*K - 1 dims
 WINDOW = 0.8  # raised-cosine taper: weight (1 - a cos(2 pi (i + 1/2) / n)) / (1 + a), 0.11 at the border
 POWER = 0.2  # coefficient compression sign(c) |c|^POWER
-CHECK = 64  # side of the luma thumbnail of the check (clipdedup.match.warp_check)
+CHECK = 64  # side of the luma thumbnail of the check (clipdedup.match.verify.warp_check)
 MARGIN = 8  # pixels cut from each edge of the first side's window before the alignment
 CHROMA = 8  # side of the chroma (Cb, Cr) thumbnail compared beside it
 DECODE_SIDE = 128  # shorter side the decoder must deliver before the box filter makes CHECK x CHECK
@@ -157,7 +157,7 @@ def _blocks(x: np.ndarray, side: int) -> np.ndarray:
 
 def check_features(rgb: np.ndarray) -> np.ndarray:
     """Fast path: the check part of a batch, [luma | chroma] in grey levels (nothing normalised: the
-    check compares brightness, spread and colour strength too, clipdedup.match.warp_check).
+    check compares brightness, spread and colour strength too, clipdedup.match.verify.warp_check).
 
     Args:
         rgb: (B, CHECK, CHECK, 3) in [0, 255], any float or integer dtype.

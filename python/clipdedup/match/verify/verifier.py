@@ -18,7 +18,7 @@ Contract: `Verifier.split(x)` -> (screen, check) views; the matcher sees `screen
 `Verifier.scores(check_a, check_b, pairs)` gives one float64 score per candidate pair (the model's
 `score`, its fast path; `score_ref` is the plain definition and tests compare the two), and a pair
 is confirmed when score >= `Verifier.min_score`. builtin:dct's measure is
-clipdedup.match.warp_check.
+clipdedup.match.verify.warp_check.
 """
 
 from __future__ import annotations
@@ -116,12 +116,3 @@ def match_verified(
     return Verified(
         pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}
     )
-
-
-def verifier_for(model_id: str | None) -> Verifier | None:
-    """The verifier a model declares (its `EncoderFactory.verifier`), or None."""
-    if not model_id:
-        return None
-    from clipdedup.ingest.encode.base import encoder_factory
-
-    return encoder_factory(model_id).verifier

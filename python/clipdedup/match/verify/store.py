@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from clipdedup.db.rowstore import RowStore
-from clipdedup.match.verify import Verified, Verifier
+from clipdedup.match.verify.verifier import Verified, Verifier
 
 PAIR_CHUNK = 2048  # candidate pairs scored per step: at most 4,096 rows read (72 MB at 4,367 floats)
 

@@ -19,8 +19,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clipdedup.match.bounds import TINY16, TINY32, U16, U32, UBF16, Screen, piece_residual, screen_error
 from clipdedup.match.core import Scaled, Tiles, scaled_problem
+from clipdedup.match.screen.bounds import (
+    TINY16,
+    TINY32,
+    U16,
+    U32,
+    UBF16,
+    Screen,
+    piece_residual,
+    screen_error,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ class AugmentedScreen:
     def __init__(self, xs, ys, sp: Scaled, recipe: Recipe):
         import torch
 
-        from clipdedup.match.bounds import split_pieces
+        from clipdedup.match.screen.bounds import split_pieces
 
         self.torch = torch
         self.dtype = getattr(torch, recipe.dtype)

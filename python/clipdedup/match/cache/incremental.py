@@ -1,10 +1,10 @@
 """A run's matching: the row store's pairs, through the DB's match cache when it can be reused.
 
-`match_with_cache` reads `clipdedup-matches.bin` (match/cache.py), reuses its pairs among unchanged
+`match_with_cache` reads `clipdedup-matches.bin` (match/cache/matches.py), reuses its pairs among unchanged
 rows, matches only the new or changed rows against all rows (`find_pairs_store(rows=...)`, or
 `find_pairs` on the matrix for backends that need one), and writes the cache again unless told not
 to. Row-store backends also take the unchanged rows' screening operands from the cache
-(match/screen_cache.py) and write them back. The pairs and distances are those of a full
+(match/cache/screen.py) and write them back. The pairs and distances are those of a full
 `find_pairs`.
 """
 
@@ -23,12 +23,19 @@ from tqdm import tqdm
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match import find_pairs
-from clipdedup.match.cache import MatchCache, cache_path, merge_pairs, plan_reuse, read_cache, write_cache
+from clipdedup.match.cache.matches import (
+    MatchCache,
+    cache_path,
+    merge_pairs,
+    plan_reuse,
+    read_cache,
+    write_cache,
+)
+from clipdedup.match.cache.screen import project_changed, read_screen
 from clipdedup.match.core import recheck
-from clipdedup.match.project import PROJECT_DIM
-from clipdedup.match.screen_cache import project_changed, read_screen
+from clipdedup.match.screen.project import PROJECT_DIM
+from clipdedup.match.screen.store_screen import ScreenRows, finish_screen, screen_rows
 from clipdedup.match.store import find_pairs_store, tile_count
-from clipdedup.match.store_screen import ScreenRows, finish_screen, screen_rows
 from clipdedup.records import DBMeta
 
 # Backends whose screen runs on a row store (match/store.py), and the recipe each uses there.

@@ -1,4 +1,4 @@
-"""The `torch-cuda` backend: the float16 recipe of `match.torch_screen` on CUDA, streamed in steps
+"""The `torch-cuda` backend: the float16 recipe of `match.screen.torch_screen` on CUDA, streamed in steps
 that fit a device-memory budget, then the exact re-check.
 
 The screen of one step holds its query rows and key rows on the device in float32 plus the key
@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from clipdedup.match.backends.triton import plan_steps
 from clipdedup.match.core import MATCHERS, recheck
-from clipdedup.match.torch_screen import RECIPES, torch_screen
-from clipdedup.match.triton import plan_steps
+from clipdedup.match.screen.torch_screen import RECIPES, torch_screen
 
 BLOCK = 8192
 

@@ -7,11 +7,17 @@ for it to pay.
 from __future__ import annotations
 
 from clipdedup.match.core import MATCHERS, recheck
-from clipdedup.match.project import PROJECT_DIM, projected_candidates
-from clipdedup.match.torch_screen import RECIPES, torch_screen
+from clipdedup.match.screen.project import PROJECT_DIM, projected_candidates
+from clipdedup.match.screen.torch_screen import RECIPES, torch_screen
+from clipdedup.util import cpu
+
+BF16 = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def _bf16_why_not() -> str | None:
+    if not cpu.has("avx512_bf16") and not cpu.has("amx_bf16"):
+        why = f"masked by {cpu.MASK_ENV}" if cpu.masked() & cpu.reported_flags() & BF16 else "absent"
+        return f"avx512_bf16/amx_bf16 {why} (bf16 matmul would be slower than float32)"
     import torch
 
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -20,13 +26,6 @@ def _bf16_why_not() -> str | None:
             return "this CPU has no fast bfloat16 matmul (oneDNN reports no bf16 support)"
     except Exception:
         pass
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return "cannot read CPU flags"
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return "this CPU has no avx512_bf16/amx_bf16 (bf16 matmul would be slower than float32)"
     return None
 
 

@@ -1,11 +1,11 @@
 """The screening operands of a row store's rows: built by one pass over the store, or kept in the
-match cache between runs (match/screen_cache.py).
+match cache between runs (match/cache/screen.py).
 
 `ScreenRows` is what does not depend on the threshold: each row's projection onto k principal
-directions (`match.project`), scaled by a power of two fixed from a bound of the largest row norm and
+directions (`match.screen.project`), scaled by a power of two fixed from a bound of the largest row norm and
 rounded to the recipe's type, the float64 squared norm of the unrounded projection, and whether the
 row is finite. `finish_screen` adds, for one threshold, the projected threshold and every row's
-shift pieces (the margins of `match.bounds`), giving the `StoreScreen` that `match.store` tiles.
+shift pieces (the margins of `match.screen.bounds`), giving the `StoreScreen` that `match.store` tiles.
 Any basis and any bound >= the row norms give a lossless screen, so operands kept from an earlier run
 stay valid for unchanged rows as long as the new rows' norms are within its bound.
 """
@@ -20,16 +20,16 @@ from typing import Any
 import numpy as np
 
 from clipdedup.db.rowstore import RowStore
-from clipdedup.match.bounds import pow2_scale, split_pieces
 from clipdedup.match.core import scaled_from_norms, squared_norms
-from clipdedup.match.project import (
+from clipdedup.match.screen.bounds import pow2_scale, split_pieces
+from clipdedup.match.screen.project import (
     PROJECT_DIM,
     Projection,
     principal_projection,
     project,
     projected_threshold,
 )
-from clipdedup.match.torch_screen import RECIPES, Recipe
+from clipdedup.match.screen.torch_screen import RECIPES, Recipe
 
 BLOCK = 4096  # rows per pass block: 20 MiB of float32 at D = 1280
 
@@ -39,7 +39,7 @@ class ScreenRows:
     """The part of a `StoreScreen` that does not depend on the threshold: what the match cache keeps.
 
     Attributes:
-        recipe: the screen's `match.torch_screen.Recipe`; recipe_name: its `RECIPES` name.
+        recipe: the screen's `match.screen.torch_screen.Recipe`; recipe_name: its `RECIPES` name.
         k: width of the screened rows (projected, or D without projection).
         proj: the projection (None: the rows themselves are screened).
         rx: >= the norm of every finite row (fixes the scale and the projected threshold).
@@ -201,5 +201,5 @@ def screen_store(
     block: int = BLOCK,
 ) -> StoreScreen:
     """Builds the `StoreScreen` of every row of `store` (bounded buffers); `recipe` is a
-    `match.torch_screen.RECIPES` name."""
+    `match.screen.torch_screen.RECIPES` name."""
     return finish_screen(screen_rows(store, recipe, k=k, sample=sample, block=block), threshold)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipdedup.match.bounds import U32, gamma, reference_slack
 from clipdedup.match.core import squared_norms
+from clipdedup.match.screen.bounds import U32, gamma, reference_slack
 
 PROJECT_DIM = 128  # projected width of the pre-screen (cpu-bf16)
 
@@ -103,7 +103,7 @@ def project(x: np.ndarray, proj: Projection, chunk: int = 16384) -> np.ndarray:
     import torch
 
     out = np.empty((x.shape[0], proj.p.shape[0]), np.float32)
-    from clipdedup.match.torch_screen import full_fp32_matmul
+    from clipdedup.match.screen.torch_screen import full_fp32_matmul
 
     pt = torch.from_numpy(proj.p).T
     with torch.inference_mode(), full_fp32_matmul():
@@ -133,7 +133,7 @@ def projected_candidates(x, y, threshold, *, k=PROJECT_DIM, max_candidates=None,
         The candidates, or None when k >= D or the pre-screen left more than `max_candidates`
         (the caller then screens the full rows).
     """
-    from clipdedup.match.torch_screen import RECIPES, TooManyCandidates, torch_screen
+    from clipdedup.match.screen.torch_screen import RECIPES, TooManyCandidates, torch_screen
 
     if k >= x.shape[1]:
         return None  # no cheaper than the rows themselves

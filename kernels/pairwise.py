@@ -7,7 +7,7 @@ columns by the caller), the kernel computes per tile
     s_ij = fl(fl(q_i . k_j + hq_i) + hk_j)        (float32 accumulate, float32 epilogue)
 
 and appends (row_base + i, col_base + j) when s_ij >= 0 (and, when SELF, col > row). The shifts hq,
-hk carry the squared norms, the threshold and the error margin (see clipdedup.match.bounds), so the
+hk carry the squared norms, the threshold and the error margin (see clipdedup.match.screen.bounds), so the
 kernel needs no knowledge of distances.
 
 Launch grid: always 1-D over a list of tiles, split into launches of at most `MAX_GRID` programs
@@ -18,7 +18,7 @@ so no program is launched for a tile without pairs. Every program adds one to a 
 counter and the host checks it against the planned count: a launch that did not run raises instead
 of returning a partial answer. Offsets and both counters are int64.
 
-Importing this module imports triton; `clipdedup.match.triton` imports it only when asked to run.
+Importing this module imports triton; `clipdedup.match.backends.triton` imports it only when asked to run.
 """
 
 from __future__ import annotations

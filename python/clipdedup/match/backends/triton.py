@@ -1,4 +1,4 @@
-"""The `triton` backend: the fused kernel `clipdedup.match.kernels.pairwise` driven over chunks of rows.
+"""The `triton` backend: the fused kernel `clipdedup.kernels.pairwise` driven over chunks of rows.
 
 When the rows fit the device's memory budget there is one step: all of x (and y) on the device,
 one launch over the upper triangle of tiles. When they do not, x and y stay in host memory and
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from clipdedup.match.bounds import TINY16, U16, U32, Screen, screen_error
 from clipdedup.match.core import MATCHERS, recheck, scaled_problem
+from clipdedup.match.screen.bounds import TINY16, U16, U32, Screen, screen_error
 
 BLOCKS = (128, 128, 64)  # BM, BN, BK on a GPU
 MIN_CAPABILITY = (8, 0)  # Triton's supported NVIDIA GPUs; the kernel was compiled for sm_80/86/90
@@ -216,7 +216,7 @@ def pairs_triton(
         budget: device bytes for the operands; default 60% of the free device memory (CUDA) or
             unlimited (CPU).
         cap: initial capacity of the candidate buffer of one launch.
-        pairwise: the host wrapper to use (default `clipdedup.match.kernels.pairwise.pairwise_within`;
+        pairwise: the host wrapper to use (default `clipdedup.kernels.pairwise.pairwise_within`;
             tests pass an interpreted copy).
         max_grid: programs per kernel launch (default the kernel's `MAX_GRID`; tests force several).
         max_pairs: candidates allowed over the whole run (default the kernel's `MAX_PAIRS`);
@@ -228,7 +228,7 @@ def pairs_triton(
     """
     import torch
 
-    from clipdedup.match.kernels import pairwise as kmod
+    from clipdedup.kernels import pairwise as kmod
 
     if pairwise is None:
         pairwise = kmod.pairwise_within

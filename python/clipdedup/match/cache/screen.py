@@ -3,7 +3,7 @@
 A rerun that matches only new or changed rows still needs every row's screening operands (the
 columns every new row is screened against). Building them reads and projects every row of the
 store, a pass linear in N that dominates a rerun's match once the collection is large. So a run
-that writes the match cache appends its `ScreenRows` (match/store_screen.py): the projection, the
+that writes the match cache appends its `ScreenRows` (match/screen/store_screen.py): the projection, the
 norm bound, and per row the rounded scaled projection, its float64 squared norm and whether the row
 is finite. The next run takes the unchanged rows' operands from it and projects only the new or
 changed rows with the same projection, which is exact as long as those rows are within the stored
@@ -28,8 +28,8 @@ import numpy as np
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match.core import squared_norms
-from clipdedup.match.project import Projection
-from clipdedup.match.store_screen import ScreenRows, new_screen_rows
+from clipdedup.match.screen.project import Projection
+from clipdedup.match.screen.store_screen import ScreenRows, new_screen_rows
 
 SECTION_MAGIC = b"CDSCREEN"
 # magic, recipe name, k, dim, rows, sigma, eps, rx, has projection, head crc

@@ -19,7 +19,7 @@ old cache or none, never a torn one, and each part is checked (CRC-32) when read
 Layout (little-endian): HEADER, then the body: model id (UTF-8), row checksums uint64 [N],
 pair rows int64 i [P], int64 j [P], distances float64 [P], then the N keys joined by NUL bytes;
 then, when the run screened on a row store, the screen section (`screen_len` bytes,
-match/screen_cache.py): every row's screening operands, so that a rerun projects only its new rows.
+match/cache/screen.py): every row's screening operands, so that a rerun projects only its new rows.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipdedup.match.screen_cache import section_size, write_section
-from clipdedup.match.store_screen import ScreenRows
+from clipdedup.match.cache.screen import section_size, write_section
+from clipdedup.match.screen.store_screen import ScreenRows
 from clipdedup.util.fsutil import atomic_file
 
 CACHE_NAME = "clipdedup-matches.bin"
