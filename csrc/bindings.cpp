@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <thread>
 
+#include "int_screen.hpp"
 #include "npy_reader.hpp"
 #include "npz_reader.hpp"
 #include "scanner.hpp"
@@ -264,6 +265,45 @@ void warp_scores(py::buffer a, py::buffer b, Int64Array pairs, py::buffer out, c
                            static_cast<std::size_t>(np_), p, static_cast<double*>(io.ptr), std::max(1, threads));
 }
 
+using Int16Array = py::array_t<std::int16_t, py::array::c_style>;
+using Int32Array = py::array_t<std::int32_t, py::array::c_style>;
+using Int64Out = py::array_t<std::int64_t, py::array::c_style>;
+
+// Hits of the integer screen into out_r/out_q (int64 (cap,)); returns how many there are (> cap: gave up).
+std::int64_t int16_screen(Int16Array a, Int16Array b, Int32Array ta, Int32Array tb, std::int64_t row_base,
+                          std::int64_t col_base, bool upper, Int64Out out_r, Int64Out out_q, const std::string& isa,
+                          int threads) {
+    if (a.ndim() != 2 || b.ndim() != 2 || a.shape(1) != b.shape(1))
+        throw py::value_error("a and b must be int16 (N, K) and (M, K) arrays with the same K");
+    if (a.shape(1) % 2) throw py::value_error("K must be even");
+    if (ta.ndim() != 1 || ta.shape(0) != a.shape(0) || tb.ndim() != 1 || tb.shape(0) != b.shape(0))
+        throw py::value_error("ta and tb must be int32 (N,) and (M,)");
+    if (out_r.ndim() != 1 || out_q.ndim() != 1 || out_r.shape(0) != out_q.shape(0) || !out_r.writeable() ||
+        !out_q.writeable())
+        throw py::value_error("out_r and out_q must be writable int64 (cap,) arrays of one length");
+    clipdedup::IntScreenArgs s;
+    s.a = a.data();
+    s.n = a.shape(0);
+    s.b = b.data();
+    s.m = b.shape(0);
+    s.k = a.shape(1);
+    s.ta = ta.data();
+    s.tb = tb.data();
+    s.row_base = row_base;
+    s.col_base = col_base;
+    s.upper = upper;
+    s.out_r = out_r.mutable_data();
+    s.out_q = out_q.mutable_data();
+    s.cap = out_r.shape(0);
+    std::int64_t found;
+    {
+        py::gil_scoped_release release;
+        found = clipdedup::int16_screen(s, isa, std::max(1, threads));
+    }
+    if (found < 0) throw py::value_error("instruction set " + isa + " is not available here");
+    return found;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -331,6 +371,14 @@ PYBIND11_MODULE(_native, m) {
           py::arg("expect"), py::arg("out"), py::arg("threads") = 1,
           "Reads matrix rows src[k] of the file into out[dst[k]], checking each against expect[k]. Returns "
           "(fatal reason or None, [k of the pairs that were short or failed the check]).");
+    m.def("int_screen_isas", &clipdedup::int_screen_isas,
+          "Instruction sets of int16_screen that this build has and this CPU runs, fastest first.");
+    m.def("int16_screen", &int16_screen, py::arg("a"), py::arg("b"), py::arg("ta"), py::arg("tb"),
+          py::arg("row_base"), py::arg("col_base"), py::arg("upper"), py::arg("out_r"), py::arg("out_q"),
+          py::arg("isa"), py::arg("threads") = 1,
+          "Pairs (r, q) with int32 dot(a[r], b[q]) >= ta[r] + tb[q] (upper: col_base + q > row_base + r) into "
+          "out_r/out_q while they fit; returns how many there are (more than the capacity: it gave up). "
+          "GIL released.");
     m.def(
         "warp_scores",
         [](py::buffer a, py::buffer b, Int64Array pairs, py::buffer out, int side, int margin, int chroma, int iters,

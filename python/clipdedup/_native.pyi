@@ -48,6 +48,20 @@ def gather_rows(
     out: Buffer | np.ndarray,
     threads: int = 1,
 ) -> tuple[str | None, list[int]]: ...
+def int_screen_isas() -> list[str]: ...
+def int16_screen(
+    a: np.ndarray,
+    b: np.ndarray,
+    ta: np.ndarray,
+    tb: np.ndarray,
+    row_base: int,
+    col_base: int,
+    upper: bool,
+    out_r: np.ndarray,
+    out_q: np.ndarray,
+    isa: str,
+    threads: int = 1,
+) -> int: ...
 def warp_scores(
     a: Buffer | np.ndarray,
     b: Buffer | np.ndarray,

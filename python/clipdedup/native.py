@@ -189,6 +189,41 @@ def warp_scores(
     return out
 
 
+def int_screen_isas() -> list[str]:
+    """The integer screen's instruction sets that this build has and this CPU runs, fastest first."""
+    return list(_native.int_screen_isas())
+
+
+def cpu_threads() -> int:
+    """Threads for CPU-bound native work: one per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+def int16_screen(
+    a: np.ndarray,
+    b: np.ndarray,
+    ta: np.ndarray,
+    tb: np.ndarray,
+    row_base: int,
+    col_base: int,
+    upper: bool,
+    out_r: np.ndarray,
+    out_q: np.ndarray,
+    isa: str,
+    threads: int,
+) -> int:
+    """Pairs (r, q) with dot(a[r], b[q]) >= ta[r] + tb[q] (`match.screen.int_screen`) into out_r,
+    out_q while they fit; returns how many there are (more than len(out_r): the kernel gave up).
+
+    Args:
+        a, b: int16 (N, K), (M, K) C-contiguous, K even; ta, tb: int32 (N,), (M,).
+        row_base, col_base, upper: with `upper`, only pairs with col_base + q > row_base + r.
+        out_r, out_q: writable int64 (cap,).
+        isa: one of `int_screen_isas()`.
+    """
+    return int(_native.int16_screen(a, b, ta, tb, row_base, col_base, upper, out_r, out_q, isa, threads))
+
+
 def _check_matrix(a: np.ndarray, writable: bool = True) -> None:
     if (
         a.dtype != np.float32

@@ -32,6 +32,7 @@ import numpy as np
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match.core import recheck
+from clipdedup.match.screen.int_screen import TooManyHits, int16_candidates, int16_screen, screened_threshold
 from clipdedup.match.screen.project import PROJECT_DIM
 from clipdedup.match.screen.store_screen import StoreScreen, screen_store
 from clipdedup.match.screen.torch_screen import tile_hits, torch_screen
@@ -69,30 +70,28 @@ def match_tile(
     Returns:
         int64 (P,), int64 (P,), float64 (P,): pairs i < j and their exact distances, unsorted.
     """
-    import torch
-
     buffers = {} if buffers is None else buffers
     t = scr.threshold
     if max_candidates is None:
         max_candidates = max(4096, len(rows) * (j1 - j0) // 1024)
-    with torch.inference_mode():
-        a = scr.a_block(rows) if a is None else a
-        out = buffers.get("tile")
-        if out is None or out.numel() < len(rows) * (j1 - j0):
-            out = buffers["tile"] = torch.empty(len(rows) * (j1 - j0), dtype=scr.cols.dtype)
-        c = out[: len(rows) * (j1 - j0)].view(len(rows), j1 - j0)
-        torch.mm(a, scr.cols[j0:j1].T, out=c)
-        _mask_not_owned(c, rows, j0, j1, in_rows)
-        r, q = tile_hits(c)
-    ci, cj = rows[r], q + j0
-    full = len(ci) > max_candidates
-    if full:  # the screen was too coarse here: screen the tile's full rows instead
+    a = scr.a_block(rows) if a is None else a
+    screen = _screen_int16 if scr.recipe.integer else _screen_torch
+    hits = screen(scr, a, rows, j0, j1, in_rows, max_candidates, buffers)
+    full = hits is None
+    if hits is None:  # the screen was too coarse here: screen the tile's full rows instead
         xa = store.take(rows, _buffer(buffers, "a", len(rows), store.dim))
         xb = store.block(j0, j1, _buffer(buffers, "b", j1 - j0, store.dim))
         xa[~scr.finite[rows]] = 0
         xb[~scr.finite[j0:j1]] = 0
-        r, q = torch_screen(xa, xb, t, scr.recipe)
-        ci, cj = rows[r], q + j0
+        if scr.recipe.integer:
+            cand = int16_candidates(xa, xb, screened_threshold(t, store.dim))
+            assert cand is not None  # no limit was set
+            r, q = cand
+        else:
+            r, q = torch_screen(xa, xb, t, scr.recipe)
+    else:
+        r, q = hits
+    ci, cj = rows[r], q + j0
     keep = (ci != cj) & scr.finite[ci] & scr.finite[cj]
     keep &= ci < cj if in_rows is None else (ci < cj) | ~in_rows[cj]
     ci, cj = ci[keep], cj[keep]
@@ -105,6 +104,40 @@ def match_tile(
         i, j, d = recheck(x, x, np.searchsorted(need, ci), np.searchsorted(need, cj), t)
         i, j = need[i], need[j]
     return np.minimum(i, j), np.maximum(i, j), d
+
+
+def _screen_torch(
+    scr: StoreScreen, a: Any, rows: np.ndarray, j0: int, j1: int, in_rows: Any, cap: int, buffers: dict
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positions (r, q) of the screened tile of a float recipe, or None beyond `cap` of them."""
+    import torch
+
+    with torch.inference_mode():
+        out = buffers.get("tile")
+        if out is None or out.numel() < len(rows) * (j1 - j0):
+            out = buffers["tile"] = torch.empty(len(rows) * (j1 - j0), dtype=scr.cols.dtype)
+        c = out[: len(rows) * (j1 - j0)].view(len(rows), j1 - j0)
+        torch.mm(a, scr.cols[j0:j1].T, out=c)
+        _mask_not_owned(c, rows, j0, j1, in_rows)
+        r, q = tile_hits(c)
+    return None if len(r) > cap else (r, q)
+
+
+def _screen_int16(
+    scr: StoreScreen, a: Any, rows: np.ndarray, j0: int, j1: int, in_rows: Any, cap: int, buffers: dict
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positions (r, q) of the int16 screen of the tile, or None beyond `cap` of them. Consecutive
+    rows of self-matching skip the pairs below the diagonal; `match_tile` drops the other pairs it
+    does not own."""
+    upper = in_rows is None and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+    tau = scr.alpha
+    cols = scr.cols.numpy()[j0:j1]
+    try:
+        return int16_screen(
+            a, cols, tau[rows], tau[j0:j1], upper=upper, row_base=int(rows[0]), col_base=j0, max_hits=cap
+        )
+    except TooManyHits:
+        return None
 
 
 def _mask_not_owned(c: Any, rows: np.ndarray, j0: int, j1: int, in_rows: np.ndarray | None) -> None:

@@ -39,7 +39,7 @@ from clipdedup.match.store import find_pairs_store, tile_count
 from clipdedup.records import DBMeta
 
 # Backends whose screen runs on a row store (match/store.py), and the recipe each uses there.
-STORE_RECIPES = {"cpu-bf16": "bfloat16", "cpu-fp32": "float32"}
+STORE_RECIPES = {"cpu-bf16": "bfloat16", "cpu-int16": "int16", "cpu-fp32": "float32"}
 
 
 @dataclass

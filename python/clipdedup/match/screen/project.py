@@ -119,20 +119,22 @@ def projected_threshold(threshold: float, proj: Projection, max_norm_x: float, m
     return (t + proj.eps * (max_norm_x + max_norm_y)) * (1 + 2.0**-40)
 
 
-def projected_candidates(x, y, threshold, *, k=PROJECT_DIM, max_candidates=None, **kw):
-    """Candidate pairs (int64 i, j) of the pre-screen: the projected rows screened in bf16 at t1.
+def projected_candidates(x, y, threshold, *, k=PROJECT_DIM, max_candidates=None, recipe="bfloat16", **kw):
+    """Candidate pairs (int64 i, j) of the pre-screen: the projected rows screened at t1.
 
     Args:
         x, y: float32 (N, D), (M, D) finite rows (y None: self-matching).
         threshold: the distance bound of the answer.
         k: projected width.
         max_candidates: give up beyond this many (default: one per 1024 pairs, at least 2^16).
-        kw: passed to `match_torch.torch_screen` (blocks, progress).
+        recipe: "int16" (`int_screen`) or a `torch_screen.RECIPES` name.
+        kw: passed to `torch_screen.torch_screen` (blocks, progress).
 
     Returns:
         The candidates, or None when k >= D or the pre-screen left more than `max_candidates`
         (the caller then screens the full rows).
     """
+    from clipdedup.match.screen.int_screen import int16_candidates
     from clipdedup.match.screen.torch_screen import RECIPES, TooManyCandidates, torch_screen
 
     if k >= x.shape[1]:
@@ -147,7 +149,9 @@ def projected_candidates(x, y, threshold, *, k=PROJECT_DIM, max_candidates=None,
     t1 = projected_threshold(threshold, proj, rx, ry)
     if max_candidates is None:
         max_candidates = max(1 << 16, x.shape[0] * other.shape[0] // 1024)
+    if recipe == "int16":
+        return int16_candidates(px, py, t1, max_candidates=max_candidates)
     try:
-        return torch_screen(px, py, t1, RECIPES["bfloat16"], max_candidates=max_candidates, **kw)
+        return torch_screen(px, py, t1, RECIPES[recipe], max_candidates=max_candidates, **kw)
     except TooManyCandidates:
         return None

@@ -21,6 +21,7 @@ import numpy as np
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match.core import scaled_from_norms, squared_norms
+from clipdedup.match.screen import int_screen
 from clipdedup.match.screen.bounds import pow2_scale, split_pieces
 from clipdedup.match.screen.project import (
     PROJECT_DIM,
@@ -76,7 +77,8 @@ class ScreenRows:
         self.finite[ids] = finite
         at = ids if isinstance(ids, slice) else torch.from_numpy(ids)
         with torch.inference_mode():
-            self.cols[at, : self.k] = (torch.from_numpy(px) * self.scale).to(self.cols.dtype)
+            v = torch.from_numpy(px) * self.scale  # exact: a power of two
+            self.cols[at, : self.k] = (torch.round(v) if self.recipe.integer else v).to(self.cols.dtype)
 
 
 def new_screen_rows(n: int, recipe_name: str, k: int, proj: Projection | None, rx: float) -> ScreenRows:
@@ -84,7 +86,8 @@ def new_screen_rows(n: int, recipe_name: str, k: int, proj: Projection | None, r
     import torch
 
     recipe = RECIPES[recipe_name]
-    cols = torch.zeros((n, k + 2 * recipe.pieces), dtype=getattr(torch, recipe.dtype))
+    width = int_screen.width(k) if recipe.integer else k + 2 * recipe.pieces
+    cols = torch.zeros((n, width), dtype=getattr(torch, recipe.dtype))
     return ScreenRows(recipe_name, k, proj, rx, cols, np.zeros(n, np.float64), np.zeros(n, bool))
 
 
@@ -95,8 +98,9 @@ class StoreScreen:
     Attributes:
         rows: the threshold-free part (projections, norms, finite rows).
         threshold: the answer's distance bound.
-        alpha: torch (N, p): alpha_i pieces (rows of x are [s P x_i | alpha_i pieces | 1 .. 1]);
-            rows.cols hold [s P x_j | 1 .. 1 | beta_j pieces].
+        alpha: float recipes: torch (N, p): alpha_i pieces (rows of x are [s P x_i | alpha_i pieces |
+            1 .. 1]); rows.cols hold [s P x_j | 1 .. 1 | beta_j pieces]. The int16 recipe: int32
+            (N,) numpy, each row's tau of `int_screen` (rows.cols hold round(s P x_j)).
     """
 
     rows: ScreenRows
@@ -120,9 +124,13 @@ class StoreScreen:
         return self.rows.finite
 
     def a_block(self, rows: np.ndarray) -> Any:
-        """The x-side operands of `rows` (sorted int64 ids), (len(rows), k + 2p)."""
+        """The x-side operands of `rows` (sorted int64 ids), (len(rows), k + 2p); the int16 recipe:
+        int16 numpy (len(rows), width)."""
         p = self.recipe.pieces
         lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if self.recipe.integer:
+            cols = self.cols.numpy()
+            return cols[lo:hi] if hi - lo == len(rows) else cols[rows]
         if hi - lo == len(rows):  # consecutive rows: a slice, not a gather
             a = self.cols[lo:hi].clone()
         else:
@@ -176,6 +184,12 @@ def finish_screen(sr: ScreenRows, threshold: float) -> StoreScreen:
     import torch
 
     k, recipe = sr.k, sr.recipe
+    if recipe.integer:
+        t1 = int_screen.screened_threshold(threshold, k)
+        if sr.proj is not None:
+            t1 = projected_threshold(threshold, sr.proj, sr.rx, sr.rx)
+        tau = int_screen.thresholds(sr.na0, sr.cols.numpy(), sr.scale, t1, sr.finite)
+        return StoreScreen(sr, float(threshold), tau)
     t1 = threshold if sr.proj is None else projected_threshold(threshold, sr.proj, sr.rx, sr.rx)
     dtype = getattr(torch, recipe.dtype)
     p = recipe.pieces

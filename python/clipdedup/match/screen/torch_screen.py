@@ -41,12 +41,19 @@ class Recipe:
     target_exp: int
     screen_kw: dict = field(default_factory=dict)
     store_cols: bool = True  # keep the converted B side of all rows (else build it per tile)
+    integer: bool = False  # rounded to integers and screened by `int_screen` (not by torch)
 
     def screen(self, dim: int) -> Screen:
+        if self.integer:
+            raise ValueError(
+                f"recipe {self.dtype} is screened by match.screen.int_screen, not by a torch matmul"
+            )
         return screen_error(dim, shift_terms=2 * self.pieces, **self.screen_kw)
 
 
 RECIPES = {
+    # the native int16 screen (int_screen): exact integer dots of rounded rows, s * norm < 2^14
+    "int16": Recipe("int16", 0, 14, integer=True),
     # oneDNN bf16 GEMM: bf16 x bf16 products are exact in float32, float32 accumulation by pair-dot
     # instructions that flush denormals.
     "bfloat16": Recipe(
