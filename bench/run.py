@@ -34,6 +34,7 @@ STAGES = [
     ("exact copies", "bench_prepass"),
     ("encode", "bench_encode"),
     ("match", "bench_match"),
+    ("int screen", "bench_int_screen"),
     ("scale", "bench_scale"),
     ("dct quality", "bench_dct_quality"),
     ("dct check", "bench_warp"),
