@@ -105,6 +105,21 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "int-screen-without-rounding-margin",
+        "the integer screen loses no pair within the threshold (its rounding error is in tau)",
+        "match/screen/int_screen.py",
+        (
+            (
+                "    big_t = n2 / 2 - s2t2 / 4 - l1 / 2 - 3 * k / 8",
+                "    big_t = n2 / 2 - s2t2 / 4",
+            ),
+        ),
+        (
+            "tests/match/test_int_screen.py::test_thresholds_keep_every_pair_at_the_edge",
+            "tests/match/test_int_screen.py::test_int16_store_recipe_equals_reference",
+        ),
+    ),
+    Mutation(
         "move-before-journaling",
         "a move is journaled before it happens",
         "trash/move.py",
