@@ -194,3 +194,17 @@ def test_malformed_reports_are_one_line_and_exit_2(made, tmp_path, damage, why, 
     code, err = _cli([str(rep), "-t", str(tmp_path / "trash")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and why in err, err
     assert tree_hashes(root) == before and not (tmp_path / "trash").exists()
+
+
+@pytest.mark.parametrize("rel", ["../x.bin", "sub/../../x.bin", "/etc/x.bin"])
+def test_the_move_itself_names_a_path_out_for_what_it_is(tmp_path: Path, rel: str) -> None:
+    from clipdedup.records import FileEntry
+    from clipdedup.trash.move import move_duplicate
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "x.bin").write_bytes(b"x")
+    (tmp_path / "img/k.bin").write_bytes(b"x")
+    r = move_duplicate(
+        str(tmp_path / "img"), str(tmp_path / "t"), FileEntry(rel, 0, 1), str(tmp_path / "img/k.bin")
+    )
+    assert r.dest is None and "absolute or climbs out of the image dir with '..'" in (r.reason or "")

@@ -133,6 +133,8 @@ def check_before_move(
     image_dir: str, entry: FileEntry, kept_path: str, kept_entry: FileEntry | None
 ) -> str | None:
     """Everything re-checked right before a move; None if it may go ahead, else why not."""
+    if entry.rel.startswith("/") or ".." in entry.rel.split("/"):
+        return "its path is absolute or climbs out of the image dir with '..'; not touched"
     src = os.path.join(image_dir, entry.rel)
     why = verify_unchanged(src, entry)
     if why is not None:
