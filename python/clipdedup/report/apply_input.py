@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,9 +97,9 @@ def _member(m: Any, import_mode: bool, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: a member must be an object with a path and a status")
     path = clean_path(m.get("path"), import_mode, where)
     if not (_int_or_none(m.get("size")) and _int_or_none(m.get("mtime_ns"))):
-        raise UserError(f"{where}: {path}: size and mtime_ns must be integers")
+        raise UserError(f"{where}: {path!r}: size and mtime_ns must be integers")
     if not isinstance(m.get("hash") or "", str) or not isinstance(m.get("base", False), bool):
-        raise UserError(f"{where}: {path}: hash must be a string and base true or false")
+        raise UserError(f"{where}: {path!r}: hash must be a string and base true or false")
     base = import_mode and path.startswith(BASE_PREFIX)
     return m | {"path": path, "base": base}
 
@@ -112,7 +113,7 @@ def _group(g: Any, import_mode: bool, where: str) -> dict[str, Any]:
     where = f"{where}: group {gid}"
     members = [_member(m, import_mode, where) for m in g["members"]]
     paths = [m["path"] for m in members]
-    twice = sorted({p for p in paths if paths.count(p) > 1})
+    twice = sorted(p for p, n in Counter(paths).items() if n > 1)
     if twice:
         raise UserError(f"{where}: names {twice[0]!r} twice (under two spellings?)")
     kept = clean_path(g.get("kept"), import_mode, where)
@@ -157,7 +158,7 @@ def _root_ids(doc: dict[str, Any], roots: dict[str, str], path: str) -> dict[str
         return None
     ok = isinstance(ids, dict) and set(ids) <= set(roots)
     ok = ok and all(
-        isinstance(v, list) and len(v) == 2 and all(_int_or_none(x) and x is not None for x in v)
+        isinstance(v, list) and len(v) == 2 and all(x is not None and _int_or_none(x) for x in v)
         for v in ids.values()
     )
     if not ok:
