@@ -268,6 +268,42 @@ MUTATIONS = [
         (("project_changed(sr, store, np.flatnonzero(old < 0))", "(sr, '')"),),
         ("tests/match/test_cache.py::test_random_sequences_equal_full_runs",),
     ),
+    Mutation(
+        "dedup-outside-locks",
+        "a dedup run holds the DB and trash locks while it works, not only while it starts",
+        "pipeline.py",
+        (
+            (
+                "        return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)\n",
+                "    return _run_dedup_locked(image_dir, db_dir, trash_dir, opts, exclude)\n",
+            ),
+        ),
+        ("tests/util/test_locks_held.py::test_dedup_holds_its_locks_while_it_moves",),
+    ),
+    Mutation(
+        "keep-tie-inverted",
+        "a full tie of a keep strategy keeps the first path in byte order",
+        "trash/keep.py",
+        (
+            (
+                "os.fsencode(group[k].rel) < os.fsencode(group[best].rel)",
+                "os.fsencode(group[k].rel) > os.fsencode(group[best].rel)",
+            ),
+        ),
+        ("tests/trash/test_keep.py",),
+    ),
+    Mutation(
+        "import-base-load-writes",
+        "import mode loads the base DB read-only (no cache refreshed there)",
+        "pipeline.py",
+        (
+            (
+                "in_memory=ub.in_memory, dry_run=True, info=binfo",
+                "in_memory=ub.in_memory, dry_run=opts.dry_run, info=binfo",
+            ),
+        ),
+        ("tests/test_import_readonly.py::test_import_never_writes_the_base_dir_or_base_db",),
+    ),
 ]
 
 
@@ -316,7 +352,9 @@ def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--runslow", *tests]
     t = time.perf_counter()
     try:
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        r = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S
+        )
         code, out = r.returncode, r.stdout + r.stderr
     except subprocess.TimeoutExpired as e:
         code, out = 124, str(e.stdout or "")

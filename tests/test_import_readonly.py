@@ -30,7 +30,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
             p = os.path.normpath(os.path.join(dirpath, name))
             st = os.lstat(p)
             digest = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else ""
-            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+            # the inode too: a file rewritten atomically with the same bytes and mtime is a write
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, digest)
     return out
 
 
@@ -85,8 +86,19 @@ def stale_base(testdata: Path, tmp_path: Path, tiny_model: str, capsys) -> tuple
     return base, bdb, imp
 
 
-def test_import_never_writes_the_base_dir_or_base_db(stale_base, tmp_path: Path, tiny_model: str) -> None:
+@pytest.mark.parametrize("state", ["stale", "cache-gone"])
+def test_import_never_writes_the_base_dir_or_base_db(
+    stale_base, tmp_path: Path, tiny_model: str, state: str
+) -> None:
+    """`stale`: base images missing from the base DB or newer are encoded in memory only.
+    `cache-gone`: the base DB is up to date but its packed snapshot is gone, so a load that was
+    free to write would write one there (a refresh that changes no vector, only files)."""
     base, bdb, imp = stale_base
+    if state == "cache-gone":
+        assert run_cli(dedup_cmd, "t", ["-i", str(base), "-d", str(bdb), "-m", tiny_model, "-q"]) == 0
+        for p in bdb.iterdir():
+            if p.is_file() and not p.name.endswith((".npy", ".json", ".lock")):
+                p.unlink()
     before = snapshot(base), snapshot(bdb)
     lines: list[str] = []
     opts = RunOptions(model_id=tiny_model, threshold=1e-4, log=lines.append)
@@ -98,10 +110,13 @@ def test_import_never_writes_the_base_dir_or_base_db(stale_base, tmp_path: Path,
     copies = ["copy_ukbench00120.jpg", "copy_ukbench01380.jpg", "copy_ukbench09040.jpg"]
     assert moved == ["copy_new.pgm"] + copies
     assert sorted(os.listdir(imp)) == ["unique.pbm"]
-    assert s.updates["base"].encoded == 2 and len(s.updates["base"].in_memory) == 2  # new + touched
     assert s.updates["base"].removed == []  # the orphan stays in the base DB
-    assert any("encoded in memory only" in line for line in lines)
     assert (tmp_path / "idb" / ".clipdedup.lock").exists()  # the import DB is the one locked
+    if state == "cache-gone":
+        assert s.updates["base"].encoded == 0
+        return
+    assert s.updates["base"].encoded == 2 and len(s.updates["base"].in_memory) == 2  # new + touched
+    assert any("encoded in memory only" in line for line in lines)
 
 
 def test_import_cli_on_read_only_mounts(stale_base, tmp_path: Path, tiny_model: str, capsys) -> None:

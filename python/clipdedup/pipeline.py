@@ -41,7 +41,7 @@ from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
 from clipdedup.trash.group import group_pairs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.trash.move import Mover, choose_keep_safe
-from clipdedup.util.fsutil import check_run_dirs, is_inside
+from clipdedup.util.fsutil import check_run_dirs, is_inside, same_dir
 from clipdedup.util.lock import run_locks
 
 
@@ -297,7 +297,7 @@ def _check_import_dirs(
     base_image_dir: str, base_db_dir: str, import_image_dir: str, import_db_dir: str, trash_dir: str | None
 ) -> None:
     """Refuses layouts in which import mode would write into the base image dir or the base DB."""
-    if os.path.realpath(base_image_dir) == os.path.realpath(import_image_dir):
+    if same_dir(base_image_dir, import_image_dir):
         raise UserError("the base and import image dirs must differ")
     if os.path.realpath(base_db_dir) == os.path.realpath(import_db_dir):
         raise UserError("the base and import DB dirs must differ: import mode never writes the base DB")

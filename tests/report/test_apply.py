@@ -185,7 +185,7 @@ def test_unusable_reports_are_refused(setup, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="older version"):
         report_apply.apply_report(str(rep), str(trash))
     (rep / "report.json").write_text(json.dumps(doc | {"groups": [{"id": 1}]}))
-    with pytest.raises(UserError, match="fields missing"):
+    with pytest.raises(UserError, match="a group must be an object with a list of members"):
         report_apply.apply_report(str(rep), str(trash))
     doc["groups"][0]["members"][1]["status"] = "moved"
     (rep / "report.json").write_text(json.dumps(doc))

@@ -34,7 +34,9 @@ def setup(tmp_path: Path):
 
 
 def journal_of(trash: Path, run: str = "r1") -> jm.Journal:
-    return jm.Journal(str(trash), run, jm.run_header("img", str(trash), "largest", "dedup"))
+    # The image dir beside the trash dir, as `setup` makes them: undo restores only below it.
+    header = jm.run_header(str(trash.parent / "img"), str(trash), "largest", "dedup")
+    return jm.Journal(str(trash), run, header)
 
 
 def move_all(img: Path, trash: Path, run: str = "r1") -> list[str]:

@@ -108,3 +108,37 @@ def test_choice_independent_of_order(strategy: str) -> None:
         ]
         chosen = {g_[choose_keep(list(g_), strategy)].rel for g_ in itertools.permutations(g)}
         assert len(chosen) == 1
+
+
+@pytest.mark.parametrize("strategy", ["newest", "largest", "highest-quality", "pic-dir"])
+def test_a_full_tie_keeps_the_first_path_in_byte_order(strategy: str) -> None:
+    """Every key equal: the winner is pinned, in every listing order (byte order, not str order)."""
+    header = (100, "JPEG")
+    names = ["b.jpg", "a/z.jpg", "a.jpg", "B.jpg", "\udcf0.jpg", "\ue000.jpg"]
+    for order in (names, names[::-1], sorted(names), sorted(names, reverse=True)):
+        g = [cand(n, 50, 7, header) for n in order]
+        assert g[choose_keep(g, strategy)].rel == "B.jpg"  # b"B" < b"a" < b"b"
+    # Code-point order puts "\udcf0" (byte 0xf0 as a surrogate escape) first; byte order does not.
+    odd = [cand(n, 50, 7, header) for n in ("\udcf0.jpg", "\ue000.jpg")]
+    assert odd[choose_keep(odd, strategy)].rel == "\ue000.jpg"
+    assert odd[::-1][choose_keep(odd[::-1], strategy)].rel == "\ue000.jpg"
+
+
+@pytest.mark.parametrize(
+    "strategy, loser, winner",
+    [
+        # the second key decides; the path would pick the other one
+        ("largest", cand("a.jpg", 30, 1), cand("b.jpg", 30, 2)),
+        ("newest", cand("a.jpg", 10, 5), cand("b.jpg", 11, 5)),
+        ("highest-quality", cand("a.jpg", header=(9, "JPEG"), mtime=3), cand("b.jpg", header=(9, "PNG"))),
+        (
+            "highest-quality",
+            cand("a.png", header=(9, "PNG"), mtime=1),
+            cand("b.png", header=(9, "PNG"), mtime=2),
+        ),
+        ("pic-dir", cand("a/x.jpg", header=(9, "JPEG")), cand("b/12_p0.jpg", header=(1, "JPEG"))),
+    ],
+)
+def test_a_partial_tie_falls_to_the_next_key_not_the_path(strategy, loser, winner) -> None:
+    for g in ([loser, winner], [winner, loser]):
+        assert g[choose_keep(g, strategy)] is winner

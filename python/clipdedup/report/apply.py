@@ -14,7 +14,6 @@ that report.json recorded for it (and its kept file too); a file that changed st
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,32 +21,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipdedup.errors import UserError
+from clipdedup.report.apply_input import (
+    DECISIONS_FORMAT,
+    Decision,
+    Report,
+    load_decisions,
+    load_report,
+    resolve_roots,
+)
 from clipdedup.report.core import BASE_PREFIX, member_path
 from clipdedup.scan import FileEntry
 from clipdedup.trash.journal import content_hash
 from clipdedup.trash.move import Mover, MoveResult, is_inside, verify_unchanged
 from clipdedup.util.lock import run_locks
 
-DECISIONS_FORMAT = "clipdedup-decisions"
+# What apply reads lives in apply_input; callers (and tests) reach it through this module too.
+__all__ = [
+    "DECISIONS_FORMAT",
+    "ApplyResult",
+    "Decision",
+    "Planned",
+    "Report",
+    "apply_report",
+    "load_decisions",
+    "load_report",
+    "plan_group",
+]
+
 TOOL, DECISION = "tool", "decision"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the user decided for one group on the page."""
-
-    kept: str | None = None  # None: the tool's kept file
-    stay: frozenset[str] = frozenset()  # members marked "do not move"
-    skip: bool = False  # nothing in the group moves
-
-
-@dataclass
-class Report:
-    dir: str
-    report_id: str
-    roots: dict[str, str]
-    keeping_logic: str
-    groups: list[dict[str, Any]]
 
 
 @dataclass
@@ -76,60 +77,6 @@ class ApplyResult:
     @property
     def kept_in_place(self) -> list[MoveResult]:
         return [r for _, r in self.moves if r.dest is None]
-
-
-def load_report(report_dir: str) -> Report:
-    """report.json of `report_dir`. Raises UserError (one line) if it cannot be applied."""
-    path = os.path.join(report_dir, "report.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no report here (write one with -n --report DIR)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable report ({str(e).splitlines()[0]})") from None
-    if not isinstance(doc, dict) or not doc.get("report_id") or not isinstance(doc.get("groups"), list):
-        raise UserError(f"{path}: written by an older version (no report id); write it again with --report")
-    try:
-        moved = sum(1 for g in doc["groups"] for m in g["members"] if m["status"] == "moved")
-        roots, groups = dict(doc["roots"]), [g for g in doc["groups"] if int(g["id"]) and g["kept"]]
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: not a report written by clip-image-deduper (fields missing)") from None
-    if moved:
-        raise UserError(
-            f"{path}: its run already moved {moved} files; undo that run first, or write a dry-run "
-            "report (-n --report)"
-        )
-    return Report(report_dir, doc["report_id"], roots, doc.get("keeping_logic") or "", groups)
-
-
-def load_decisions(path: str, rep: Report) -> dict[int, Decision]:
-    """decisions.json exported from the page of `rep`. Raises UserError (one line) if it was made for
-    another report or names a group or file the report does not have."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable decisions ({str(e).splitlines()[0]})") from None
-    if not isinstance(doc, dict) or doc.get("format") != DECISIONS_FORMAT:
-        raise UserError(f"{path}: not a decisions file exported from a report page")
-    if doc.get("report_id") != rep.report_id:
-        raise UserError(
-            f"{path}: decisions for report {doc.get('report_id')}, but {rep.dir} holds report "
-            f"{rep.report_id}; export them again from this report's page"
-        )
-    members = {int(g["id"]): {m["path"] for m in g["members"]} for g in rep.groups}
-    out: dict[int, Decision] = {}
-    for key, d in (doc.get("groups") or {}).items():
-        gid = int(key) if str(key).isdigit() else -1
-        if gid not in members or not isinstance(d, dict):
-            raise UserError(f"{path}: group {key} is not in report {rep.report_id}")
-        named = ([d["kept"]] if d.get("kept") is not None else []) + list(d.get("stay") or [])
-        for p in named:
-            if p not in members[gid]:
-                raise UserError(f"{path}: group {gid} has no file {p!r}")
-        out[gid] = Decision(d.get("kept"), frozenset(d.get("stay") or []), bool(d.get("skip")))
-    return out
 
 
 def plan_group(group: dict[str, Any], d: Decision | None) -> list[Planned]:
@@ -166,13 +113,13 @@ def _stale(path: str, m: dict[str, Any]) -> str | None:
 
 
 def check_dirs(rep: Report, trash_dir: str, image_dir: str | None) -> None:
-    """Refuses a report for another image dir, a missing image dir, and a trash dir that holds it."""
-    img = rep.roots.get("", "")
+    """Refuses a report for another image dir, roots that are not the dirs the report was made
+    from (see `resolve_roots`), and a trash dir that holds one."""
+    resolve_roots(rep, image_dir)
+    img = rep.roots[""]
     if image_dir is not None and os.path.realpath(image_dir) != os.path.realpath(img):
         raise UserError(f"{rep.dir}: report written for image dir {img}, not {image_dir}")
     for root in rep.roots.values():
-        if not os.path.isdir(root):
-            raise UserError(f"{rep.dir}: its image dir {root} does not exist")
         if is_inside(root, trash_dir):
             raise UserError(f"{trash_dir}: the trash dir must not be the image dir {root} or contain it")
     base = rep.roots.get(BASE_PREFIX)

@@ -18,7 +18,7 @@ from clipdedup.ingest.prepass import identical_classes
 from clipdedup.records import Group, MoveResult, RunSummary
 from clipdedup.report.candidates import candidates_doc, verification_dict, write_candidates_csv
 from clipdedup.trash.keep import STRATEGIES, Candidate
-from clipdedup.util.fsutil import atomic_file
+from clipdedup.util.fsutil import atomic_file, dir_id, is_inside
 
 
 def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
@@ -288,6 +288,7 @@ def write_report(
     from clipdedup.report import html as report_html
     from clipdedup.trash.journal import new_run_id
 
+    roots = {k: os.path.abspath(v) for k, v in roots.items()}  # apply acts on these, from any cwd
     groups = build_review(s, roots, strategy=strategy, dry_run=dry_run)
     _hash_members(groups)
     os.makedirs(out_dir, exist_ok=True)
@@ -297,6 +298,7 @@ def write_report(
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "dry_run": dry_run,
         "roots": dict(roots),
+        "root_ids": {k: list(dir_id(v)) for k, v in roots.items() if os.path.isdir(v)},  # for apply
         "model": model,
         "threshold": s.threshold,
         "backend": s.backend,
@@ -392,8 +394,6 @@ def _num(d: float | None) -> str:
 
 def check_report_dir(out_dir: str, image_dirs: list[str]) -> None:
     """Refuses a report dir inside an image dir: its thumbnails would be scanned as images next time."""
-    real = os.path.realpath(out_dir)
     for d in image_dirs:
-        img = os.path.realpath(d)
-        if real == img or real.startswith(img + os.sep):
+        if is_inside(out_dir, d):
             raise UserError(f"{out_dir}: the report dir must not be inside the image dir {d}")

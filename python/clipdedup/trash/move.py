@@ -41,6 +41,7 @@ __all__ = [
     "check_before_move",
     "choose_keep_safe",
     "depends_on",
+    "entry_id",
     "free_destination",
     "is_direct",
     "is_inside",
@@ -92,19 +93,33 @@ def link_chain(path: str, limit: int = 40) -> list[str]:
     return chain
 
 
+def entry_id(path: str) -> tuple[int, int, str] | None:
+    """The directory entry `path` names: its directory's (st_dev, st_ino) and its name; None when
+    its directory cannot be read. One entry id is one file, however the path is spelt, also in a
+    directory reached twice through a bind mount, which `realpath` cannot tell."""
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, os.path.basename(path)
+
+
 def depends_on(path: str, other: str) -> bool:
     """Whether moving `other` away would break `path`.
 
     True when `other` is a symlink on `path`'s chain of links, or when `other` is not a symlink
     and `path` resolves to the very same directory entry by another route (`path` is a symlink to
-    it, or lies in a symlinked directory). Hard links are separate entries: moving one leaves the
-    other whole, so they do not depend on each other.
+    it, or lies in a symlinked or bind-mounted directory). Hard links are separate entries: moving
+    one leaves the other whole, so they do not depend on each other.
     """
     if os.path.abspath(path) == os.path.abspath(other):
         return False
     if os.path.islink(other):
         return os.path.abspath(other) in link_chain(path)
-    return os.path.realpath(path) == os.path.realpath(other)
+    if os.path.realpath(path) == os.path.realpath(other):
+        return True
+    ids = entry_id(os.path.realpath(path)), entry_id(other)
+    return ids[0] is not None and ids[0] == ids[1]
 
 
 def is_direct(path: str, image_dir: str, rel: str) -> bool:
@@ -118,6 +133,8 @@ def check_before_move(
     image_dir: str, entry: FileEntry, kept_path: str, kept_entry: FileEntry | None
 ) -> str | None:
     """Everything re-checked right before a move; None if it may go ahead, else why not."""
+    if entry.rel.startswith("/") or ".." in entry.rel.split("/"):
+        return "its path is absolute or climbs out of the image dir with '..'; not touched"
     src = os.path.join(image_dir, entry.rel)
     why = verify_unchanged(src, entry)
     if why is not None:
@@ -129,7 +146,7 @@ def check_before_move(
     if kept_entry is not None and verify_unchanged(kept_path, kept_entry) is not None:
         return f"its kept copy {kept_path} changed since the scan"
     if depends_on(kept_path, src):
-        return f"its kept copy {kept_path} is this very file, or a symlink to it"
+        return f"its kept copy {kept_path} is this very file (by another route), or a symlink to it"
     return None
 
 
@@ -254,6 +271,7 @@ class Mover:
         self.journal_path: str | None = None
         self._journal: Journal | None = None
         self.stopped: MoveResult | None = None  # the failure after which no more moves were tried
+        self._kept: dict[tuple[int, str], tuple[int, int]] = {}  # (group, kept) -> its inode
         if not dry_run:
             from clipdedup.trash.journal import new_run_id, run_header
 
@@ -269,6 +287,9 @@ class Mover:
             src = os.path.join(self.image_dir, entry.rel)
             why = f"not tried after {self.stopped.reason}"
             return MoveResult(entry.rel, src, None, why, error=self.stopped.error, tried=False)
+        replaced = self._kept_changed(kept_path, group)
+        if replaced is not None:
+            return MoveResult(entry.rel, os.path.join(self.image_dir, entry.rel), None, replaced)
         r = move_duplicate(
             self.image_dir,
             self.trash_dir,
@@ -285,6 +306,19 @@ class Mover:
         if r.error in STOP_ERRNOS:
             self.stopped = r
         return r
+
+    def _kept_changed(self, kept_path: str, group: int) -> str | None:
+        """Why `group`'s kept file is no longer the inode it was at the group's first move; None if
+        it still is. A move that took the kept file with it (the same file by a route no check saw)
+        stops its group here, before the next copy goes too."""
+        try:
+            st = os.lstat(kept_path)
+        except OSError:
+            return None  # gone: `check_before_move` says so
+        now = (st.st_dev, st.st_ino)
+        if self._kept.setdefault((group, kept_path), now) == now:
+            return None
+        return f"its kept copy {kept_path} was replaced since its group began moving; not moved"
 
     def close(self) -> None:
         if self._journal is not None:

@@ -26,7 +26,7 @@ from clipdedup.trash.journal import (
     runs,
     undo_stage_path,
 )
-from clipdedup.trash.move import is_inside
+from clipdedup.trash.move import is_inside, stays_inside
 from clipdedup.util.lock import trash_lock
 
 
@@ -92,8 +92,9 @@ def _undo_locked(
     results: list[UndoResult] = []
     book = _UndoneRecords(journal_path(trash_dir))
     try:
+        image_dirs = {i.run: i.header.get("image_dir") for i in infos}
         for m in iter_undo_order(infos, run):
-            res = restore_one(trash_dir, m, dry_run=dry_run)
+            res = restore_one(trash_dir, m, image_dirs[m.run], dry_run=dry_run)
             results.append(res)
             say(res.line())
             if not dry_run and res.status in ("restored", "nothing-to-do"):
@@ -153,21 +154,43 @@ def _hash_or_none(path: str) -> str | None:
         return None
 
 
-def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoResult:
+def outside_image_dir(src: str, image_dir: str | None) -> str | None:
+    """Why undo must not write `src` for a run of `image_dir` (its header's); None if it may.
+    A source is taken only as an absolute, normalised path below the image dir, whose existing
+    part resolves inside it: a damaged or forged journal line never makes undo write elsewhere."""
+    if not isinstance(image_dir, str) or not os.path.isabs(image_dir):
+        return "its run has no header naming its image dir (a damaged or forged journal); not touched"
+    root = os.path.normpath(image_dir)
+    if os.path.normpath(src) != src or not src.startswith(root.rstrip(os.sep) + os.sep):
+        return f"outside its run's image dir {root} (a damaged or forged journal line); not touched"
+    if not stays_inside(os.path.dirname(src), root):
+        return f"its place leads outside its run's image dir {root} (symlink); not touched"
+    return None
+
+
+def restore_one(trash_dir: str, m: MoveEntry, image_dir: str | None, *, dry_run: bool = False) -> UndoResult:
     """Puts one journaled file back at its source, whatever state a crash left the move in.
 
     Never overwrites: if something else sits at the source, the trashed file stays where it is.
     A trash path that leads outside the trash dir (a directory in the trash replaced by a
-    symlink, or a damaged record) is refused, so undo never takes files out of another tree.
+    symlink, or a damaged record) is refused, so undo never takes files out of another tree; a
+    source outside `image_dir` (the one its run's header records) is refused too, so undo never
+    puts a file, or makes a directory, anywhere else.
     """
-    src = m.rec["source"]
-    dst = os.path.join(trash_dir, m.rec["dest"])
-    want = m.rec["hash"]
+    fields = [m.rec.get(k) for k in ("source", "dest", "hash")]
+    if not all(isinstance(v, str) and v and "\x00" not in v for v in fields):
+        return UndoResult(str(fields[0]), str(fields[1]), "refused", "a damaged journal record")
+    src, dest, want = (str(v) for v in fields)
+    dst = os.path.join(trash_dir, dest)
 
     def res(status: str, msg: str) -> UndoResult:
         return UndoResult(src, dst, status, msg)
 
-    if os.path.isabs(m.rec["dest"]) or not is_inside(os.path.dirname(dst), trash_dir):
+    why = outside_image_dir(src, image_dir)
+    if why is not None:
+        return res("refused", why)
+    assert image_dir is not None  # outside_image_dir refuses a run without one
+    if os.path.isabs(dest) or not is_inside(os.path.dirname(dst), trash_dir):
         return res("refused", f"its trash path {dst} leads outside the trash dir {trash_dir}; not touched")
     _drop_grab(src, dst, move_grab_path(src, m.run, m.seq), want, dry_run=dry_run)
     stage = undo_stage_path(src, m.run, m.seq)
@@ -200,8 +223,12 @@ def restore_one(trash_dir: str, m: MoveEntry, *, dry_run: bool = False) -> UndoR
         return res("refused", f"{dst} no longer has the content that was moved; left in the trash")
     if dry_run:
         return res("restored", f"would move back from {dst}")
+    if not os.path.isdir(image_dir):
+        return res("refused", f"its image dir {image_dir} is gone; put it back and undo again")
     try:
-        os.makedirs(os.path.dirname(src) or ".", exist_ok=True)
+        os.makedirs(os.path.dirname(src), exist_ok=True)
+        if not is_inside(os.path.dirname(src), image_dir):
+            return res("refused", f"its place leads outside its run's image dir {image_dir}; not touched")
         restore_exact(dst, src, stage)
     except FileExistsError:
         return res("refused", f"a file has reappeared here; left {dst} in the trash")

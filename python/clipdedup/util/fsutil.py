@@ -76,3 +76,19 @@ def is_inside(path: str, root: str) -> bool:
     """Whether `path` (resolved) is `root` (resolved) or below it."""
     p, r = os.path.realpath(path), os.path.realpath(root)
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
+
+
+def dir_id(path: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of what `path` leads to: one directory, whichever path reaches it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def same_dir(a: str, b: str) -> bool:
+    """Whether `a` and `b` lead to one directory: by `realpath`, or (a bind mount) by identity."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return dir_id(a) == dir_id(b)
+    except OSError:
+        return False
