@@ -390,3 +390,15 @@ def test_ray_actors_fit_at_start(ray_cluster, tiny_model: str, pics: Path) -> No
         for a in actors:
             ray.kill(a)
     assert len(actors) == 2 and all(i["fitted"] for i in first) and first == again
+
+
+def test_an_actor_that_cannot_load_the_model_is_one_user_error(ray_cluster, pics: Path) -> None:
+    """The constructor's error comes back as the user's error at once, not after restarts."""
+    import types
+
+    from clipdedup.cluster.actors import stream_results
+
+    enc = types.SimpleNamespace(model_id="local-dir:/nonexistent/model", device="cpu")
+    todo = [FileEntry(f"{k}.jpg", 0, 1) for k in range(3)]
+    with cl.RayCluster("local") as c, pytest.raises(UserError, match="nonexistent"):
+        list(stream_results(c, enc, str(pics), todo, 2))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from clipdedup.cluster.session import RaySession, task_error
+from clipdedup.errors import UserError
 
 # Test fault: a file path; the first actor that claims the file (by removing it) kills itself with
 # SIGKILL when its shard starts, so the shard is in flight when the process dies.
@@ -48,7 +49,13 @@ class EncodeActor:
         from clipdedup.ingest.encode import load_encoder
         from clipdedup.util.threads import thread_plan
 
-        self.enc = load_encoder(model_id, device=device, batch_size=batch_size)
+        self.error: UserError | None = None
+        self.fitted = False
+        try:
+            self.enc = load_encoder(model_id, device=device, batch_size=batch_size)
+        except UserError as e:  # handed to the driver by `run` (a constructor's error loses its type)
+            self.error = e
+            return
         self.image_dir, self.batch_size = image_dir, batch_size
         self.plan = thread_plan(self.enc.device, cores=cpus, torch_model=self.enc.runner is not None)
         if self.enc.runner is not None:
@@ -57,7 +64,7 @@ class EncodeActor:
 
     def info(self) -> dict[str, Any]:
         """What the actor holds (tests): its pid, and whether the runner was fitted at start."""
-        mode = getattr(self.enc.runner, "mode", None)
+        mode = None if self.error is not None else getattr(self.enc.runner, "mode", None)
         return {"pid": os.getpid(), "fitted": self.fitted, "mode": mode}
 
     def run(self, idx: np.ndarray, rels: Sequence[bytes]) -> Iterator[dict[str, np.ndarray]]:
@@ -66,6 +73,8 @@ class EncodeActor:
         from clipdedup.ingest.decode import iter_batches
         from clipdedup.util.threads import torch_threads
 
+        if self.error is not None:
+            raise self.error
         _test_fault()
         enc = self.enc
         paths = [os.path.join(self.image_dir, os.fsdecode(r)) for r in rels]
@@ -176,7 +185,9 @@ def stream_results(
                     k, since = probes.pop(ref)
                     try:
                         ray.get(ref)
-                    except ray.exceptions.RayActorError:
+                    except ray.exceptions.RayActorError as e:
+                        if getattr(e, "actor_init_failed", False):
+                            raise  # its constructor raised (the model cannot load there)
                         time.sleep(0.5)  # still restarting (or gone for good: RESTART_WAIT ends it)
                         probe(k, since)
                         continue
@@ -188,7 +199,9 @@ def stream_results(
                 except StopIteration:
                     del streams[ref]
                     continue
-                except ray.exceptions.RayActorError:
+                except ray.exceptions.RayActorError as e:
+                    if getattr(e, "actor_init_failed", False):
+                        raise
                     del streams[ref]
                     tries[k] += 1
                     if tries[k] <= RETRIES:

@@ -127,5 +127,9 @@ class RaySession:
 
 def task_error(e: BaseException) -> BaseException:
     """The error a user can act on inside a Ray task error (a UserError raised in a worker), else `e`."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, UserError) else e
+    cause: object = e
+    for _ in range(3):  # an actor whose constructor failed: ActorDiedError -> RayTaskError -> error
+        cause = getattr(cause, "cause", None)
+        if isinstance(cause, UserError):
+            return cause
+    return e
