@@ -17,10 +17,10 @@ Parts (`--only` picks some; bench/gpucheck/ holds them), every result judged aga
              orientation; a DALI failure falling back to Pillow; ratio: DALI's decode rate vs Pillow's
     graph    the CUDA-graph encoder vs eager; the fp16 -> fp32 re-run of non-finite rows; a capture
              failure running eagerly (random-weight models: never a real model's numbers)
+    rates    ratio: the pipeline (decode + encode) vs the model-only forward, target 90% (ViT-L-14)
     ray      a local Ray cluster with the GPU: encode actors vs the local path, matching tasks vs
              `find_pairs_store`, rows read from the DB's snapshot
     pytest   `pytest -m gpu` (the suite's GPU-only tests)
-    rates    ratio: the pipeline (decode + encode) vs the model-only forward, target 90% (ViT-L-14)
 
 Every part runs against the one `--deadline`: a check whose estimate no longer fits is skipped, and
 the skipped ones are listed at the end. A ratio row compares two rates measured in this run; one
@@ -56,7 +56,7 @@ from pathlib import Path  # noqa: E402
 from gpucheck.core import Check, Ctx, err, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["plan", "kernel", "match", "store", "decode", "graph", "ray", "pytest", "rates"]
+PARTS = ["plan", "kernel", "match", "store", "decode", "graph", "rates", "ray", "pytest"]
 DEADLINE = {False: 480.0, True: 170.0}  # seconds: 8 minutes on a GPU, under 3 minutes with --cpu
 
 

@@ -150,8 +150,8 @@ def _against(fn, x, y, t, want, streamed: bool) -> tuple[bool, str]:
 def part_match(ctx: Ctx) -> None:
     from clipdedup.match import find_pairs
 
-    sizes = [(200, 64, 12), (130, 300, 8)] if ctx.cpu else [(1_000_000, 1280, 2000)]
-    prefix = 60 if ctx.cpu else 60_000
+    sizes = [(200, 64, 12), (96, 300, 6)] if ctx.cpu else [(1_000_000, 1280, 2000)]
+    prefix = 48 if ctx.cpu else 60_000
     for n, d, groups in sizes:
         (x, tri), s = timed(planted_unit, n, d, groups, seed=n + d)
         t = float(np.median(planted_answer(x, tri, 1.0)[1]))  # a planted pair sits exactly on the threshold

@@ -23,7 +23,7 @@ def part_ray(ctx: Ctx) -> None:
         "ray",
         f"local cluster, {gpus} GPU: encode actors + matching tasks",
         lambda: _ray(ctx, gpus),
-        est=(120, 90),
+        est=(120, 60),
         needs=why,
     )
 
