@@ -402,3 +402,13 @@ def test_an_actor_that_cannot_load_the_model_is_one_user_error(ray_cluster, pics
     todo = [FileEntry(f"{k}.jpg", 0, 1) for k in range(3)]
     with cl.RayCluster("local") as c, pytest.raises(UserError, match="nonexistent"):
         list(stream_results(c, enc, str(pics), todo, 2))
+
+
+def test_block_rows_grow_with_the_problem(monkeypatch) -> None:
+    from clipdedup.cluster.session import BLOCK_ROWS_ENV, block_rows_for
+
+    assert block_rows_for(1000, True) == 8192 and block_rows_for(10**6, False) == 20834
+    assert block_rows_for(10**8, True) == 2083334 and block_rows_for(10**9, True) == 1 << 21
+    assert block_rows_for(10**8, False) == 1 << 18
+    monkeypatch.setenv(BLOCK_ROWS_ENV, "777")
+    assert cl.RayCluster("local").block_rows == 777 and cl.RayCluster("local", block_rows=5).block_rows == 5
