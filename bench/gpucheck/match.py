@@ -92,27 +92,29 @@ def backends(cpu: bool) -> dict[str, Callable]:
     from clipdedup.match.backends.torch_cuda import device_bytes, pairs_torch_cuda
     from clipdedup.match.backends.triton import pairs_triton, plan_steps
 
-    def steps_of(x, y, width, budget) -> int:
+    def steps_of(x, y, row_bytes, budget) -> int:
         m = x.shape[0] if y is None else y.shape[0]
-        return len(plan_steps(x.shape[0], m, 2 * width, budget, y is None)[1])
+        return len(plan_steps(x.shape[0], m, row_bytes, budget, y is None)[1])
+
+    def torch_steps(x, y, t, recipe: str, device: str, quarter: bool):
+        row, fixed = device_bytes(x.shape[1], recipe)
+        rows = x.shape[0] + (0 if y is None else y.shape[0])
+        budget = fixed + (row * rows // 4 if quarter else row * rows - 1)
+        got = pairs_torch_cuda(x, y, t, device=device, recipe=recipe, budget=budget)
+        return _sort(*got), steps_of(x, y, row, budget - fixed)
 
     if not cpu:
 
         def triton_streamed(x, y, t):
             width = -(-x.shape[1] // 64) * 64
             budget = 2 * width * (x.shape[0] + (0 if y is None else y.shape[0])) // 4
-            return _sort(*pairs_triton(x, y, t, budget=budget)), steps_of(x, y, width, budget)
-
-        def torch_streamed(x, y, t):
-            row, fixed = device_bytes(x.shape[1], "float16")
-            budget = fixed + row * (x.shape[0] + (0 if y is None else y.shape[0])) // 4
-            return _sort(*pairs_torch_cuda(x, y, t, budget=budget)), -1
+            return _sort(*pairs_triton(x, y, t, budget=budget)), steps_of(x, y, 2 * width, budget)
 
         return {
             "triton": lambda x, y, t: (find_pairs(x, t, y=y, backend="triton"), 0),
             "torch-cuda": lambda x, y, t: (find_pairs(x, t, y=y, backend="torch-cuda"), 0),
             "triton streamed": triton_streamed,
-            "torch-cuda streamed": torch_streamed,
+            "torch-cuda streamed": lambda x, y, t: torch_steps(x, y, t, "float16", "cuda", True),
         }
     small = (16, 16, 32)
 
@@ -120,13 +122,7 @@ def backends(cpu: bool) -> dict[str, Callable]:
         width = -(-x.shape[1] // small[2]) * small[2]
         budget = 2 * width * (x.shape[0] + (0 if y is None else y.shape[0])) - 1  # chunks of a third
         got = pairs_triton(x, y, t, device="cpu", blocks=small, budget=budget, max_grid=5, cap=4)
-        return _sort(*got), steps_of(x, y, width, budget)
-
-    def steps_torch(x, y, t):
-        row, fixed = device_bytes(x.shape[1], "float32")
-        return _sort(
-            *pairs_torch_cuda(x, y, t, device="cpu", recipe="float32", budget=fixed + 3 * row * 50)
-        ), -1
+        return _sort(*got), steps_of(x, y, 2 * width, budget)
 
     return {
         "triton (interpreter)": lambda x, y, t: (
@@ -134,7 +130,9 @@ def backends(cpu: bool) -> dict[str, Callable]:
             0,
         ),
         "triton streamed, 5-program launches, cap 4 (interpreter)": streamed_triton,
-        "torch-cuda steps (cpu, float32 recipe)": steps_torch,
+        "torch-cuda streamed (cpu, float32 recipe)": lambda x, y, t: torch_steps(
+            x, y, t, "float32", "cpu", False
+        ),
     }
 
 
