@@ -55,7 +55,8 @@ def _ray(ctx: Ctx, gpus: int) -> tuple[bool, str]:
         logging_level="ERROR",
     )
     try:
-        with cl.RayCluster("local", match=True, block_rows=128 if ctx.cpu else 16384) as c:
+        kw = dict(actor_cpus=2, block_rows=256) if ctx.cpu else dict(block_rows=16384)  # 1 CPU actor, 3 tiles
+        with cl.RayCluster("local", match=True, **kw) as c:
             remote = update_db(
                 folder,
                 ctx.tmp / "ray-db",
