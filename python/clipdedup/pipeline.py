@@ -129,7 +129,9 @@ def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
 def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Callable, Callable]):
     """Pairs within the threshold; for a model with a verifier (builtin:dct), the screened
     candidates its check confirms (every candidate, named by `namer`, in `s.verification`)."""
-    fp = opts.cluster.find_pairs if opts.cluster is not None and opts.cluster.match else find_pairs
+    fp = find_pairs
+    if opts.cluster is not None and opts.cluster.match:
+        fp, opts.cluster.log = opts.cluster.find_pairs, opts.say
     s.backend = MATCHERS.get(opts.backend).name if fp is find_pairs else f"ray: {opts.backend or 'auto'}"
     bar = tqdm(desc=f"match ({s.backend})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
@@ -224,11 +226,9 @@ def _run_dedup_locked(
         s.threshold = _threshold(opts, u)
         torch_import.join()
         model = _model(opts, u)
-        # matching on Ray takes the matrix; screen-then-verify (builtin:dct) reads the store
-        on_ray = opts.cluster is not None and opts.cluster.match
-        if on_ray or encode.verifier_for(model) is not None:
-            rows = store.to_matrix() if on_ray else store
-            pairs, dists = _match(rows, None, opts, s, model, (_rel(kept), _rel(kept)))
+        # Ray tasks read the store's rows from its snapshot; screen-then-verify (dct) reads the store
+        if (opts.cluster is not None and opts.cluster.match) or encode.verifier_for(model) is not None:
+            pairs, dists = _match(store, None, opts, s, model, (_rel(kept), _rel(kept)))
         else:
             s.backend = MATCHERS.get(opts.backend).name
             kw: dict[str, Any] = dict(
@@ -350,9 +350,11 @@ def _run_import_locked(
     dim = either.dim if either else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
-    # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM.
+    # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM; so do
+    # Ray's matching tasks (from the DBs' snapshots).
     model = _model(opts, ub, ui)
-    load: Callable[..., tuple] = open_embeddings if encode.verifier_for(model) else load_embeddings
+    as_store = encode.verifier_for(model) is not None or (opts.cluster is not None and opts.cluster.match)
+    load: Callable[..., tuple] = open_embeddings if as_store else load_embeddings
     with contextlib.ExitStack() as stores:  # a store's snapshot is written on a thread: lines after
         bkept, xb, eb, nb = load(
             base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo

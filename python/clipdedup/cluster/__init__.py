@@ -4,12 +4,14 @@ The driver (the `clip-image-deduper` process) keeps everything that decides what
 the update plan, the exact-copy pre-pass, the DB lock, the one `.npy` writer, grouping, keeping and
 moving. The cluster runs the same stage functions on other processes and machines:
 
-- encoding (`clipdedup.cluster.encode`): the images to encode go through Ray Data to actors that
-  decode with this project's decoder registry and encode with `load_encoder`'s model (one actor per
-  GPU with `num_gpus=1`, CPU actors otherwise); the vectors and the per-file failure reasons come
-  back to the driver, whose writer puts them in the DB exactly as a local run does;
+- encoding (`clipdedup.cluster.encode`, `clipdedup.cluster.actors`): one actor per GPU (or per
+  `actor_cpus` CPUs), alive for the run, that loads the model, fits it before its decoder starts and
+  runs one decode -> encode pipeline over its shard of the images with this project's decoder
+  registry and `load_encoder`'s model; the vectors and the per-file failure reasons stream back to
+  the driver, whose writer puts them in the DB exactly as a local run does;
 - matching (`clipdedup.cluster.match`, with `--ray-match`): tiles of the upper triangle as Ray
-  tasks that each run `find_pairs` on two row blocks; the driver merges the pairs.
+  tasks that each read two row blocks from the DB's snapshot on shared storage
+  (`clipdedup.cluster.rows`) and run `find_pairs` on them; the driver merges the pairs.
 
 Ray is imported only when a run needs it: `connect()` raises a `UserError` with the install line
 when the extra is missing. What runs where, and why the vectors come back to the driver instead of

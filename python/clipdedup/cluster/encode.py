@@ -1,16 +1,17 @@
 """Encoding on Ray: the update's decode + encode step run by actors, written by the driver.
 
 `encode_into_db` takes the same arguments as `ingest.update._encode_into_db` and fills the same
-summary: the driver hands (index, image path) rows to a Ray Data `map_batches` over `EncodeWorker`
-actors; each actor loads the model once with `load_encoder`, decodes its batch with the decoder
-registry (`ingest.decode.iter_batches`: the same choice of decoder and the same preprocessing as a
-local run) and returns (index, vector, failure reason) rows. The driver's one `AsyncWriter` writes the vectors
-(atomic temp file + rename, the image's mtime stamped) or keeps them in memory in a dry run.
+summary: the driver splits the images to encode into one shard per `EncodeActor`
+(cluster/actors.py); each actor loads the model once, fits it before its decoder starts, and runs
+one decode -> encode pipeline over its shard with the decoder registry (`ingest.decode.iter_batches`:
+the same choice of decoder and the same preprocessing as a local run), streaming (index, vector,
+failure reason) rows back. The driver's one `AsyncWriter` writes the vectors (atomic temp file +
+rename, the image's mtime stamped) or keeps them in memory in a dry run.
 
-Faults: Ray restarts a killed actor and re-runs the batch it held (Ray Data's actor defaults); a
-batch's rows come back whole or not at all, and nothing on a worker touches the DB, so a dead
-worker cannot leave a truncated `.npy`. At the end the driver checks that every planned image has
-its vector written or a reason, and records a reason for any that has neither.
+Faults: Ray restarts a killed actor and the driver hands it the rest of its shard; a batch's rows
+come back whole or not at all, and nothing on a worker touches the DB, so a dead worker cannot
+leave a truncated `.npy`. At the end the driver checks that every planned image has its vector
+written or a reason, and records a reason for any that has neither.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import functools
 import hashlib
 import os
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,74 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from clipdedup import db as dbmod
+from clipdedup.cluster.actors import stream_results
 from clipdedup.cluster.session import RaySession, task_error
 from clipdedup.errors import UserError
 
-# Test fault: a file path; the first actor that claims the file (by removing it) kills itself with
-# SIGKILL before encoding its batch, so the batch is in flight when the process dies.
-KILL_ONCE_ENV = "CLIPDEDUP_RAY_TEST_KILL_ONCE"
 PROBE_BYTES = 1 << 16
 LOST = "no result came back from the Ray cluster"
 MISSING = "its vector is missing after the run"
-
-
-class EncodeWorker:
-    """A Ray Data actor: (idx, rel) rows -> (idx, vec, reason) rows, with this project's stages.
-
-    Args:
-        model_id: canonical model id (local paths absolute, as the driver resolved them).
-        image_dir: the image tree, at the same path on every node.
-        device: torch device of this actor ("cuda" is the GPU Ray assigned to it).
-        batch_size: encoder batch.
-        cpus: the CPUs Ray reserved for this CPU actor (decoder threads and torch threads); None
-            for a GPU actor (decoder threads from the node's cores, as a local GPU run).
-    """
-
-    def __init__(self, model_id: str, image_dir: str, device: str, batch_size: int, cpus: int | None) -> None:
-        from clipdedup.ingest.encode import load_encoder
-        from clipdedup.util.threads import thread_plan
-
-        self.enc = load_encoder(model_id, device=device, batch_size=batch_size)
-        self.image_dir, self.batch_size = image_dir, batch_size
-        self.plan = thread_plan(self.enc.device, cores=cpus, torch_model=self.enc.runner is not None)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from clipdedup.ingest.decode import iter_batches
-        from clipdedup.util.threads import torch_threads
-
-        _test_fault()
-        rels = [os.fsdecode(bytes(r)) for r in batch["rel"]]
-        paths = [os.path.join(self.image_dir, r) for r in rels]
-        vecs = np.full((len(paths), self.enc.dim), np.nan, np.float32)  # [n, D]; NaN: not encoded
-        reasons = [""] * len(paths)
-        with torch_threads(self.plan.torch_threads):
-            batches = iter_batches(
-                paths,
-                self.enc.prepare,
-                batch_size=self.batch_size,
-                min_size=self.enc.input_size,
-                workers=self.plan.decoders,
-                prefetch=self.plan.prefetch,
-                spec=self.enc.spec,
-                device=self.enc.device,
-            )
-            for b in batches:
-                for i, reason in b.failures:
-                    reasons[i] = reason
-                if b.items:
-                    vecs[b.indices] = self.enc.encode_batch(b.items)
-        return {"idx": np.asarray(batch["idx"], np.int64), "vec": vecs, "reason": np.array(reasons, object)}
-
-
-def _test_fault() -> None:
-    flag = os.environ.get(KILL_ONCE_ENV)
-    if not flag:
-        return
-    try:
-        os.unlink(flag)  # only one process can remove it
-    except FileNotFoundError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _use_gpus(cluster: RaySession, device: str | None) -> bool:
@@ -179,18 +118,6 @@ def probe_verdict(nodes: Sequence[dict], got: Sequence[str], want: str, path: st
             )
 
 
-def _dataset(ray: Any, todo: Sequence[Any], rows_per_block: int) -> Any:
-    import pyarrow as pa
-
-    blocks = []
-    for s in range(0, len(todo), rows_per_block):
-        part = todo[s : s + rows_per_block]
-        idx = pa.array(np.arange(s, s + len(part), dtype=np.int64))
-        rel = pa.array([os.fsencode(e.rel) for e in part], pa.binary())  # any file name, not only UTF-8
-        blocks.append(pa.table({"idx": idx, "rel": rel}))
-    return ray.data.from_arrow(blocks)
-
-
 def encode_into_db(
     cluster: RaySession,
     enc: Any,
@@ -248,12 +175,10 @@ def encode_into_db(
 def _results(
     cluster: RaySession, enc: Any, image_dir: str, todo: Sequence[Any], batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The result batches of the pipeline. Through Ray Client (`ray://`) Ray Data cannot run in this
-    process, so one task on the cluster runs it and streams the batches back."""
+    """The result batches of the actors. Through Ray Client (`ray://`) the actors' streams are
+    driven by one actor inside the cluster, which hands the batches to this process."""
     if not cluster.address.startswith("ray://"):
-        yield from _encode_dataset(cluster, enc, image_dir, todo, batch_size).iter_batches(
-            batch_size=None, batch_format="numpy"
-        )
+        yield from stream_results(cluster, enc, image_dir, todo, batch_size)
         return
     ray = cluster.connect()
     runner = ray.remote(PipelineRunner).options(num_cpus=0)
@@ -267,12 +192,11 @@ def _results(
 
 class PipelineRunner:
     """`_results` inside the cluster, for a Ray Client driver: an actor (a full Ray driver there)
-    that owns the Ray Data iterator and hands out its batches when asked."""
+    that owns the actors' result streams and hands out their batches when asked."""
 
     def __init__(self, actor_cpus: int, enc: Any, image_dir: str, todo: list[Any], batch_size: int) -> None:
         inner = RaySession("auto", actor_cpus=actor_cpus)
-        ds = _encode_dataset(inner, enc, image_dir, todo, batch_size)
-        self._it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        self._it = stream_results(inner, enc, image_dir, todo, batch_size)
 
     def take(self, k: int) -> list[dict[str, np.ndarray]]:
         """Up to k more result batches; [] at the end."""
@@ -282,39 +206,6 @@ class PipelineRunner:
             if len(out) >= k:
                 break
         return out
-
-
-def _encode_dataset(
-    cluster: RaySession, enc: Any, image_dir: str, todo: Sequence[Any], batch_size: int
-) -> Any:
-    """The Ray Data pipeline: (idx, rel) blocks -> `EncodeWorker` actors -> (idx, vec, reason).
-
-    GPU actors: one per GPU, one CPU reserved, decoder threads as for a local GPU run (the node's
-    cores, at most 16). CPU actors: `cluster.actor_cpus` CPUs each, as many as the cluster holds.
-    Both: no more actors than batches; blocks of up to 8 batches, at least 4 blocks per actor.
-    """
-    ray = cluster.connect()
-    gpu = enc.device.startswith("cuda")
-    cpus = 1 if gpu else cluster.actor_cpus
-    pool = cluster.gpus() if gpu else max(1, cluster.cpus() // cpus)
-    pool = max(1, min(pool, -(-len(todo) // batch_size)))
-    per_block = max(batch_size, min(8 * batch_size, -(-len(todo) // (4 * pool))))
-    worker = dict(
-        model_id=enc.model_id,
-        image_dir=image_dir,
-        device=enc.device,
-        batch_size=batch_size,
-        cpus=None if gpu else cpus,
-    )
-    return _dataset(ray, todo, per_block).map_batches(
-        EncodeWorker,
-        fn_constructor_kwargs=worker,
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool),
-        num_cpus=cpus,
-        **({"num_gpus": 1} if gpu else {}),
-    )
 
 
 def check_planned(

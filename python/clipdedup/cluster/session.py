@@ -15,6 +15,15 @@ INSTALL_HINT = (
     "--ray needs Ray, which is not installed: pip install 'clip-image-deduper[ray]' (or 'ray[data]')"
 )
 ACTOR_CPUS_ENV = "CLIPDEDUP_RAY_ACTOR_CPUS"  # CPUs per CPU encoder actor (default 1)
+BLOCK_ROWS_ENV = "CLIPDEDUP_RAY_BLOCK_ROWS"  # rows per block of a matching tile (default: see block_rows_for)
+
+
+def block_rows_for(n: int, gpu: bool) -> int:
+    """Rows per block for matching n rows: about 48 blocks (1,176 tiles), at least 8,192 rows, at
+    most 2^21 on a GPU (two float32 blocks of 10.7 GB in a task's RAM at D = 1280, 5.4 GB each in
+    float16 on the device) or 2^18 on a CPU. Fewer, larger tiles read fewer bytes from the shared
+    snapshot: a run reads about N^2 / (2 * block) rows (docs/cluster.md)."""
+    return min(1 << (21 if gpu else 18), max(8192, -(-n // 48)))
 
 
 def import_ray() -> Any:
@@ -50,7 +59,8 @@ class RaySession:
     Args:
         address: see `check_address`.
         match: run the matching on the cluster too (`--ray-match`).
-        block_rows: rows per block of a matching tile (a task screens block x block).
+        block_rows: rows per block of a matching tile (a task screens block x block); default
+            `CLIPDEDUP_RAY_BLOCK_ROWS`, else `block_rows_for` the rows matched.
         actor_cpus: CPUs per CPU encoder actor (default `CLIPDEDUP_RAY_ACTOR_CPUS`, else 1).
     """
 
@@ -59,13 +69,17 @@ class RaySession:
         address: str,
         *,
         match: bool = False,
-        block_rows: int = 8192,
+        block_rows: int | None = None,
         actor_cpus: int | None = None,
     ) -> None:
         self.address = check_address(address)
-        self.match, self.block_rows = match, int(block_rows)
+        self.match = match
+        env = os.environ.get(BLOCK_ROWS_ENV)
+        self.block_rows = block_rows or (int(env) if env else None)
         self.actor_cpus = actor_cpus or int(os.environ.get(ACTOR_CPUS_ENV) or 1)
         self.on_batch: Callable[[int], object] | None = None  # driver-side, after each result batch
+        self.log: Callable[[str], object] | None = None  # one-line notices (the run's `say`)
+        self.shipped_rows = 0  # rows the last matching sent through the object store (not the snapshot)
         self._ray: Any = None
         self._owned = False
 
@@ -113,5 +127,9 @@ class RaySession:
 
 def task_error(e: BaseException) -> BaseException:
     """The error a user can act on inside a Ray task error (a UserError raised in a worker), else `e`."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, UserError) else e
+    cause: object = e
+    for _ in range(3):  # an actor whose constructor failed: ActorDiedError -> RayTaskError -> error
+        cause = getattr(cause, "cause", None)
+        if isinstance(cause, UserError):
+            return cause
+    return e

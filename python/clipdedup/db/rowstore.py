@@ -99,6 +99,7 @@ class RowStore:
         self._base_fd, self._spill_fd = base_fd, spill_fd
         self.writer: PendingWrite | None = None
         self.seen = seen  # what the opening pass saw of every row, if it kept track
+        self.snapshot_path = ""  # the DB's snapshot file (db/store_load.py sets it), for `shared_rows`
 
     @property
     def n(self) -> int:
@@ -152,6 +153,29 @@ class RowStore:
             out[i0 : i0 + len(blk)] = blk[:, : out.shape[1]]
         return out
 
+    def shared_rows(self) -> tuple[str, bytes, np.ndarray] | None:
+        """Where another process (a Ray task on another node) can read this store's rows: (the
+        snapshot's path, its header bytes, which name that file, int64 (N,) each row's row in it or
+        -1), or None when no file at that path holds them. Waits for the background write first.
+
+        A snapshot this store's writer wrote holds every row, in order, with the same checksums.
+        Otherwise the file the store opened serves as long as the path still names it (the same
+        header bytes: written_ns and the index checksum differ between any two snapshots).
+        """
+        if not self.snapshot_path:
+            return None
+        error = self.wait()
+        head = _snapshot_head(self.snapshot_path)
+        if self.writer is not None and self.writer.thread is not None:
+            if error or head is None:
+                return None
+            rows, dim = snap_mod.HEADER.unpack_from(head)[3:5]
+            ok = (rows, dim) == (self.n, self.dim)
+            return (self.snapshot_path, head, np.arange(self.n, dtype=np.int64)) if ok else None
+        if self._base_fd < 0 or head is None or head != os.pread(self._base_fd, len(head), 0):
+            return None
+        return self.snapshot_path, head, np.where(self.loc >= 0, self.loc, -1)
+
     def wait(self) -> str:
         """Waits for the background snapshot write; returns its error line ('' if none or fine)."""
         if self.writer is None or self.writer.thread is None:
@@ -171,6 +195,15 @@ class RowStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _snapshot_head(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(snap_mod.HEADER.size)
+    except OSError:
+        return None
+    return head if len(head) == snap_mod.HEADER.size else None
 
 
 def store_of_matrix(mat: np.ndarray, block_rows: int = BLOCK_ROWS) -> RowStore:

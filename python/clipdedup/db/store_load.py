@@ -92,6 +92,7 @@ def open_store(
     which = np.flatnonzero(~from_snap)
     spill_fd, ok, errors = spill_rows(rows, which, dim, loc, hashes, threads, block_rows, seen)
     store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok))
+    store.snapshot_path = snap_mod.snapshot_path(db_dir)
     if write_snapshot and started_ns is not None and store.n and os.path.isdir(db_dir) and len(file_at) == n:
         fresh = ok & ~from_snap
         news = bool(np.any(stats["ctime_ns"][fresh] <= started_ns - snap_mod.RACY_NS))

@@ -1,0 +1,1 @@
+"""The parts of bench/gpu_check.py: each a list of checks run under one overall deadline."""
