@@ -34,6 +34,7 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
+from clipdedup.match.backends import stream
 from clipdedup.match.cache.incremental import import_in_background, match_with_cache
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
@@ -131,6 +132,7 @@ def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Calla
     candidates its check confirms (every candidate, named by `namer`, in `s.verification`)."""
     fp = opts.cluster.find_pairs if opts.cluster is not None and opts.cluster.match else find_pairs
     s.backend = MATCHERS.get(opts.backend).name if fp is find_pairs else f"ray: {opts.backend or 'auto'}"
+    fp = stream.find_pairs_stores if isinstance(x, RowStore) and not encode.verifier_for(model) else fp
     bar = tqdm(desc=f"match ({s.backend})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
     if (verifier := encode.verifier_for(model)) is None:
@@ -350,9 +352,9 @@ def _run_import_locked(
     dim = either.dim if either else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
-    # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM.
     model = _model(opts, ub, ui)
-    load: Callable[..., tuple] = open_embeddings if encode.verifier_for(model) else load_embeddings
+    on_stores = encode.verifier_for(model) or stream.streams(opts.backend, opts.cluster)  # dct, GPUs
+    load: Callable[..., tuple] = open_embeddings if on_stores else load_embeddings
     with contextlib.ExitStack() as stores:  # a store's snapshot is written on a thread: lines after
         bkept, xb, eb, nb = load(
             base_db_dir, base_entries, dim=dim, in_memory=ub.in_memory, dry_run=True, info=binfo

@@ -261,3 +261,14 @@ def test_triton_driver_with_a_reference_screen_and_progress() -> None:
     np.testing.assert_array_equal(d[order].astype(np.float32), want[1])
     assert len(ticks) == len(calls) == 10  # 4 chunks of 20 rows: 10 steps of the upper triangle
     assert {c["max_grid"] for c in calls} == {7} and max(c["max_pairs"] for c in calls) == 10**6
+
+
+def test_kernel_does_not_specialize_on_what_changes_between_steps() -> None:
+    """Every integer that changes between launches, streamed steps and overflow re-runs is exempt
+    from Triton's value specialisation (divisible by 16, equal to 1), so that they reuse one
+    compiled variant; only D and the constexprs select one."""
+    from clipdedup.kernels.pairwise import pairwise_within_kernel
+
+    flagged = {p.name for p in pairwise_within_kernel.params if p.do_not_specialize}
+    ints = {"n_q", "n_k", "row_base", "col_base", "cap", "tile0", "n_tm", "n_tn"}
+    assert flagged == ints
