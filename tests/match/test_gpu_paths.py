@@ -183,6 +183,26 @@ def test_chunk_loader_copies_on_its_own_stream() -> None:
     assert [name for _, name in loader.recorded] == ["compute"] * 3
 
 
+class PinnedHostLoader(RecordingLoader):
+    def _is_pinned(self, host) -> bool:
+        return True
+
+
+def test_chunk_loader_reads_a_pinned_host_array_directly() -> None:
+    """A page-locked host matrix (load_db(pinned=True)) goes to the device without staging buffers
+    (no second host copy of its rows), still on the copy stream; same values as the plain path."""
+    host = np.random.default_rng(1).standard_normal((37, 20)).astype(np.float32)
+    fake = FakeCuda()
+    loader = PinnedHostLoader(host, 0.5, 32, "cpu", piece_rows=8, cuda=fake)
+    plain = ChunkLoader(host, 0.5, 32, "cpu")
+    assert loader.direct and loader.staging == []
+    for r0, r1 in ((0, 37), (9, 20)):
+        got = loader.finish(loader.start(r0, r1))
+        torch.testing.assert_close(got, plain.finish(plain.start(r0, r1)), rtol=0, atol=0)
+    assert loader.allocated_on == ["side0"] * 2 and fake.streams[0].waited_events == []
+    assert not RecordingLoader(host, 0.5, 32, "cpu", cuda=FakeCuda()).direct  # pageable: staged
+
+
 def test_pinned_allocation_failure_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     real_empty = torch.empty
     calls: list[bool] = []

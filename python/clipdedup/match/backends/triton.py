@@ -116,12 +116,23 @@ class ChunkLoader:
         self.cuda = cuda is not None
         self.piece = max(1, min(piece_rows, host.shape[0]))
         self.plain: np.ndarray | None = None  # the CPU path's buffer for a source (not an array)
+        # A page-locked host array (`load_db(pinned=True)`) is read by the device directly: no
+        # staging buffers, no second copy of its rows.
+        self.direct = cuda is not None and isinstance(host, np.ndarray) and self._is_pinned(host)
         if cuda is not None:
             rows = self.piece
-            self.staging = [empty_pinned((rows, host.shape[1]), log=log) for _ in range(2)]
+            self.staging = (
+                [] if self.direct else [empty_pinned((rows, host.shape[1]), log=log) for _ in range(2)]
+            )
             self.free: list = [None, None]  # event: the copy out of that staging buffer is done
             self.copy_stream = cuda.Stream(self.device)
             self.turn = 0
+
+    def _is_pinned(self, host: np.ndarray) -> bool:
+        try:
+            return bool(self.torch.from_numpy(host).is_pinned())
+        except RuntimeError:  # no CUDA runtime to ask
+            return False
 
     def _empty(self, rows: int):
         return self.torch.zeros((rows, self.width), dtype=self.torch.float16, device=self.device)
@@ -152,6 +163,10 @@ class ChunkLoader:
             out = self._empty(r1 - r0)  # allocated and zeroed on the copy stream
             for s in range(r0, r1, self.piece):
                 e = min(r1, s + self.piece)
+                if self.direct:
+                    dev = torch.from_numpy(self.host[s:e]).to(self.device, non_blocking=True)
+                    out[s - r0 : e - r0, :d] = dev * self.scale
+                    continue
                 b, self.turn = self.turn, 1 - self.turn
                 if self.free[b] is not None:
                     self.free[b].synchronize()  # its previous piece has left: it may be overwritten
