@@ -14,7 +14,7 @@ import pytest
 
 from clipdedup.db.rowstore import store_of_matrix
 from clipdedup.errors import TooManyPairsError
-from clipdedup.match import find_pairs
+from clipdedup.match import MATCHERS, find_pairs
 from clipdedup.match.backends import stream
 from clipdedup.match.backends.triton import TARGET_EXP, triton_screen
 from clipdedup.match.core import scaled_from_norms
@@ -127,15 +127,15 @@ def test_torch_steps_without_nonzero_static(monkeypatch: pytest.MonkeyPatch):
     """Where torch lacks a device `nonzero_static`, the step falls back to `nonzero`: same pairs."""
     import torch
 
-    from clipdedup.match.backends import torch_cuda
+    from clipdedup.match.backends import torch_steps
 
     def missing(*a, **kw):
         raise NotImplementedError("nonzero_static")
 
     monkeypatch.setattr(torch, "nonzero_static", missing)
-    monkeypatch.setattr(torch_cuda, "_NO_STATIC", [])
+    monkeypatch.setattr(torch_steps, "_NO_STATIC", [])
     assert run_case("nan-rows", "torch-cuda") > 0
-    assert torch_cuda._NO_STATIC == [True]
+    assert torch_steps._NO_STATIC == [True]
 
 
 def test_chunked_shifts_equal_the_whole_problem():
@@ -201,3 +201,23 @@ def test_triton_steps_pair_limit_interpreted(interp):
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_steps_on_cuda_equal_find_pairs_store(backend, name):
     run_case(name, backend, device="cuda")
+
+
+@pytest.mark.parametrize("name", ["self-n65-d72", "all-identical", "two-stores", "self-n1-d40"])
+def test_torch_cuda_backend_on_matrices_streams_the_same_steps(name):
+    """`find_pairs(x, backend="torch-cuda")` runs `pairs_torch_cuda_streamed`: the store path's steps
+    on a matrix (here on CPU, many steps, overflow re-runs); NaN rows are find_pairs' to drop."""
+    from clipdedup.match.backends.torch_cuda import pairs_torch_cuda_streamed
+
+    assert MATCHERS.entries["torch-cuda"].fn is pairs_torch_cuda_streamed
+    _, x, y, t, _ = next(c for c in CASES if c[0] == name)
+    keep_y = None if y is None else np.isfinite(y).all(1)
+    y = None if y is None else y[keep_y]
+    kw = dict(device="cpu", blocks=TILES["torch-cuda"], piece_rows=PIECE, cap=2)
+    steps = [0]
+    i, j, d = pairs_torch_cuda_streamed(
+        x, y, t, budget_bytes=budget(x.shape[1], "torch-cuda", 20, 2), progress=steps.append, **kw
+    )
+    want = find_pairs(x, t, y=y, backend="reference")
+    assert_same((np.stack([i, j], 1).reshape(-1, 2), d.astype(np.float32)), want)
+    assert len(steps) > 3 or len(x) < 40

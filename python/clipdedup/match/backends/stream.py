@@ -26,13 +26,13 @@ Rows holding NaN or inf are zeroed on the way and given a shift of -inf: they ta
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from clipdedup.db.rowstore import BLOCK_ROWS, RowStore
+from clipdedup.db.rowstore import BLOCK_ROWS
 from clipdedup.match.backends.triton import (
     BLOCKS,
     TARGET_EXP,
@@ -74,12 +74,12 @@ def screener(
         b = blocks or BLOCKS
         return Screener(pairwise or kmod.pairwise_within, b, b[2], kmod.MAX_PAIRS, 0)
     if backend == "torch-cuda":
-        from clipdedup.match.backends import torch_cuda
+        from clipdedup.match.backends import torch_steps
 
         b = blocks or TORCH_BLOCKS
-        fn = pairwise or torch_cuda.pairwise_within_torch
+        fn = pairwise or torch_steps.pairwise_within_torch
         # the float32 tile, its mask, the positions and the step buffer's scatter operands
-        return Screener(fn, b, 8, torch_cuda.MAX_PAIRS, b[0] * b[1] * 13)
+        return Screener(fn, b, 8, torch_steps.MAX_PAIRS, b[0] * b[1] * 13)
     raise ValueError(f"no streamed screen for backend {backend!r}; one of {', '.join(GPU_STORE_BACKENDS)}")
 
 
@@ -95,11 +95,46 @@ def device_bytes(dim: int, scr: Screener, cap: int, piece_rows: int = PIECE_ROWS
     return 2 * operand_width(dim, scr) + 4, 2 * piece_rows * dim * 4 * 2 + 24 * cap + scr.tile_bytes
 
 
+class Rows(Protocol):
+    """What the steps read rows from: a `RowStore`, or `ArrayRows` (a matrix)."""
+
+    @property
+    def n(self) -> int: ...
+
+    dim: int
+
+    def take(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray: ...
+
+    def blocks(self, rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]: ...
+
+
+class ArrayRows:
+    """A float32 (N, D) matrix read as a `RowStore` is (copies into the caller's buffers), so that
+    `find_pairs` on a matrix runs the same streamed steps (`pairs_of_arrays`)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x, self.dim = x, x.shape[1]
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    def take(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        view = (np.empty((len(idx), self.dim), np.float32) if out is None else out)[: len(idx)]
+        np.take(self.x, idx, axis=0, out=view)
+        return view
+
+    def blocks(self, rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        buf = np.empty((min(rows, max(1, self.n)), self.dim), np.float32)
+        for i0 in range(0, self.n, rows):
+            yield i0, self.take(np.arange(i0, min(self.n, i0 + rows)), buf)
+
+
 class StoreRows:
     """Rows of a store (all, or the rows `ids`) as `ChunkLoader` reads them: rows that are not
     finite read as zeros (their shift is -inf)."""
 
-    def __init__(self, store: RowStore, finite: np.ndarray, ids: np.ndarray | None = None) -> None:
+    def __init__(self, store: Rows, finite: np.ndarray, ids: np.ndarray | None = None) -> None:
         self.store, self.finite, self.ids = store, finite, ids
         self.shape = (store.n if ids is None else len(ids), store.dim)
 
@@ -112,7 +147,7 @@ class StoreRows:
         return blk
 
 
-def store_norms(store: RowStore, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def store_norms(store: Rows, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """float64 (N,) squared norms (`squared_norms`; 0 for rows that are not finite) and bool (N,)
     finite flags of every row, by one pass of bounded blocks."""
     na0, finite = np.zeros(store.n, np.float64), np.zeros(store.n, bool)
@@ -147,7 +182,7 @@ def shifts(
 
 
 def recheck_store(
-    xs: RowStore, ys: RowStore, i: np.ndarray, j: np.ndarray, threshold: float, chunk: int = PAIR_CHUNK
+    xs: Rows, ys: Rows, i: np.ndarray, j: np.ndarray, threshold: float, chunk: int = PAIR_CHUNK
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`recheck(x, y, i, j, threshold)` with x, y the rows of two stores (or one), read in chunks of
     pairs, each distinct row once per chunk."""
@@ -173,11 +208,11 @@ def recheck_store(
 
 
 def find_pairs_store_gpu(
-    store: RowStore,
+    store: Rows,
     threshold: float,
     *,
     rows: np.ndarray | None = None,
-    y_store: RowStore | None = None,
+    y_store: Rows | None = None,
     backend: str = "triton",
     budget_bytes: int | None = None,
     device: str = "cuda",
@@ -295,3 +330,13 @@ def find_pairs_stores(
     name = MATCHERS.get(backend).name
     pairs, d = find_pairs_store_gpu(x, threshold, y_store=y, backend=name, progress=progress)
     return pairs, d.astype(np.float32)
+
+
+def pairs_of_arrays(
+    x: np.ndarray, y: np.ndarray | None, threshold: float, *, backend: str, **kw: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A `MATCHERS` function's answer (i, j, distances) for finite float32 matrices, by the same
+    streamed steps as stores (`find_pairs_store_gpu`'s keywords pass through)."""
+    ys = None if y is None else ArrayRows(y)
+    pairs, d = find_pairs_store_gpu(ArrayRows(x), threshold, y_store=ys, backend=backend, **kw)
+    return pairs[:, 0], pairs[:, 1], d
