@@ -188,13 +188,14 @@ def recheck_store(
     pairs, each distinct row once per chunk."""
     out_i, out_j, out_d = [i[:0]], [j[:0]], [np.zeros(0, np.float64)]
     sides = [xs] if ys is xs else [xs, ys]
-    bufs = [np.empty((min(2 * chunk, max(st.n, 1)), st.dim), np.float32) for st in sides]
+    rows = min(2 * chunk, 2 * len(i))
+    bufs = [np.empty((max(1, min(rows, st.n)), st.dim), np.float32) for st in sides]
     for s in range(0, len(i), chunk):
         ii, jj = i[s : s + chunk], j[s : s + chunk]
         if ys is xs:
             need = np.unique(np.concatenate([ii, jj]))
-            rows = xs.take(need, bufs[0])
-            a, b, d = recheck(rows, rows, np.searchsorted(need, ii), np.searchsorted(need, jj), threshold)
+            x = xs.take(need, bufs[0])
+            a, b, d = recheck(x, x, np.searchsorted(need, ii), np.searchsorted(need, jj), threshold)
             out_i.append(need[a])
             out_j.append(need[b])
         else:
