@@ -138,6 +138,27 @@ def test_torch_steps_without_nonzero_static(monkeypatch: pytest.MonkeyPatch):
     assert torch_steps._NO_STATIC == [True]
 
 
+def test_torch_step_reruns_when_a_tile_has_more_hits_than_its_room():
+    """One tile's hits beyond `tile_hits` (while the step's buffer has room) re-run the step with room
+    for the most any tile had: the same pairs as with ample room, none lost."""
+    import torch
+
+    from clipdedup.match.backends.torch_steps import pairwise_within_torch
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn((50, 32), generator=g).half()
+    k = torch.randn((40, 32), generator=g).half()
+    hq, hk = torch.randn(50, generator=g) * 8, torch.randn(40, generator=g) * 8
+    for self_mode in (False, True):
+        kk, hkk = (q, hq.flip(0).clone()) if self_mode else (k, hk)
+        want = pairwise_within_torch(q, kk, hq, hkk, self_mode=self_mode, blocks=(16, 16), cap=4096)
+        got = pairwise_within_torch(
+            q, kk, hq, hkk, self_mode=self_mode, blocks=(16, 16), cap=4096, tile_hits=3
+        )
+        assert len(want) > 100
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+
+
 def test_chunked_shifts_equal_the_whole_problem():
     rng = np.random.default_rng(0)
     na0 = rng.random(1000) * 50

@@ -12,6 +12,7 @@ from clipdedup.match.screen.torch_screen import full_fp32_matmul, mm_float32_out
 
 BLOCK = 8192  # rows and columns of a tile on a GPU
 MAX_PAIRS = 1 << 28  # as the Triton kernel's: candidates of one call, int64 (P, 2) on the device
+TILE_HITS = 1 << 16  # first room for one tile's hits (the step's buffer holds `cap`)
 _NO_STATIC: list[bool] = []  # set once torch.nonzero_static has failed (old torch): syncing nonzero
 
 
@@ -28,6 +29,7 @@ def pairwise_within_torch(
     blocks: tuple[int, ...] = (BLOCK, BLOCK),
     overlap: Callable[[], None] | None = None,
     max_pairs: int = MAX_PAIRS,
+    tile_hits: int = TILE_HITS,
     **_launch: object,
 ):
     """`clipdedup.kernels.pairwise.pairwise_within` in torch operations: the same operands, the
@@ -42,6 +44,8 @@ def pairwise_within_torch(
     Args:
         q, k: float16 (N, W), (M, W) scaled rows (zero padding); hq, hk: float32 (N,), (M,) shifts.
         blocks: (rows, columns) of a tile; further entries are ignored (the kernel's BK).
+        tile_hits: first room for one tile's hits; a tile with more re-runs the step with room
+            for the most any tile had (so that a tile's positions are not a tile-sized array).
 
     Returns:
         int64 (P, 2) global (row, col) pairs on q's device, col > row in self mode, unordered.
@@ -63,6 +67,7 @@ def pairwise_within_torch(
     while True:
         out = torch.full((2, cap + 1), -1, dtype=torch.int64, device=dev)  # poisoned; [:, cap] spills
         count = torch.zeros((), dtype=torch.int64, device=dev)
+        worst = torch.zeros((), dtype=torch.int64, device=dev)  # the most hits of one tile
         with torch.inference_mode(), full_fp32_matmul():
             for i0, j0 in tiles:
                 i1, j1 = min(n, i0 + bm), min(m, j0 + bn)
@@ -77,9 +82,10 @@ def pairwise_within_torch(
                     g_m = torch.arange(row_base + i0, row_base + i1, device=dev)
                     g_n = torch.arange(col_base + j0, col_base + j1, device=dev)
                     hit &= g_n[None, :] > g_m[:, None]
-                flat = _hit_positions(hit.view(-1), min(cap, hit.numel()))
+                flat = _hit_positions(hit.view(-1), min(cap, tile_hits, hit.numel()))
                 rank = torch.arange(flat.numel(), device=dev)
                 got = hit.sum()
+                worst = torch.maximum(worst, got)
                 slot = count + rank
                 slot = torch.where((rank < got) & (slot < cap), slot, cap)
                 w = j1 - j0
@@ -89,15 +95,15 @@ def pairwise_within_torch(
                 if overlap is not None:
                     overlap()
                     overlap = None
-        found = int(count)  # the step's one wait for the device
+        found, most = torch.stack([count, worst]).tolist()  # the step's one wait for the device
         if found > max_pairs:
             raise TooManyPairsError(
                 f"{found} candidate pairs within the threshold among {n} x {m} rows (limit {max_pairs}): "
                 "is one image copied thousands of times? Lower the threshold or remove the copies first"
             )
-        if found <= cap:
+        if found <= cap and most <= tile_hits:
             return out[:, :found].T
-        cap = found
+        cap, tile_hits = max(cap, found), max(tile_hits, most)
 
 
 def _hit_positions(flat, size: int):
