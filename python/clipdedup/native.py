@@ -214,14 +214,14 @@ def alloc_rows(n: int, dim: int, *, pinned: bool | None = None) -> np.ndarray:
     Args:
         n, dim: the shape.
         pinned: True: page-locked memory from torch (`pin_memory=True`), so the copy to the GPU
-            is a direct DMA; False or None: a plain numpy array. Not pinned by default: torch's
-            pinned allocator rounds a block up to a power of two (up to twice the matrix in
-            page-locked RAM), and the GPU backends stage their copies through page-locked
-            buffers of their own (runs stream row stores; docs/backends.md).
+            is a direct DMA; False: a plain numpy array; None: pinned when CUDA is present.
 
     Returns:
         The array. When pinned it is the `.numpy()` view of the torch tensor, which it keeps alive.
+        Note that torch's pinned allocator rounds a block up to a power of two by default.
     """
+    if pinned is None:
+        pinned = cuda_present()
     if not pinned or n * dim == 0:
         return np.empty((n, dim), np.float32)
     return empty_pinned((n, dim)).numpy()

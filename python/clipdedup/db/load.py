@@ -2,7 +2,7 @@
 
 `load_db` / `load_files` go through the snapshot (snapshot.py) and read only what changed from the
 `.npy` mirror; `load_rows` reads the files alone. The matrix comes from `native.alloc_rows` (pinned
-when asked), or, on an unchanged DB without `pinned=True`, is the snapshot itself mapped
+when CUDA is present), or, on an unchanged DB without CUDA, is the snapshot itself mapped
 copy-on-write; it is never copied again: failed rows are squeezed out in place.
 
 A mapped snapshot is only ever replaced by a rename, never rewritten in place, so the mapping stays
@@ -47,7 +47,7 @@ class SnapshotPrefetch:
 
     Without pinned memory the snapshot is mapped copy-on-write (np.memmap mode "c") rather than
     copied: its rows are the page cache's, so there is no fresh buffer to zero and fill, and a
-    row that must be re-read from its .npy gets a private page. With pinned memory (asked for) the
+    row that must be re-read from its .npy gets a private page. With pinned memory (CUDA) the
     rows are copied into the pinned buffer, which the GPU reads directly.
     """
 
@@ -56,7 +56,7 @@ class SnapshotPrefetch:
         if self.snap is not None and dim is not None and self.snap.dim != dim:
             self.status = SnapshotStatus(SnapshotState.OTHER_DIM, f"dim {self.snap.dim}, DB holds dim {dim}")
             self.snap = None
-        self.pinned = bool(pinned)
+        self.pinned = native.cuda_present() if pinned is None else pinned
         self.mat: np.ndarray | None = None
         self.fatal: str | None = None
         self.bad: list[int] = []
@@ -136,7 +136,7 @@ def load_files(
         dim: D; default the snapshot's, else the first readable file's.
         started_ns: the index's `started_ns`; without it no snapshot is written.
         threads: reader threads.
-        pinned: see `native.alloc_rows` (None: not pinned).
+        pinned: see `native.alloc_rows` (None: pinned when CUDA is present).
         info: filled with what happened.
         prefetch: a `SnapshotPrefetch` of `db_dir` started before `index_db`.
 

@@ -116,7 +116,7 @@ class ChunkLoader:
         self.cuda = cuda is not None
         self.piece = max(1, min(piece_rows, host.shape[0]))
         self.plain: np.ndarray | None = None  # the CPU path's buffer for a source (not an array)
-        # A page-locked host array (`load_db(pinned=True)`) is read by the device directly: no
+        # A page-locked host array (`load_db` on a CUDA machine) is read by the device directly: no
         # staging buffers, no second copy of its rows.
         self.direct = cuda is not None and isinstance(host, np.ndarray) and self._is_pinned(host)
         if cuda is not None:
