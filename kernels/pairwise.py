@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from clipdedup.errors import UserError
+from clipdedup.errors import TooManyPairsError
 
 # Programs per launch. Triton's launcher multiplies the grid dimensions in 32-bit int and skips a
 # launch whose product is not > 0; CUDA allows gridDim.x < 2^31. 2^30 stays clear of both.
@@ -37,10 +37,6 @@ MAX_GRID = 1 << 30
 # Pairs one call may return (a (P, 2) int32 device buffer of 8 P bytes, then int64 copies).
 MAX_PAIRS = 1 << 28
 MAX_INDEX = (1 << 31) - 1  # row indices are stored as int32
-
-
-class TooManyPairsError(UserError):
-    """More candidate pairs than `MAX_PAIRS` in one call (thousands of copies of one image)."""
 
 
 def tile_count(n_tm: int, n_tn: int, tri: bool) -> int:
@@ -69,7 +65,12 @@ def launch_plan(n_tiles: int, max_grid: int = MAX_GRID) -> list[tuple[int, int]]
     return [(t0, min(max_grid, n_tiles - t0)) for t0 in range(0, n_tiles, max_grid)]
 
 
-@triton.jit
+# Arguments that change between launches, streamed steps and overflow re-runs: without this,
+# Triton compiles a new variant whenever one of them changes its divisibility by 16 or equals 1.
+NO_SPECIALIZE = ["n_q", "n_k", "row_base", "col_base", "cap", "tile0", "n_tm", "n_tn"]
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def pairwise_within_kernel(
     q_ptr,
     k_ptr,

@@ -304,6 +304,32 @@ MUTATIONS = [
         ),
         ("tests/test_import_readonly.py::test_import_never_writes_the_base_dir_or_base_db",),
     ),
+    Mutation(
+        "gpu-rows-own-pairs-below",
+        "a GPU rerun reports a new row's pairs with unchanged rows below it too, each pair once",
+        "match/backends/stream.py",
+        (("keep = (a != b) & ((a < b) | ~in_rows[b])", "keep = (a != b) & (a < b)"),),
+        ("tests/match/test_stream.py::test_torch_steps_on_cpu_equal_find_pairs_store",),
+    ),
+    Mutation(
+        "torch-step-no-rerun",
+        "torch-cuda's step re-runs with the exact size when its candidate buffer was too small",
+        "match/backends/torch_steps.py",
+        (
+            (
+                "        if found <= cap and most <= tile_hits:\n            return out[:, :found].T",
+                "        return out[:, : min(found, cap)].T",
+            ),
+        ),
+        ("tests/match/test_stream.py::test_torch_steps_on_cpu_equal_find_pairs_store",),
+    ),
+    Mutation(
+        "gpu-run-takes-the-matrix",
+        "a dedup run with a GPU backend streams its row store, never a matrix of it",
+        "match/cache/incremental.py",
+        (("    elif backend in stream.GPU_STORE_BACKENDS:", "    elif False:"),),
+        ("tests/match/test_stream_runs.py::test_dedup_runs_stream_full_and_incremental",),
+    ),
 ]
 
 

@@ -11,3 +11,10 @@ class ModelError(UserError):
 
 class DBMismatchError(UserError):
     """The DB was written with another model or embedding layout."""
+
+
+class TooManyPairsError(UserError):
+    """More candidate pairs than a GPU screen's limit in one call (thousands of copies of one image).
+
+    Raised by the Triton kernel's wrapper (`clipdedup.kernels.pairwise`, which re-exports it) and by
+    `torch-cuda`'s streamed screen; it lives here so that the latter needs no triton."""

@@ -34,6 +34,7 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
+from clipdedup.match.backends import stream
 from clipdedup.match.cache.incremental import import_in_background, match_with_cache
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
@@ -133,6 +134,8 @@ def _match(x, y, opts: RunOptions, s: RunSummary, model: str, namer: tuple[Calla
     if opts.cluster is not None and opts.cluster.match:
         fp, opts.cluster.log = opts.cluster.find_pairs, opts.say
     s.backend = MATCHERS.get(opts.backend).name if fp is find_pairs else f"ray: {opts.backend or 'auto'}"
+    if fp is find_pairs and isinstance(x, RowStore) and encode.verifier_for(model) is None:
+        fp = stream.find_pairs_stores  # a GPU backend streams the store
     bar = tqdm(desc=f"match ({s.backend})", unit="tile", disable=not opts.progress, file=sys.stderr)
     t = time.perf_counter()
     if (verifier := encode.verifier_for(model)) is None:
@@ -351,9 +354,10 @@ def _run_import_locked(
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
     binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
     # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM; so do
-    # Ray's matching tasks (from the DBs' snapshots).
+    # Ray's matching tasks (from the DBs' snapshots) and the GPU backends (streamed).
     model = _model(opts, ub, ui)
-    as_store = encode.verifier_for(model) is not None or (opts.cluster is not None and opts.cluster.match)
+    on_ray = opts.cluster is not None and opts.cluster.match
+    as_store = encode.verifier_for(model) is not None or on_ray or stream.streams(opts.backend, opts.cluster)
     load: Callable[..., tuple] = open_embeddings if as_store else load_embeddings
     with contextlib.ExitStack() as stores:  # a store's snapshot is written on a thread: lines after
         bkept, xb, eb, nb = load(

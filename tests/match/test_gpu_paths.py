@@ -183,6 +183,26 @@ def test_chunk_loader_copies_on_its_own_stream() -> None:
     assert [name for _, name in loader.recorded] == ["compute"] * 3
 
 
+class PinnedHostLoader(RecordingLoader):
+    def _is_pinned(self, host) -> bool:
+        return True
+
+
+def test_chunk_loader_reads_a_pinned_host_array_directly() -> None:
+    """A page-locked host matrix (load_db(pinned=True)) goes to the device without staging buffers
+    (no second host copy of its rows), still on the copy stream; same values as the plain path."""
+    host = np.random.default_rng(1).standard_normal((37, 20)).astype(np.float32)
+    fake = FakeCuda()
+    loader = PinnedHostLoader(host, 0.5, 32, "cpu", piece_rows=8, cuda=fake)
+    plain = ChunkLoader(host, 0.5, 32, "cpu")
+    assert loader.direct and loader.staging == []
+    for r0, r1 in ((0, 37), (9, 20)):
+        got = loader.finish(loader.start(r0, r1))
+        torch.testing.assert_close(got, plain.finish(plain.start(r0, r1)), rtol=0, atol=0)
+    assert loader.allocated_on == ["side0"] * 2 and fake.streams[0].waited_events == []
+    assert not RecordingLoader(host, 0.5, 32, "cpu", cuda=FakeCuda()).direct  # pageable: staged
+
+
 def test_pinned_allocation_failure_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     real_empty = torch.empty
     calls: list[bool] = []
@@ -261,3 +281,14 @@ def test_triton_driver_with_a_reference_screen_and_progress() -> None:
     np.testing.assert_array_equal(d[order].astype(np.float32), want[1])
     assert len(ticks) == len(calls) == 10  # 4 chunks of 20 rows: 10 steps of the upper triangle
     assert {c["max_grid"] for c in calls} == {7} and max(c["max_pairs"] for c in calls) == 10**6
+
+
+def test_kernel_does_not_specialize_on_what_changes_between_steps() -> None:
+    """Every integer that changes between launches, streamed steps and overflow re-runs is exempt
+    from Triton's value specialisation (divisible by 16, equal to 1), so that they reuse one
+    compiled variant; only D and the constexprs select one."""
+    from clipdedup.kernels.pairwise import pairwise_within_kernel
+
+    flagged = {p.name for p in pairwise_within_kernel.params if p.do_not_specialize}
+    ints = {"n_q", "n_k", "row_base", "col_base", "cap", "tile0", "n_tm", "n_tn"}
+    assert flagged == ints

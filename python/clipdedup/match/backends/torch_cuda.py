@@ -86,6 +86,23 @@ def _cuda_why_not() -> str | None:
     return None
 
 
+def pairs_torch_cuda_streamed(
+    x: np.ndarray,
+    y: np.ndarray | None,
+    threshold: float,
+    *,
+    progress: Callable[[int], None] | None = None,
+    **kw: object,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `torch-cuda` backend: `pairwise_within_torch` over the steps of
+    `match.backends.stream` (the query chunk stays on the device across its key chunks, the next
+    key chunk is copied while a step is screened, one host sync per step). `pairs_torch_cuda`
+    above, the earlier per-step recipe, stays beside it with its tests."""
+    from clipdedup.match.backends.stream import pairs_of_arrays
+
+    return pairs_of_arrays(x, y, threshold, backend="torch-cuda", progress=progress, **kw)
+
+
 MATCHERS.register(
     "torch-cuda", priority=30, why_not=_cuda_why_not, doc="blocked torch float16 screening on CUDA, streamed"
-)(pairs_torch_cuda)
+)(pairs_torch_cuda_streamed)

@@ -84,6 +84,10 @@ class ChunkLoader:
     once.
 
     Args:
+        host: float32 (N, D) rows, or a source with `shape` and `read(r0, r1, out)` that writes
+            rows r0:r1 into the float32 buffer `out` and returns them (`match.backends.stream`
+            reads a row store that way, straight into the staging buffers); on CPU a source is
+            read piece by piece through one plain buffer.
         cuda: the `torch.cuda` namespace (default); tests pass a recording stand-in to check the
             stream discipline on CPU tensors.
         log: one-line notices (page-locked memory unavailable).
@@ -91,7 +95,7 @@ class ChunkLoader:
 
     def __init__(
         self,
-        host: np.ndarray,
+        host: Any,
         scale: float,
         width: int,
         device: str,
@@ -110,34 +114,67 @@ class ChunkLoader:
             cuda = torch.cuda
         self.cu: Any = cuda
         self.cuda = cuda is not None
+        self.piece = max(1, min(piece_rows, host.shape[0]))
+        self.plain: np.ndarray | None = None  # the CPU path's buffer for a source (not an array)
+        # A page-locked host array (`load_db` on a CUDA machine) is read by the device directly: no
+        # staging buffers, no second copy of its rows.
+        self.direct = cuda is not None and isinstance(host, np.ndarray) and self._is_pinned(host)
         if cuda is not None:
-            rows = max(1, min(piece_rows, host.shape[0]))
-            self.piece = rows
-            self.staging = [empty_pinned((rows, host.shape[1]), log=log) for _ in range(2)]
+            rows = self.piece
+            self.staging = (
+                [] if self.direct else [empty_pinned((rows, host.shape[1]), log=log) for _ in range(2)]
+            )
             self.free: list = [None, None]  # event: the copy out of that staging buffer is done
             self.copy_stream = cuda.Stream(self.device)
             self.turn = 0
 
+    def _is_pinned(self, host: np.ndarray) -> bool:
+        try:
+            return bool(self.torch.from_numpy(host).is_pinned())
+        except RuntimeError:  # no CUDA runtime to ask
+            return False
+
     def _empty(self, rows: int):
         return self.torch.zeros((rows, self.width), dtype=self.torch.float16, device=self.device)
+
+    def _rows(self, s: int, e: int, buf: Any) -> np.ndarray:
+        """float32 rows s:e of the host rows: a view of an array, or read into `buf` (numpy)."""
+        if isinstance(self.host, np.ndarray):
+            return self.host[s:e]
+        return self.host.read(s, e, buf)
 
     def start(self, r0: int, r1: int):
         torch = self.torch
         d = self.host.shape[1]
         if not self.cuda:
             out = self._empty(r1 - r0)
-            out[:, :d] = torch.from_numpy(self.host[r0:r1]).to(self.device) * self.scale
+            if isinstance(self.host, np.ndarray):
+                out[:, :d] = torch.from_numpy(self.host[r0:r1]).to(self.device) * self.scale
+                return out
+            if self.plain is None:
+                self.plain = np.empty((self.piece, d), np.float32)
+            for s in range(r0, r1, self.piece):
+                e = min(r1, s + self.piece)
+                rows = torch.from_numpy(self._rows(s, e, self.plain))
+                out[s - r0 : e - r0, :d] = rows.to(self.device) * self.scale
             return out
         cu = self.cu
         with cu.stream(self.copy_stream):
             out = self._empty(r1 - r0)  # allocated and zeroed on the copy stream
             for s in range(r0, r1, self.piece):
                 e = min(r1, s + self.piece)
+                if self.direct:
+                    dev = torch.from_numpy(self.host[s:e]).to(self.device, non_blocking=True)
+                    out[s - r0 : e - r0, :d] = dev * self.scale
+                    continue
                 b, self.turn = self.turn, 1 - self.turn
                 if self.free[b] is not None:
                     self.free[b].synchronize()  # its previous piece has left: it may be overwritten
                 stage = self.staging[b][: e - s]
-                stage.copy_(torch.from_numpy(self.host[s:e]))
+                if isinstance(self.host, np.ndarray):
+                    stage.copy_(torch.from_numpy(self.host[s:e]))
+                else:  # read straight into the (page-locked) staging buffer
+                    self._rows(s, e, stage.numpy())
                 dev = stage.to(self.device, non_blocking=True)
                 ev = cu.Event()
                 ev.record(self.copy_stream)

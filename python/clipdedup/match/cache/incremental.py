@@ -2,8 +2,9 @@
 
 `match_with_cache` reads `clipdedup-matches.bin` (match/cache/matches.py), reuses its pairs among unchanged
 rows, matches only the new or changed rows against all rows (`find_pairs_store(rows=...)`, or
-`find_pairs` on the matrix for backends that need one), and writes the cache again unless told not
-to. Row-store backends also take the unchanged rows' screening operands from the cache
+`find_pairs` on the matrix for the reference), and writes the cache again unless told not to. The
+GPU backends stream the store's rows to the device (`match.backends.stream`). The CPU row-store
+backends also take the unchanged rows' screening operands from the cache
 (match/cache/screen.py) and write them back. The pairs and distances are those of a full
 `find_pairs`.
 """
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match import find_pairs
+from clipdedup.match.backends import stream
 from clipdedup.match.cache.matches import (
     MatchCache,
     cache_path,
@@ -87,7 +89,8 @@ def match_with_cache(
     if reuse is not None and 2 * len(reuse.changed) >= store.n:
         reuse = None  # most rows changed: a full match is no slower
     rows = None if reuse is None else reuse.changed
-    total = tile_count(store.n, None if rows is None else len(rows))
+    # GPU backends count steps, planned inside (their number depends on the device's memory)
+    total = tile_count(store.n, None if rows is None else len(rows)) if backend in STORE_RECIPES else None
     bar = tqdm(desc=f"match ({backend})", unit="tile", total=total, disable=not progress, file=sys.stderr)
     sr: ScreenRows | None = None
     kept_operands = False
@@ -104,7 +107,11 @@ def match_with_cache(
             store, threshold, rows=rows, recipe=recipe, progress=bar.update, screen=scr
         )
         del scr
-    else:  # other backends (GPU, reference) take the matrix
+    elif backend in stream.GPU_STORE_BACKENDS:  # rows stream from the store to the device
+        pairs, d64 = stream.find_pairs_store_gpu(
+            store, threshold, rows=rows, backend=backend, progress=bar.update, log=say
+        )
+    else:  # the reference takes the matrix
         pairs, d64 = pairs_of_matrix(store.to_matrix(), rows, threshold, backend, bar.update)
     bar.close()
     if reuse is not None:
