@@ -38,9 +38,9 @@ from clipdedup.match.cache.incremental import import_in_background, match_with_c
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
-from clipdedup.trash.group import group_pairs
-from clipdedup.trash.keep import STRATEGIES, Candidate
-from clipdedup.trash.move import Mover, choose_keep_safe
+from clipdedup.trash.chains import group_record, plan_groups
+from clipdedup.trash.keep import STRATEGIES
+from clipdedup.trash.move import Mover
 from clipdedup.util.fsutil import check_run_dirs, is_inside
 from clipdedup.util.lock import run_locks
 
@@ -164,10 +164,6 @@ def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
     return default_threshold(_model(opts, u))
 
 
-def _candidate(image_dir: str, e: FileEntry) -> Candidate:
-    return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
-
-
 def _mover(image_dir: str, trash_dir: str | None, opts: RunOptions, mode: str) -> Mover | None:
     if trash_dir is None:
         return None
@@ -249,22 +245,18 @@ def _act_dedup(image_dir, trash_dir, opts: RunOptions, s: RunSummary, kept, pair
         names = [e.rel for e in kept]
         s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
     t = time.perf_counter()
-    groups = group_pairs(len(kept), pairs)
-    group_of = {k: g for g, members in enumerate(groups) for k in members}
-    dists_by_group: list[list[tuple[str, str, float]]] = [[] for _ in groups]
-    for (a, b), d in zip(pairs.tolist(), dists.tolist()):
-        dists_by_group[group_of[a]].append((kept[a].rel, kept[b].rel, d))
+    # Each group holds only near-duplicates of its kept file: a chained group is split (trash.chains).
+    planned = plan_groups(image_dir, kept, pairs, dists, opts.keeping_logic)
     mover = _mover(image_dir, trash_dir, opts, "dedup")
     try:
-        for gid, (members, dl) in enumerate(zip(groups, dists_by_group)):
-            cands = [_candidate(image_dir, kept[k]) for k in members]
-            best = choose_keep_safe(image_dir, cands, opts.keeping_logic)
+        for gid, p in enumerate(planned):
+            keep_path = os.path.join(image_dir, kept[p.kept].rel)
             moved = []
             if mover is not None:
-                for k, c in zip(members, cands):
-                    if c is not cands[best]:
-                        moved.append(mover.move(kept[k], cands[best].path, kept[members[best]], gid))
-            s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
+                for k in p.rows:
+                    if k != p.kept:
+                        moved.append(mover.move(kept[k], keep_path, kept[p.kept], gid))
+            s.groups.append(group_record(kept, p, moved))
     finally:
         _close_mover(mover, s)
     s.seconds["act"] = time.perf_counter() - t

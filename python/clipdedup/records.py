@@ -141,6 +141,10 @@ class Group:
     distances: list[tuple[str, str, float]]
     base_members: list[str] = field(default_factory=list)
     kept_in_base: bool = False
+    # Dedup mode: members of the chained group that are a near-duplicate of no kept file, with why
+    # they stay (trash.chains); the kept file of the group this one was split from, if it was.
+    stayed: list[tuple[str, str]] = field(default_factory=list)
+    split_from: str | None = None
 
 
 @dataclass

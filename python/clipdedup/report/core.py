@@ -4,7 +4,6 @@ review report (`--report DIR`): the duplicate groups as JSON, CSV and an HTML co
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
 from clipdedup.records import Group, MoveResult, RunSummary
 from clipdedup.report.candidates import candidates_doc, verification_dict, write_candidates_csv
+from clipdedup.report.tables import write_csvs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file
 
@@ -47,6 +47,8 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
                 "kept": labels.kept,
                 "moves": [{"path": m.rel, "to": m.dest, "skipped": m.reason} for m in g.moved],
                 "distances": [[a, b, d] for a, b, d in labels.distances],
+                "stayed": [{"path": p, "reason": r} for p, r in g.stayed],
+                "split_from": g.split_from,
             }
             for g, labels in ((g, labelled(g)) for g in s.groups)
         ],
@@ -81,6 +83,7 @@ def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
                 lines.append(f"kept in place {printable(m.source)}: {m.reason}")
             else:
                 lines.append(f"{verb} {printable(m.source)} -> {printable(m.dest)} (kept {kept})")
+        lines += [f"stays {printable(p)}: {printable(why)}" for p, why in g.stayed]
     return lines
 
 
@@ -174,6 +177,7 @@ class ReviewGroup:
     exact: bool  # every member is byte-identical to the kept file
     members: list[Member]
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
+    stayed: list[dict[str, str]] = field(default_factory=list)  # {path, reason}: see Group.stayed
 
 
 def member_path(roots: Mapping[str, str], path: str) -> str:
@@ -255,7 +259,10 @@ def build_review(
         exact = kept_lab is not None and all(lab == kept_lab for lab in labels)
         best = g.members.index(g.kept) if g.kept in g.members else 0
         why = _why(strategy, cands, best, import_mode)
-        out.append(ReviewGroup(gid, g.kept, why, exact, members, list(g.distances)))
+        if typed.split_from is not None:
+            why += f"; split from the group of {typed.split_from}: these are not near-duplicates of it"
+        stayed = [{"path": p, "reason": r} for p, r in typed.stayed]
+        out.append(ReviewGroup(gid, g.kept, why, exact, members, list(g.distances), stayed))
     return out
 
 
@@ -310,7 +317,7 @@ def write_report(
         write_candidates_csv(ver, out_dir)
     doc = head | {"groups": [asdict(g) for g in groups]} | candidates_doc(ver)
     _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(doc, indent=1, ensure_ascii=True))
-    _write_csvs(groups, out_dir)
+    write_csvs(groups, out_dir)
     scores = {(c.a, c.b): c.score for c in ver.candidates} if ver is not None else None
     report_html.write_html(groups, head, out_dir, thumb_size=thumb_size, scores=scores)
     return groups
@@ -337,57 +344,6 @@ def _hash_members(groups: list[ReviewGroup]) -> None:
 def _atomic_text(path: str, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         f.write(text)
-
-
-def _write_csvs(groups: list[ReviewGroup], out_dir: str) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(
-        [
-            "group",
-            "path",
-            "kept",
-            "status",
-            "destination",
-            "distance_to_kept",
-            "nearest",
-            "exact_copy_of",
-            "size",
-            "group_exact",
-            "why",
-        ]
-    )
-    for g in groups:
-        for m in g.members:
-            w.writerow(
-                [
-                    g.id,
-                    m.path,
-                    int(m.kept),
-                    m.status,
-                    m.dest or "",
-                    _num(m.to_kept),
-                    _num(m.nearest),
-                    m.exact_of or "",
-                    "" if m.size is None else m.size,
-                    int(g.exact),
-                    g.why if m.kept else "",
-                ]
-            )
-    _atomic_text(os.path.join(out_dir, "groups.csv"), buf.getvalue())
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["group", "a", "b", "distance"])
-    for g in groups:
-        for a, b, d in g.pairs:
-            w.writerow([g.id, a, b, _num(d)])
-    _atomic_text(os.path.join(out_dir, "pairs.csv"), buf.getvalue())
-
-
-def _num(d: float | None) -> str:
-    return "" if d is None else f"{d:.6g}"
 
 
 def check_report_dir(out_dir: str, image_dirs: list[str]) -> None:
