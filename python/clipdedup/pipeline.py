@@ -62,6 +62,7 @@ class RunOptions:
     log: Callable[[str], object] | None = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
     cross_devices: bool = False  # a followed symlink may lead onto another file system
+    use_ctime: bool = True  # a newer ctime than the DB file's means changed (False: --no-ctime)
     cluster: RayCluster | None = None  # encode there (docs/cluster.md); match there too with .match
 
     def say(self, line: str) -> None:
@@ -94,7 +95,13 @@ def _update_or_read(
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = read_meta_as_is(db_dir)
         entries = encoded_as_scanned(
-            image_dir, db_dir, entries, u.meta.dim if u.meta else None, u.failed, opts.say
+            image_dir,
+            db_dir,
+            entries,
+            u.meta.dim if u.meta else None,
+            u.failed,
+            opts.say,
+            use_ctime=opts.use_ctime,
         )
     else:
         u = update_db(
@@ -110,6 +117,7 @@ def _update_or_read(
             progress=opts.progress,
             log=opts.say,
             encoder=encoder,
+            use_ctime=opts.use_ctime,
         )
     s.updates[label] = u
     return u, entries

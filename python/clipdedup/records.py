@@ -19,6 +19,9 @@ class FileEntry:
     rel: str
     mtime_ns: int
     size: int
+    # The inode's change time as scanned (0: not known). Not part of equality: an entry names a file
+    # version by size and mtime; the DB compares ctimes on its own (db.layout.is_stale).
+    ctime_ns: int = field(default=0, compare=False)
 
 
 @dataclass

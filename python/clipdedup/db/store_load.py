@@ -166,15 +166,18 @@ class DBColumns:
     stats: dict[str, np.ndarray]
     started_ns: int
 
-    def stale(self, entries: Sequence[FileEntry], dim: int | None) -> set[str]:
+    def stale(self, entries: Sequence[FileEntry], dim: int | None, *, use_ctime: bool = True) -> set[str]:
         """The rel paths of `entries` whose DB file is out of date (`layout.is_stale`); entries
         the DB lacks are not in it."""
         expected = npy_file_size(dim) if dim else None
-        mtime, size = self.stats["mtime_ns"], self.stats["size"]
+        mtime, size, ctime = self.stats["mtime_ns"], self.stats["size"], self.stats["ctime_ns"]
         out = set()
         for e in entries:
             k = self.row.get(e.rel, -1)
-            if k >= 0 and is_stale(e, int(mtime[k]), int(size[k]), bool(self.legacy[k]), expected):
+            if k < 0:
+                continue
+            c = int(ctime[k]) if use_ctime else None
+            if is_stale(e, int(mtime[k]), int(size[k]), bool(self.legacy[k]), expected, c):
                 out.add(e.rel)
         return out
 
@@ -260,10 +263,12 @@ def encoded_as_scanned(
     dim: int | None,
     failed: list[tuple[str, str]],
     say: Callable[[str], object],
+    *,
+    use_ctime: bool = True,
 ) -> list[FileEntry]:
     """With --skip-update, the images whose embedding no longer matches them (changed since it was
     made) are left out, with a reason in `failed` and a line: a run never acts on a stale embedding."""
-    stale = index_columns(db_dir).stale(entries, dim)
+    stale = index_columns(db_dir).stale(entries, dim, use_ctime=use_ctime)
     for rel in sorted(stale, key=os.fsencode):
         path = os.path.join(image_dir, rel)
         failed.append((path, "changed since it was encoded; left out (--skip-update)"))
