@@ -41,7 +41,7 @@ from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
 from clipdedup.trash.chains import group_record, plan_groups
 from clipdedup.trash.keep import STRATEGIES
 from clipdedup.trash.move import Mover
-from clipdedup.util.fsutil import check_run_dirs, is_inside
+from clipdedup.util.fsutil import check_import_dirs, check_run_dirs
 from clipdedup.util.lock import run_locks
 
 
@@ -121,6 +121,26 @@ def _update_or_read(
         )
     s.updates[label] = u
     return u, entries
+
+
+def _load_repaired(load, image_dir, db_dir, entries, dim, u: UpdateSummary, opts: RunOptions, encoder):
+    """`load`s a DB's rows (open_embeddings or load_embeddings) -> (entries, rows, errors, missing,
+    info). A run that may write re-encodes the images whose DB file failed to load although it
+    looked up to date (a bad header, NaN or infinity in its numbers) and loads again."""
+
+    def once() -> tuple:
+        info = dbmod.LoadInfo()
+        got = load(db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info)
+        return (*got, info)
+
+    kept, rows, errors, missing, info = once()
+    if errors and not (opts.dry_run or opts.skip_update):
+        damaged = (entries, errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
+        if reencode_damaged(image_dir, db_dir, *damaged, into=u):
+            if isinstance(rows, RowStore):
+                rows.close()
+            kept, rows, errors, missing, info = once()
+    return kept, rows, errors, missing, info
 
 
 def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
@@ -208,18 +228,9 @@ def _run_dedup_locked(
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
-    info = dbmod.LoadInfo()
-    kept, store, s.load_errors, s.not_in_db = open_embeddings(
-        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
+    kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
+        open_embeddings, image_dir, db_dir, entries, dim, u, opts, encoder
     )
-    if s.load_errors and not (opts.dry_run or opts.skip_update):
-        damaged = (entries, s.load_errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
-        if reencode_damaged(image_dir, db_dir, *damaged, into=u):
-            store.close()
-            info = dbmod.LoadInfo()
-            kept, store, s.load_errors, s.not_in_db = open_embeddings(
-                db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
-            )
     with store:
         s.loaded = len(kept)
         s.seconds["load"] = time.perf_counter() - t
@@ -284,31 +295,13 @@ def run_import(
     stale) are encoded in memory for this run and never written back. Only the import DB is locked
     and written.
     """
-    _check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
+    check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
     with contextlib.ExitStack() as locks:
         if not opts.dry_run:
             run_locks(locks, [import_db_dir], trash_dir, opts.say)
         return _run_import_locked(
             base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts
         )
-
-
-def _check_import_dirs(
-    base_image_dir: str, base_db_dir: str, import_image_dir: str, import_db_dir: str, trash_dir: str | None
-) -> None:
-    """Refuses layouts in which import mode would write into the base image dir or the base DB."""
-    if os.path.realpath(base_image_dir) == os.path.realpath(import_image_dir):
-        raise UserError("the base and import image dirs must differ")
-    if os.path.realpath(base_db_dir) == os.path.realpath(import_db_dir):
-        raise UserError("the base and import DB dirs must differ: import mode never writes the base DB")
-    for name, d in (("import DB", import_db_dir), ("trash", trash_dir), ("import image", import_image_dir)):
-        for ro_name, ro in (("base image dir", base_image_dir), ("base DB dir", base_db_dir)):
-            if d is None or (name == "import image" and ro_name == "base image dir"):
-                continue  # a nested import dir is left out of the base scan, see below
-            if is_inside(d, ro):
-                raise UserError(
-                    f"{d}: the {name} dir must not be inside the {ro_name} {ro}, which import mode only reads"
-                )
 
 
 def _run_import_locked(
@@ -349,7 +342,7 @@ def _run_import_locked(
     either = ub.meta or ui.meta
     dim = either.dim if either else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
-    binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
+    binfo = dbmod.LoadInfo()
     # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM.
     model = _model(opts, ub, ui)
     load: Callable[..., tuple] = open_embeddings if encode.verifier_for(model) else load_embeddings
@@ -359,8 +352,9 @@ def _run_import_locked(
         )
         if isinstance(xb, RowStore):
             stores.enter_context(xb)
-        ikept, xi, ei, ni = load(
-            import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
+        # the import DB is written: what failed to load is re-encoded, as in a dedup run
+        ikept, xi, ei, ni, iinfo = _load_repaired(
+            load, import_image_dir, import_db_dir, imp_entries, dim, ui, opts, cache
         )
         if isinstance(xi, RowStore):
             stores.enter_context(xi)

@@ -24,6 +24,19 @@ from clipdedup.scan import scan_native
 from clipdedup.util.fsutil import NAME_MAX, TMP_MARK, atomic_file
 
 META_NAME = "clipdedup-db.json"
+# A load error: a row with NaN or infinity (or a value whose square overflows float32, as in a random
+# body) takes part in no pair, so its image would silently drop out of matching; a run that may
+# write the DB re-encodes it (`ingest.update.reencode_damaged`).
+NOT_FINITE = "not a usable embedding (NaN, infinity, or values too large to square in float32)"
+
+
+def usable_rows(blk: np.ndarray) -> np.ndarray:
+    """bool (k,): rows of float32 `blk` (k, D) whose float32 sum of squares is finite (so every value
+    is finite, and matching can square them)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(np.einsum("ij,ij->i", blk, blk))
+
+
 NPY_SUFFIX = ".npy"
 NPZ_SUFFIX = ".npz"
 NPZ_KEY = "clip_embedding"

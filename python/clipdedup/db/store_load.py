@@ -20,7 +20,7 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.db import snapshot as snap_mod
-from clipdedup.db.layout import NPY_SUFFIX, NPZ_SUFFIX, is_stale, npy_file_size
+from clipdedup.db.layout import NOT_FINITE, NPY_SUFFIX, NPZ_SUFFIX, is_stale, npy_file_size
 from clipdedup.db.load import probe_dim
 from clipdedup.db.rowstore import BLOCK_ROWS, PendingWrite, Rows, RowsSeen, RowStore, spill_rows
 from clipdedup.records import FileEntry, LoadInfo, SnapshotState, SnapshotStatus
@@ -91,6 +91,9 @@ def open_store(
         info.from_files = n - info.from_snapshot
     which = np.flatnonzero(~from_snap)
     spill_fd, ok, errors = spill_rows(rows, which, dim, loc, hashes, threads, block_rows, seen)
+    bad = np.flatnonzero(ok & ~seen.finite)  # every ok row was seen once (snapshot or file)
+    ok[bad] = False
+    errors = sorted(errors + [(rows.dbfile(i).path, NOT_FINITE) for i in bad.tolist() if rows.keys[i]])
     store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok))
     if write_snapshot and started_ns is not None and store.n and os.path.isdir(db_dir) and len(file_at) == n:
         fresh = ok & ~from_snap
