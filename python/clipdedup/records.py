@@ -148,6 +148,9 @@ class Group:
     # they stay (trash.chains); the kept file of the group this one was split from, if it was.
     stayed: list[tuple[str, str]] = field(default_factory=list)
     split_from: str | None = None
+    # Pairs from a member or a stay of this group to a file outside it: what chained the group to
+    # the others split from it (each pair of a run is in one group's `distances` or `links`).
+    links: list[tuple[str, str, float]] = field(default_factory=list)
 
 
 @dataclass

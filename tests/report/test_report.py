@@ -258,3 +258,20 @@ def test_builtin_dct_report_lists_candidates_with_scores(testdata: Path, tmp_pat
     assert "check score" in page and "turned down" in page and "a-mirror.jpg" in page
     (pg,) = _page_data(rep)["groups"]
     assert len(pg["pairs"]) == 1 and pg["pairs"][0][3] == small["score"]  # the score beside the distance
+
+
+def test_names_that_a_spreadsheet_would_run_are_quoted_in_the_csvs(tmp_path: Path) -> None:
+    """A file name starting with =, +, - or @ reaches groups.csv and pairs.csv with a single quote in
+    front (OWASP's CSV-injection advice), so a spreadsheet shows it as text (issue #25, item 9)."""
+    names = ["=HYPERLINK(1).jpg", "+1.jpg", "-2.jpg", "@SUM(A1).jpg", "plain.jpg"]
+    s = RunSummary(threshold=0.1)
+    s.groups.append(Group(names, "plain.jpg", [], [(n, "plain.jpg", 0.01) for n in names[:-1]]))
+    rep = tmp_path / "rep"
+    report.write_report(s, str(rep), {"": str(tmp_path)}, strategy="largest", dry_run=True)
+    with open(rep / "groups.csv", newline="", encoding="utf-8") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert paths == ["'" + n for n in names[:-1]] + ["plain.jpg"]
+    with open(rep / "pairs.csv", newline="", encoding="utf-8") as f:
+        assert [row["a"] for row in csv.DictReader(f)] == ["'" + n for n in names[:-1]]
+    doc = json.loads((rep / "report.json").read_text())
+    assert [m["path"] for m in doc["groups"][0]["members"]] == names  # JSON holds the names as they are

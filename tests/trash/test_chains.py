@@ -67,6 +67,7 @@ def test_chain_rest_is_regrouped_and_reported(tmp_path: Path) -> None:
         [("a.jpg", "b.jpg")],
         [("c.jpg", "d.jpg")],
     ]
+    assert [[(a, b) for a, b, _ in g.links] for g in s.groups] == [[("b.jpg", "c.jpg")], []]
     out = tmp_path / "review"
     groups = write_report(s, str(out), {"": str(img)}, strategy="largest", dry_run=True)
     assert "split from the group of a.jpg" in groups[1].why

@@ -49,6 +49,7 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
                 "distances": [[a, b, d] for a, b, d in labels.distances],
                 "stayed": [{"path": p, "reason": r} for p, r in g.stayed],
                 "split_from": g.split_from,
+                "links": [[a, b, d] for a, b, d in g.links],
             }
             for g, labels in ((g, labelled(g)) for g in s.groups)
         ],

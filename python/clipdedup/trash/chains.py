@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,13 +24,16 @@ from clipdedup.trash.move import choose_keep_safe
 @dataclass
 class Planned:
     """One group to act on: `rows` ascending (the kept row among them), the pairs between them,
-    the rows left out of it that stay, and the kept row of the group it was split from."""
+    the rows left out of it that stay, the kept row of the group it was split from, and `links`:
+    the pairs that joined it to the other groups of its chain or to its stays (each pair of the
+    run is in exactly one group's `distances` or `links`)."""
 
     kept: int
     rows: list[int]
     distances: list[tuple[int, int, float]]
     stays: list[Stay]
     split_from: int | None
+    links: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 def plan_groups(
@@ -45,7 +48,8 @@ def plan_groups(
         return comp[choose_keep_safe(image_dir, cs, strategy)]
 
     out: list[Planned] = []
-    where: dict[int, int] = {}
+    where: dict[int, int] = {}  # row -> its group
+    stay_at: dict[int, int] = {}  # row that stays -> the group that lists it
     for members in group_pairs(len(entries), pairs):
         parts, stays = split_chains(members, adj, choose)
         first = len(out)
@@ -56,9 +60,14 @@ def plan_groups(
         at = {p.kept: first + j for j, p in enumerate(parts)}
         for st in stays:
             out[at[st.kept]].stays.append(st)
+            stay_at[st.member] = at[st.kept]
     for (a, b), d in zip(np.asarray(pairs).reshape(-1, 2).tolist(), np.asarray(dists).tolist()):
         if where.get(a, -1) == where.get(b, -2):
             out[where[a]].distances.append((a, b, d))
+        else:
+            out[min(where.get(a, stay_at.get(a, -1)), where.get(b, stay_at.get(b, -1)))].links.append(
+                (a, b, d)
+            )
     return out
 
 
@@ -86,4 +95,5 @@ def group_record(entries: Sequence[FileEntry], p: Planned, moved: list[MoveResul
         [(name[a], name[b], d) for a, b, d in p.distances],
         stayed=[(name[st.member], stay_reason(entries, st)) for st in p.stays],
         split_from=None if p.split_from is None else name[p.split_from],
+        links=[(name[a], name[b], d) for a, b, d in p.links],
     )
