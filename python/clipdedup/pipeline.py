@@ -119,7 +119,7 @@ def _update_or_read(
             encoder=encoder,
             use_ctime=opts.use_ctime,
         )
-    s.updates[label] = u
+    s.updates[label], s.dirs[label] = u, (image_dir, db_dir)
     return u, entries
 
 

@@ -196,6 +196,8 @@ class RunSummary:
     journal: str | None = None  # the journal file, when something moved
     import_mode: bool = False  # groups are import files matched to base files (see Group)
     verification: Verification | None = None  # models with a verifier: every screened candidate
+    # update label ("images"; import mode "base", "import") -> (image dir, DB dir), as given
+    dirs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def moved(self) -> list[MoveResult]:

@@ -29,8 +29,8 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "copied": sum(getattr(u, "copied", 0) for u in ups),
         "up_to_date": sum(u.up_to_date for u in ups),
         "skipped": sorted(
-            [{"path": p, "reason": r} for u in ups for p, r in u.failed + u.scan_errors]
-            + [{"path": p, "reason": r} for p, r in s.load_errors],
+            [skipped_entry(s, p, r) for u in ups for p, r in u.failed + u.scan_errors]
+            + [skipped_entry(s, p, r, db_file=True) for p, r in s.load_errors],
             key=lambda d: d["path"],
         ),
         "orphans_removed": sum(len(u.removed) for u in ups),
@@ -60,6 +60,31 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "seconds": {k: round(v, 4) for u in ups for k, v in u.seconds.items()}
         | {k: round(v, 4) for k, v in s.seconds.items()},
     }
+
+
+def skipped_entry(s: RunSummary, path: str, reason: str, *, db_file: bool = False) -> dict[str, str]:
+    """A skipped path named as group members are: relative to its image dir (import mode's base dir
+    with BASE_PREFIX; "." for the dir itself); a DB file (`db_file`) by its image. A path under
+    none of the run's dirs stays as it is; under two (an import dir inside the base dir), the deeper."""
+    found = [
+        (len(root), label, rel)
+        for label, dirs in s.dirs.items()
+        if (rel := _below(path, root := dirs[1] if db_file else dirs[0])) is not None
+    ]
+    if not found:
+        return {"path": path, "reason": reason}
+    _, label, rel = max(found)
+    if db_file:
+        rel, reason = rel[:-4] if rel.endswith((".npy", ".npz")) else rel, f"its DB file: {reason}"
+    return {"path": (BASE_PREFIX if label == "base" else "") + rel, "reason": reason}
+
+
+def _below(path: str, root: str) -> str | None:
+    """`path` relative to `root` (both as given, not resolved), or None when it is not below it."""
+    p, r = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
+    if p == r:
+        return "."
+    return p[len(r) + 1 :].replace(os.sep, "/") if p.startswith(r.rstrip(os.sep) + os.sep) else None
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
