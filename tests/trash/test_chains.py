@@ -100,3 +100,36 @@ def test_on_the_test_images_every_move_is_a_confirmed_pair_with_its_kept_file(
         for m in g.moved:
             assert frozenset((m.rel, g.kept)) in confirmed, (m.rel, g.kept)
         assert all(frozenset((p, g.kept)) not in confirmed for p, _ in g.stayed)
+
+
+def test_on_the_test_images_with_chains_every_move_is_within_the_threshold_of_its_kept_file(
+    pics: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """The tiny random-weight model at a threshold where the test images' pairs chain (its distances
+    mean nothing, which is the point: groups that are not cliques)."""
+    from clipdedup.db import load_db
+    from clipdedup.ingest.update import update_db
+    from clipdedup.trash.group import group_pairs
+    from helpers import all_distances
+
+    db = tmp_path / "db"
+    update_db(pics, db, tiny_model, log=lambda line: None)
+    names, x = load_db(str(db))
+    d = all_distances(x)
+    upper = d[np.triu_indices(len(x), 1)]
+    row = {n: k for k, n in enumerate(names)}
+    for q in (0.02, 0.05, 0.1, 0.2, 0.3):
+        t = float(np.quantile(upper, q))
+        pairs = np.argwhere(np.triu(d <= t, 1))
+        if any(not (d[np.ix_(g, g)] <= t).all() for g in group_pairs(len(x), pairs)):
+            break
+    else:
+        raise AssertionError("no chain at any threshold tried")
+    opts = RunOptions(model_id=tiny_model, threshold=t, log=lambda line: None)
+    s = run_dedup(str(pics), str(db), str(tmp_path / "trash"), opts)
+    assert s.moved and any(g.stayed or g.split_from for g in s.groups)
+    for g in s.groups:
+        for m in g.moved:
+            assert d[row[m.rel], row[g.kept]] <= t, (m.rel, g.kept)
+        for p, _ in g.stayed:
+            assert d[row[p], row[g.kept]] > t
