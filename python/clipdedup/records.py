@@ -134,7 +134,8 @@ class MoveResult:
 @dataclass
 class Group:
     """One group of duplicates. Dedup mode: `members` are paths relative to the image dir, `kept`
-    is one of them, `distances` are (member, member, d). Import mode: `members` holds the one
+    is one of them and every other member is paired with it (a chained group is split, see
+    trash.chains), `distances` are (member, member, d). Import mode: `members` holds the one
     import-dir file, `base_members` the base-dir files it matched (nearest first), `kept` is the
     nearest base file (`kept_in_base`), and each distance is (import member, base member, d)."""
 
