@@ -21,7 +21,7 @@ T = 0.1
 def _collection(root: Path, rows: dict[str, tuple[float, int]]) -> tuple[Path, Path]:
     """Images of `size` bytes whose rows lie at `offset` along one axis (distance = offset gap)."""
     img, db = root / "img", root / "db"
-    img.mkdir()
+    img.mkdir(parents=True)
     dbmod.write_meta(db, dbmod.DBMeta(MODEL, D))
     for k, (rel, (offset, size)) in enumerate(sorted(rows.items())):
         mtime = 1_600_000_000_000_000_000 + k
@@ -133,3 +133,16 @@ def test_on_the_test_images_with_chains_every_move_is_within_the_threshold_of_it
             assert d[row[m.rel], row[g.kept]] <= t, (m.rel, g.kept)
         for p, _ in g.stayed:
             assert d[row[p], row[g.kept]] > t
+
+
+def test_import_mode_moves_an_import_file_only_for_its_own_pair_with_a_base_file(tmp_path: Path) -> None:
+    """Import mode has no chains: I1~I2 and I2~B do not move I1 (I1!~B); pairs inside the import
+    dir are never made."""
+    from clipdedup.pipeline import run_import
+
+    base_img, base_db = _collection(tmp_path / "b", {"b.jpg": (0.16, 10)})
+    imp_img, imp_db = _collection(tmp_path / "i", {"i1.jpg": (0.0, 10), "i2.jpg": (0.08, 10)})
+    opts = RunOptions(skip_update=True, threshold=T, log=lambda line: None)
+    s = run_import(str(base_img), str(base_db), str(imp_img), str(imp_db), str(tmp_path / "trash"), opts)
+    assert [(g.members, g.kept) for g in s.groups] == [(["i2.jpg"], "b.jpg")]
+    assert [m.rel for m in s.moved] == ["i2.jpg"] and (imp_img / "i1.jpg").exists()
