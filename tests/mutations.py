@@ -242,9 +242,9 @@ MUTATIONS = [
         "scan.py",
         (
             (
-                "    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist()]\n",
+                "    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist(), t.ctime_ns.tolist()]\n",
                 "    if t.errors:\n        raise PermissionError(t.errors[0][1])\n"
-                "    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist()]\n",
+                "    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist(), t.ctime_ns.tolist()]\n",
             ),
         ),
         ("tests/test_scan.py::test_unreadable_directory_is_reported_not_fatal",),
@@ -329,6 +329,28 @@ MUTATIONS = [
         "match/cache/incremental.py",
         (("    elif backend in stream.GPU_STORE_BACKENDS:", "    elif False:"),),
         ("tests/match/test_stream_runs.py::test_dedup_runs_stream_full_and_incremental",),
+    ),
+    Mutation(
+        "chain-moves-whole-group",
+        "a file moves only if it is itself a near-duplicate of the file kept (a chain A~B, B~C, A!~C "
+        "does not move C)",
+        "trash/group.py",
+        (("        dups = sorted(adj.get(k, set()) & inside)\n", "        dups = sorted(inside - {k})\n"),),
+        (
+            "tests/trash/test_chains.py::test_chain_a_b_c_moves_only_b",
+            "tests/trash/test_chains.py::"
+            "test_on_the_test_images_with_chains_every_move_is_within_the_threshold_of_its_kept_file",
+        ),
+    ),
+    Mutation(
+        "ignore-ctime",
+        "content rewritten in place with its size and mtime put back (touch -r) is re-encoded",
+        "db/layout.py",
+        (("    if ctime_ns is not None and img.ctime_ns > ctime_ns:\n", "    if False:\n"),),
+        (
+            "tests/ingest/test_ctime.py::test_rewritten_content_with_size_and_mtime_restored_is_reencoded",
+            "tests/ingest/test_ctime.py::test_a_rewritten_duplicate_is_not_moved_as_its_old_self",
+        ),
     ),
 ]
 

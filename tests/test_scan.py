@@ -72,7 +72,11 @@ def _walk(root: Path, suffixes=IMAGE_EXTENSIONS) -> list[FileEntry]:
 def test_random_tree_matches_reference_and_os_walk(tmp_path: Path, seed: int, threads: int) -> None:
     _tree(tmp_path, random.Random(seed))
     got = scan_tree(tmp_path, threads=threads)
-    assert got == scan_tree_ref(tmp_path)
+    ref = scan_tree_ref(tmp_path)
+    assert got == ref
+    # ctime is left out of FileEntry's equality; the DB's staleness test reads it (issue #25, item 7).
+    assert [e.ctime_ns for e in got.entries] == [e.ctime_ns for e in ref.entries]
+    assert [e.ctime_ns for e in got.entries] == [os.stat(tmp_path / e.rel).st_ctime_ns for e in got.entries]
     assert got.entries == _walk(tmp_path)
     assert got.errors == []
     assert len(got.entries) > 20  # the tree really had images

@@ -39,10 +39,10 @@ from clipdedup.match.cache.incremental import import_in_background, match_with_c
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
-from clipdedup.trash.group import group_pairs
-from clipdedup.trash.keep import STRATEGIES, Candidate
-from clipdedup.trash.move import Mover, choose_keep_safe
-from clipdedup.util.fsutil import check_run_dirs, is_inside, same_dir
+from clipdedup.trash.chains import group_record, plan_groups
+from clipdedup.trash.keep import STRATEGIES
+from clipdedup.trash.move import Mover
+from clipdedup.util.fsutil import check_import_dirs, check_run_dirs
 from clipdedup.util.lock import run_locks
 
 
@@ -63,6 +63,7 @@ class RunOptions:
     log: Callable[[str], object] | None = None
     follow_symlinks: bool = False  # scan through symlinks to files and dirs (loops are cut)
     cross_devices: bool = False  # a followed symlink may lead onto another file system
+    use_ctime: bool = True  # a newer ctime than the DB file's means changed (False: --no-ctime)
     cluster: RayCluster | None = None  # encode there (docs/cluster.md); match there too with .match
 
     def say(self, line: str) -> None:
@@ -95,7 +96,13 @@ def _update_or_read(
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = read_meta_as_is(db_dir)
         entries = encoded_as_scanned(
-            image_dir, db_dir, entries, u.meta.dim if u.meta else None, u.failed, opts.say
+            image_dir,
+            db_dir,
+            entries,
+            u.meta.dim if u.meta else None,
+            u.failed,
+            opts.say,
+            use_ctime=opts.use_ctime,
         )
     else:
         u = update_db(
@@ -111,9 +118,30 @@ def _update_or_read(
             progress=opts.progress,
             log=opts.say,
             encoder=encoder,
+            use_ctime=opts.use_ctime,
         )
-    s.updates[label] = u
+    s.updates[label], s.dirs[label] = u, (image_dir, db_dir)
     return u, entries
+
+
+def _load_repaired(load, image_dir, db_dir, entries, dim, u: UpdateSummary, opts: RunOptions, encoder):
+    """`load`s a DB's rows (open_embeddings or load_embeddings) -> (entries, rows, errors, missing,
+    info). A run that may write re-encodes the images whose DB file failed to load although it
+    looked up to date (a bad header, NaN or infinity in its numbers) and loads again."""
+
+    def once() -> tuple:
+        info = dbmod.LoadInfo()
+        got = load(db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info)
+        return (*got, info)
+
+    kept, rows, errors, missing, info = once()
+    if errors and not (opts.dry_run or opts.skip_update):
+        damaged = (entries, errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
+        if reencode_damaged(image_dir, db_dir, *damaged, into=u):
+            if isinstance(rows, RowStore):
+                rows.close()
+            kept, rows, errors, missing, info = once()
+    return kept, rows, errors, missing, info
 
 
 def _lazy_encoder(db_dirs: list[str], opts: RunOptions) -> LazyEncoder:
@@ -169,10 +197,6 @@ def _threshold(opts: RunOptions, u: UpdateSummary) -> float:
     return default_threshold(_model(opts, u))
 
 
-def _candidate(image_dir: str, e: FileEntry) -> Candidate:
-    return Candidate(e.rel, os.path.join(image_dir, e.rel), e.size, e.mtime_ns)
-
-
 def _mover(image_dir: str, trash_dir: str | None, opts: RunOptions, mode: str) -> Mover | None:
     if trash_dir is None:
         return None
@@ -209,18 +233,9 @@ def _run_dedup_locked(
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
-    info = dbmod.LoadInfo()
-    kept, store, s.load_errors, s.not_in_db = open_embeddings(
-        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
+    kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
+        open_embeddings, image_dir, db_dir, entries, dim, u, opts, encoder
     )
-    if s.load_errors and not (opts.dry_run or opts.skip_update):
-        damaged = (entries, s.load_errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
-        if reencode_damaged(image_dir, db_dir, *damaged, into=u):
-            store.close()
-            info = dbmod.LoadInfo()
-            kept, store, s.load_errors, s.not_in_db = open_embeddings(
-                db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
-            )
     with store:
         s.loaded = len(kept)
         s.seconds["load"] = time.perf_counter() - t
@@ -252,22 +267,18 @@ def _act_dedup(image_dir, trash_dir, opts: RunOptions, s: RunSummary, kept, pair
         names = [e.rel for e in kept]
         s.top_k = nearest_by_name(names, names, pairs, dists, opts.top_k)
     t = time.perf_counter()
-    groups = group_pairs(len(kept), pairs)
-    group_of = {k: g for g, members in enumerate(groups) for k in members}
-    dists_by_group: list[list[tuple[str, str, float]]] = [[] for _ in groups]
-    for (a, b), d in zip(pairs.tolist(), dists.tolist()):
-        dists_by_group[group_of[a]].append((kept[a].rel, kept[b].rel, d))
+    # Each group holds only near-duplicates of its kept file: a chained group is split (trash.chains).
+    planned = plan_groups(image_dir, kept, pairs, dists, opts.keeping_logic)
     mover = _mover(image_dir, trash_dir, opts, "dedup")
     try:
-        for gid, (members, dl) in enumerate(zip(groups, dists_by_group)):
-            cands = [_candidate(image_dir, kept[k]) for k in members]
-            best = choose_keep_safe(image_dir, cands, opts.keeping_logic)
+        for gid, p in enumerate(planned):
+            keep_path = os.path.join(image_dir, kept[p.kept].rel)
             moved = []
             if mover is not None:
-                for k, c in zip(members, cands):
-                    if c is not cands[best]:
-                        moved.append(mover.move(kept[k], cands[best].path, kept[members[best]], gid))
-            s.groups.append(Group([c.rel for c in cands], cands[best].rel, moved, dl))
+                for k in p.rows:
+                    if k != p.kept:
+                        moved.append(mover.move(kept[k], keep_path, kept[p.kept], gid))
+            s.groups.append(group_record(kept, p, moved))
     finally:
         _close_mover(mover, s)
     s.seconds["act"] = time.perf_counter() - t
@@ -287,31 +298,13 @@ def run_import(
     stale) are encoded in memory for this run and never written back. Only the import DB is locked
     and written.
     """
-    _check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
+    check_import_dirs(base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir)
     with contextlib.ExitStack() as locks:
         if not opts.dry_run:
             run_locks(locks, [import_db_dir], trash_dir, opts.say)
         return _run_import_locked(
             base_image_dir, base_db_dir, import_image_dir, import_db_dir, trash_dir, opts
         )
-
-
-def _check_import_dirs(
-    base_image_dir: str, base_db_dir: str, import_image_dir: str, import_db_dir: str, trash_dir: str | None
-) -> None:
-    """Refuses layouts in which import mode would write into the base image dir or the base DB."""
-    if same_dir(base_image_dir, import_image_dir):
-        raise UserError("the base and import image dirs must differ")
-    if os.path.realpath(base_db_dir) == os.path.realpath(import_db_dir):
-        raise UserError("the base and import DB dirs must differ: import mode never writes the base DB")
-    for name, d in (("import DB", import_db_dir), ("trash", trash_dir), ("import image", import_image_dir)):
-        for ro_name, ro in (("base image dir", base_image_dir), ("base DB dir", base_db_dir)):
-            if d is None or (name == "import image" and ro_name == "base image dir"):
-                continue  # a nested import dir is left out of the base scan, see below
-            if is_inside(d, ro):
-                raise UserError(
-                    f"{d}: the {name} dir must not be inside the {ro_name} {ro}, which import mode only reads"
-                )
 
 
 def _run_import_locked(
@@ -352,7 +345,7 @@ def _run_import_locked(
     either = ub.meta or ui.meta
     dim = either.dim if either else None
     # The base DB is only read: no cache (packed snapshot) is refreshed there either.
-    binfo, iinfo = dbmod.LoadInfo(), dbmod.LoadInfo()
+    binfo = dbmod.LoadInfo()
     # Screen-then-verify (builtin:dct) reads row stores: only the screening parts in RAM; so do
     # Ray's matching tasks (from the DBs' snapshots) and the GPU backends (streamed).
     model = _model(opts, ub, ui)
@@ -365,8 +358,9 @@ def _run_import_locked(
         )
         if isinstance(xb, RowStore):
             stores.enter_context(xb)
-        ikept, xi, ei, ni = load(
-            import_db_dir, imp_entries, dim=dim, in_memory=ui.in_memory, dry_run=opts.dry_run, info=iinfo
+        # the import DB is written: what failed to load is re-encoded, as in a dedup run
+        ikept, xi, ei, ni, iinfo = _load_repaired(
+            load, import_image_dir, import_db_dir, imp_entries, dim, ui, opts, cache
         )
         if isinstance(xi, RowStore):
             stores.enter_context(xi)

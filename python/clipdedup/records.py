@@ -19,6 +19,9 @@ class FileEntry:
     rel: str
     mtime_ns: int
     size: int
+    # The inode's change time as scanned (0: not known). Not part of equality: an entry names a file
+    # version by size and mtime; the DB compares ctimes on its own (db.layout.is_stale).
+    ctime_ns: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -131,7 +134,8 @@ class MoveResult:
 @dataclass
 class Group:
     """One group of duplicates. Dedup mode: `members` are paths relative to the image dir, `kept`
-    is one of them, `distances` are (member, member, d). Import mode: `members` holds the one
+    is one of them and every other member is paired with it (a chained group is split, see
+    trash.chains), `distances` are (member, member, d). Import mode: `members` holds the one
     import-dir file, `base_members` the base-dir files it matched (nearest first), `kept` is the
     nearest base file (`kept_in_base`), and each distance is (import member, base member, d)."""
 
@@ -141,6 +145,13 @@ class Group:
     distances: list[tuple[str, str, float]]
     base_members: list[str] = field(default_factory=list)
     kept_in_base: bool = False
+    # Dedup mode: members of the chained group that are a near-duplicate of no kept file, with why
+    # they stay (trash.chains); the kept file of the group this one was split from, if it was.
+    stayed: list[tuple[str, str]] = field(default_factory=list)
+    split_from: str | None = None
+    # Pairs from a member or a stay of this group to a file outside it: what chained the group to
+    # the others split from it (each pair of a run is in one group's `distances` or `links`).
+    links: list[tuple[str, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -186,6 +197,8 @@ class RunSummary:
     journal: str | None = None  # the journal file, when something moved
     import_mode: bool = False  # groups are import files matched to base files (see Group)
     verification: Verification | None = None  # models with a verifier: every screened candidate
+    # update label ("images"; import mode "base", "import") -> (image dir, DB dir), as given
+    dirs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def moved(self) -> list[MoveResult]:

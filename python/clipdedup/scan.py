@@ -243,7 +243,7 @@ def scan_tree(
         cross_devices=cross_devices,
         progress=progress,
     )
-    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist()]
+    cols = [t.rels, t.mtime_ns.tolist(), t.size.tolist(), t.ctime_ns.tolist()]
     return ScanResult(native.construct(FileEntry, _ENTRY_FIELDS, cols), t.errors)
 
 
@@ -328,4 +328,4 @@ def _ref_entry(de, rel, below, via_link, suffixes, follow_symlinks, stack, entri
     if stat.S_ISDIR(st.st_mode):
         stack.append((rel, below, via_link or is_link))
     elif stat.S_ISREG(st.st_mode) and _suffix_ok(de.name, suffixes):
-        entries.append(FileEntry(rel, st.st_mtime_ns, st.st_size))
+        entries.append(FileEntry(rel, st.st_mtime_ns, st.st_size, st.st_ctime_ns))

@@ -114,7 +114,7 @@ def test_a_long_image_name_is_encoded_and_a_too_long_one_skipped(
 # 9. A .npy that looks up to date but cannot be read is re-encoded.
 
 
-@pytest.mark.parametrize("damage", ["magic", "dtype"])
+@pytest.mark.parametrize("damage", ["magic", "dtype", "nan", "random"])
 def test_a_damaged_npy_with_the_right_size_and_mtime_is_re_encoded(
     testdata: Path, tmp_path: Path, tiny_model: str, damage: str
 ) -> None:
@@ -124,11 +124,16 @@ def test_a_damaged_npy_with_the_right_size_and_mtime_is_re_encoded(
     victim = sorted(db.glob("*.npy"))[0]
     good, st = np.load(victim), victim.stat()
     raw = bytearray(victim.read_bytes())
+    body = len(raw) - good.nbytes
     if damage == "magic":
         raw[1:6] = b"XXXXX"
-    else:
+    elif damage == "dtype":
         k = raw.index(b"<f4")
         raw[k : k + 3] = b"<i4"
+    elif damage == "nan":  # a header that reads fine over a body of NaN (issue #25, item 8)
+        raw[body:] = np.full(good.shape, np.nan, "<f4").tobytes()
+    else:  # a random body: finite numbers mostly, some too large to square
+        raw[body:] = np.random.default_rng(0).integers(0, 256, good.nbytes, np.uint8).tobytes()
     victim.write_bytes(bytes(raw))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = subprocess.run(
@@ -141,3 +146,28 @@ def test_a_damaged_npy_with_the_right_size_and_mtime_is_re_encoded(
     assert any("damaged" in line and victim.name in line for line in r.stderr.splitlines()), r.stderr
     assert json.loads(r.stdout)["loaded"] == len(list(img.glob("*.jpg")))
     np.testing.assert_allclose(np.load(victim), good, atol=2e-5)
+
+
+def test_import_mode_re_encodes_a_nan_npy_of_the_import_db(testdata: Path, tmp_path: Path) -> None:
+    from clipdedup.pipeline import RunOptions, run_import
+
+    base, imp = tmp_path / "base", tmp_path / "imp"
+    distinct_images(testdata, base, 1)
+    imp.mkdir()
+    for p in sorted(base.glob("*.jpg"))[:2]:
+        (imp / p.name).write_bytes(p.read_bytes())
+    lines: list[str] = []
+    opts = RunOptions(model_id="builtin:dct", log=lines.append)
+    dirs = (str(base), str(tmp_path / "bdb"), str(imp), str(tmp_path / "idb"))
+    assert len(run_import(*dirs, None, opts).groups) == 2
+    victim = Path(dbmod.npy_path(tmp_path / "idb", sorted(p.name for p in imp.iterdir())[0]))
+    good, st = np.load(victim), victim.stat()
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) - good.nbytes :] = np.full(good.shape, np.nan, "<f4").tobytes()
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lines.clear()
+    s = run_import(*dirs, None, opts)
+    assert [line for line in lines if victim.name in line and "re-encoding" in line], lines
+    assert len(s.groups) == 2 and s.load_errors == []
+    np.testing.assert_array_equal(np.load(victim), good)

@@ -13,8 +13,11 @@ import pytest
 
 from clipdedup import db as dbmod
 from clipdedup.db import snapshot as snap_mod
+from clipdedup.db.layout import NOT_FINITE
 from clipdedup.db.rowstore import RowStoreError, rows_of, store_of_matrix
 from clipdedup.db.store_load import index_columns, open_embeddings, open_store
+from clipdedup.ingest.update import load_embeddings
+from clipdedup.records import FileEntry
 from clipdedup.scan import scan_tree
 
 DIM = 12
@@ -150,3 +153,26 @@ def test_load_does_not_wait_for_the_snapshot_write(tmp_path: Path, trusting, mon
     second = dbmod.LoadInfo()
     dbmod.load_db(tmp_path, info=second)
     assert second.snapshot == "used"
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "huge"])
+def test_unusable_rows_are_load_errors_in_every_loader(tmp_path: Path, trusting, bad: str) -> None:
+    """A row that matching cannot use (NaN, infinity, a value too large to square: a random body)
+    is an error naming its file in the store, the matrix load and load_rows, never a silent drop
+    (issue #25, item 8). Through a snapshot too: the second open reads the row from it."""
+    vecs = _make_db(tmp_path, 20)
+    rel = sorted(vecs)[5]
+    v = vecs[rel].copy()
+    v[3] = {"nan": np.nan, "inf": np.inf, "huge": 3e38}[bad]
+    dbmod.write_embedding(tmp_path, rel, v)
+    path = dbmod.npy_path(tmp_path, rel)
+    for _ in range(2):  # files, then (where one was written) the snapshot
+        store, _info = _open(tmp_path)
+        with store:
+            assert store.n == 19
+    entries = [FileEntry(r, 0, 0) for r in sorted(vecs, key=os.fsencode)]
+    kept, store, errors, _ = open_embeddings(tmp_path, entries, dim=DIM)
+    with store:
+        assert errors == [(path, NOT_FINITE)] and rel not in {e.rel for e in kept}
+    kept, mat, errors, _ = load_embeddings(tmp_path, entries, dim=DIM)
+    assert errors == [(path, NOT_FINITE)] and len(kept) == len(mat) == 19

@@ -16,7 +16,15 @@ import pytest
 
 from clipdedup import db as dbmod
 from clipdedup.match import exact_distances, find_pairs
-from clipdedup.match.cache.matches import CACHE_NAME, MatchCache, cache_path, plan_reuse, read_cache
+from clipdedup.match.cache.matches import (
+    CACHE_NAME,
+    MatchCache,
+    cache_path,
+    check_values,
+    plan_reuse,
+    read_cache,
+    write_cache,
+)
 from clipdedup.pipeline import RunOptions, run_dedup
 from clipdedup.scan import scan_tree
 
@@ -72,7 +80,8 @@ class Collection:
         lines: list[str] = []
         opts = RunOptions(skip_update=True, dry_run=dry_run, threshold=t, backend=backend, log=lines.append)
         s = run_dedup(str(self.img), str(self.db), None, opts)
-        return {(a, b, d) for g in s.groups for a, b, d in g.distances}, lines, s.match_cache
+        pairs = {(a, b, d) for g in s.groups for a, b, d in g.distances + g.links}
+        return pairs, lines, s.match_cache
 
     def reference(self, t: float) -> set:
         rels = [e.rel for e in scan_tree(self.img).entries]
@@ -132,6 +141,43 @@ def test_doubt_means_a_full_match_with_one_line(tmp_path: Path) -> None:
     os.remove(cache_path(c.db))  # deleting it is always safe, and says nothing
     got, lines, how = c.run(t)
     assert got == c.reference(t) and not [ln for ln in lines if CACHE_NAME in ln]
+
+
+@pytest.mark.parametrize("forgery", ["nan", "above", "negative", "index", "twice"])
+def test_a_forged_cache_with_fresh_checksums_is_not_believed(tmp_path: Path, forgery: str) -> None:
+    """Checksums only prove the bytes are the ones written: the values are checked too (issue #25,
+    item 9), so a forged file means a full match with one line, never pairs silently dropped."""
+    c = Collection(tmp_path, 5)
+    c.add(60)
+    t = 1.5
+    c.run(t, backend="cpu-fp32")  # cpu-bf16 needs avx512_bf16
+    cache, why = read_cache(c.db)
+    assert cache is not None and len(cache.pairs) > 2, why
+    if forgery == "nan":
+        cache.dist[:] = np.nan  # on main: every stored pair dropped, silently
+    elif forgery == "above":
+        cache.dist[0] = t * 2
+    elif forgery == "negative":
+        cache.dist[0] = -0.5
+    elif forgery == "index":
+        cache.pairs[0] = [0, len(cache.keys)]
+    else:
+        cache.pairs[1] = cache.pairs[0]
+    write_cache(c.db, cache)  # fresh checksums
+    got, lines, how = c.run(t, backend="cpu-fp32")
+    assert got == c.reference(t) and how.startswith("full match"), how
+    assert len([ln for ln in lines if CACHE_NAME in ln and "damaged" in ln]) == 1, lines
+
+
+def test_check_values_wants_sorted_pairs_within_the_threshold() -> None:
+    keys, h = ["a", "b", "c"], np.zeros(3, np.uint64)
+    good = MatchCache(MODEL, D, 0.5, keys, h, np.array([[0, 1], [0, 2], [1, 2]]), np.array([0.1, 0.5, 0.0]))
+    assert check_values(good) == ""
+    unsorted = MatchCache(MODEL, D, 0.5, keys, h, np.array([[1, 2], [0, 1]]), np.array([0.1, 0.2]))
+    assert "sorted" in check_values(unsorted)
+    assert "i < j" in check_values(MatchCache(MODEL, D, 0.5, keys, h, np.array([[1, 0]]), np.array([0.1])))
+    none = np.zeros((0, 2), np.int64)
+    assert "threshold" in check_values(MatchCache(MODEL, D, np.nan, keys, h, none, np.zeros(0)))
 
 
 def test_matrix_backends_use_the_cache_too(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from clipdedup.cli import dedup_cmd, import_cmd, run_cli
 from clipdedup.errors import UserError
-from clipdedup.records import Group, MoveResult, RunSummary
+from clipdedup.records import Group, MoveResult, RunSummary, UpdateSummary
 from clipdedup.report import core as report
 from clipdedup.report import html as report_html
 from helpers import run_cli_json
@@ -258,3 +258,41 @@ def test_builtin_dct_report_lists_candidates_with_scores(testdata: Path, tmp_pat
     assert "check score" in page and "turned down" in page and "a-mirror.jpg" in page
     (pg,) = _page_data(rep)["groups"]
     assert len(pg["pairs"]) == 1 and pg["pairs"][0][3] == small["score"]  # the score beside the distance
+
+
+def test_names_that_a_spreadsheet_would_run_are_quoted_in_the_csvs(tmp_path: Path) -> None:
+    """A file name starting with =, +, - or @ reaches groups.csv and pairs.csv with a single quote in
+    front (OWASP's CSV-injection advice), so a spreadsheet shows it as text (issue #25, item 9)."""
+    names = ["=HYPERLINK(1).jpg", "+1.jpg", "-2.jpg", "@SUM(A1).jpg", "plain.jpg"]
+    s = RunSummary(threshold=0.1)
+    s.groups.append(Group(names, "plain.jpg", [], [(n, "plain.jpg", 0.01) for n in names[:-1]]))
+    rep = tmp_path / "rep"
+    report.write_report(s, str(rep), {"": str(tmp_path)}, strategy="largest", dry_run=True)
+    with open(rep / "groups.csv", newline="", encoding="utf-8") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert paths == ["'" + n for n in names[:-1]] + ["plain.jpg"]
+    with open(rep / "pairs.csv", newline="", encoding="utf-8") as f:
+        assert [row["a"] for row in csv.DictReader(f)] == ["'" + n for n in names[:-1]]
+    doc = json.loads((rep / "report.json").read_text())
+    assert [m["path"] for m in doc["groups"][0]["members"]] == names  # JSON holds the names as they are
+
+
+def test_skipped_paths_are_named_as_group_members_are(tmp_path: Path) -> None:
+    """--json names every file relative to its image dir, skipped ones too: base files of an import
+    run with "base:", a DB file by its image, the image dir itself "." (issue #25, item 9)."""
+    base, imp = tmp_path / "base", tmp_path / "base" / "new"  # an import dir inside the base dir
+    s = RunSummary(threshold=0.1)
+    s.dirs = {"base": (str(base), str(tmp_path / "bdb")), "import": (str(imp), str(tmp_path / "idb"))}
+    s.updates["base"] = UpdateSummary(failed=[(str(base / "a" / "x.jpg"), "truncated")])
+    s.updates["import"] = UpdateSummary(
+        failed=[(str(imp / "y.jpg"), "truncated")], scan_errors=[(str(imp), "cannot list directory")]
+    )
+    s.load_errors = [(str(tmp_path / "idb" / "z.jpg.npy"), "bad magic"), ("/elsewhere/q.jpg", "odd")]
+    got = {d["path"]: d["reason"] for d in report.summary_dict(s, dry_run=True)["skipped"]}
+    assert got == {
+        "base:a/x.jpg": "truncated",
+        "y.jpg": "truncated",
+        ".": "cannot list directory",
+        "z.jpg": "its DB file: bad magic",
+        "/elsewhere/q.jpg": "odd",
+    }

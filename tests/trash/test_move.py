@@ -331,8 +331,8 @@ def test_follow_symlinks_cli_flag(tmp_path: Path, monkeypatch) -> None:
 def test_kept_file_gone_mid_run_leaves_the_whole_group(
     testdata: Path, tmp_path: Path, tiny_model: str, monkeypatch
 ) -> None:
-    from clipdedup import pipeline as dedup
     from clipdedup.pipeline import RunOptions, run_dedup
+    from clipdedup.trash import chains as dedup  # where a dedup run chooses its kept files
 
     img, outside = _symlink_tree(testdata, tmp_path)
     write(img / "third.jpg", (img / "real.jpg").read_bytes())

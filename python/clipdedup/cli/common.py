@@ -111,6 +111,15 @@ def common_update_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "[default: the DB's model; for a new DB hf-hub:timm/PE-Core-bigG-14-448]",
         ),
         click.option("--skip-update", is_flag=True, help="Use the DB as it is; encode nothing."),
+        click.option(
+            "--ctime/--no-ctime",
+            "use_ctime",
+            default=True,
+            show_default=True,
+            help="Re-encode an image whose ctime is newer than its embedding (catches content "
+            "rewritten with its size and mtime put back). --no-ctime: size and mtime only, for file "
+            "systems whose ctime is unreliable (some network and FUSE mounts).",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines."),
     ]
     for o in reversed(opts):
@@ -218,6 +227,7 @@ def run_options(**kw: Any) -> Any:
         force=kw["force_update"],
         clean_orphans=kw["clean_orphans"],
         skip_update=kw["skip_update"],
+        use_ctime=kw.get("use_ctime", True),
         dry_run=kw["dry_run"],
         threshold=kw["threshold"],
         keeping_logic=kw.get("keeping_logic") or "largest",

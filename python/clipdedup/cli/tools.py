@@ -207,6 +207,7 @@ def db_test_cmd(
     device: str | None,
     model_id: str | None,
     skip_update: bool,
+    use_ctime: bool,
     quiet: bool,
     batch_size: int,
 ) -> int:
@@ -228,6 +229,7 @@ def db_test_cmd(
                 clean_orphans=clean_orphans,
                 progress=not quiet,
                 log=log,
+                use_ctime=use_ctime,
             )
         enc_s = u.seconds.get("encode", 0.0)
         rate = f"{u.encoded / enc_s:.1f} img/s" if enc_s > 0 and u.encoded else "n/a"

@@ -24,6 +24,19 @@ from clipdedup.scan import scan_native
 from clipdedup.util.fsutil import NAME_MAX, TMP_MARK, atomic_file
 
 META_NAME = "clipdedup-db.json"
+# A load error: a row with NaN or infinity (or a value whose square overflows float32, as in a random
+# body) takes part in no pair, so its image would silently drop out of matching; a run that may
+# write the DB re-encodes it (`ingest.update.reencode_damaged`).
+NOT_FINITE = "not a usable embedding (NaN, infinity, or values too large to square in float32)"
+
+
+def usable_rows(blk: np.ndarray) -> np.ndarray:
+    """bool (k,): rows of float32 `blk` (k, D) whose float32 sum of squares is finite (so every value
+    is finite, and matching can square them)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(np.einsum("ij,ij->i", blk, blk))
+
+
 NPY_SUFFIX = ".npy"
 NPZ_SUFFIX = ".npz"
 NPZ_KEY = "clip_embedding"
@@ -202,13 +215,19 @@ def unnamable_reason(rel: str, limit: int = NAME_MAX) -> str:
 
 
 def plan_update(
-    images: Sequence[FileEntry], index: DBIndex, *, dim: int | None, force: bool = False
+    images: Sequence[FileEntry],
+    index: DBIndex,
+    *,
+    dim: int | None,
+    force: bool = False,
+    use_ctime: bool = True,
 ) -> UpdatePlan:
     """Which images need (re)encoding and which DB files are orphans.
 
     An image is encoded when it has no DB file, when its mtime differs from its .npy's (our .npy
-    files carry the image's mtime) or is newer than its legacy .npz, when its .npy has the wrong size
-    for the DB's dim (a damaged file), or when `force` is set.
+    files carry the image's mtime) or is newer than its legacy .npz, when (`use_ctime`) its ctime is
+    newer than its DB file's (see `is_stale`), when its .npy has the wrong size for the DB's dim (a
+    damaged file), or when `force` is set.
     """
     expected = npy_file_size(dim) if dim else None
     to_encode: list[FileEntry] = []
@@ -219,7 +238,8 @@ def plan_update(
         if f is None and not npy_name_fits(img.rel):
             unnamable.append(img)
             continue
-        stale = force or f is None or is_stale(img, f.mtime_ns, f.size, f.legacy, expected)
+        ctime = f.ctime_ns if f is not None and use_ctime else None
+        stale = force or f is None or is_stale(img, f.mtime_ns, f.size, f.legacy, expected, ctime)
         (to_encode if stale else fresh).append(img)
     present = {img.rel for img in images}
     orphans = [f.path for rel, f in index.files.items() if rel not in present]
@@ -228,9 +248,23 @@ def plan_update(
     return UpdatePlan(to_encode, fresh, orphans, unnamable)
 
 
-def is_stale(img: FileEntry, mtime_ns: int, size: int, legacy: bool, expected_size: int | None) -> bool:
+def is_stale(
+    img: FileEntry,
+    mtime_ns: int,
+    size: int,
+    legacy: bool,
+    expected_size: int | None,
+    ctime_ns: int | None = None,
+) -> bool:
     """Whether the DB file (mtime_ns, size, legacy .npz or not) of `img` is out of date (see
-    `plan_update`); `expected_size` is the .npy size for the DB's dim, if known."""
+    `plan_update`); `expected_size` is the .npy size for the DB's dim, if known.
+
+    `ctime_ns`: the DB file's ctime, or None to leave ctimes out. Content rewritten in place with
+    its size and mtime put back (`touch -r`) still moves the image's ctime, which no one can set:
+    an image whose ctime is newer than its DB file (written after the image was read) changed since.
+    """
+    if ctime_ns is not None and img.ctime_ns > ctime_ns:
+        return True
     if legacy:
         return img.mtime_ns > mtime_ns
     return img.mtime_ns != mtime_ns or (expected_size is not None and size != expected_size)

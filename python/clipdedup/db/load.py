@@ -22,7 +22,16 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.db import snapshot as snap_mod
-from clipdedup.db.layout import NPY_SUFFIX, NPZ_KEY, NPZ_SUFFIX, DBFile, index_db, read_meta
+from clipdedup.db.layout import (
+    NOT_FINITE,
+    NPY_SUFFIX,
+    NPZ_KEY,
+    NPZ_SUFFIX,
+    DBFile,
+    index_db,
+    read_meta,
+    usable_rows,
+)
 from clipdedup.errors import UserError
 from clipdedup.records import LoadInfo, SnapshotState, SnapshotStatus
 from clipdedup.scan import sorted_by_bytes
@@ -105,6 +114,7 @@ def load_rows(
         errors as (path, reason). D is `dim`, else taken from the first readable file.
     """
     r = _fill(files, dim, None, threads, False)
+    _drop_nonfinite(r.mat, r.ok, files, r.errors)
     r.mat[~r.ok] = 0
     return r.mat, r.ok, r.errors
 
@@ -148,6 +158,7 @@ def load_files(
     keys, stats = file_keys(files), file_stats(files)
     snap_dir, prefetch = (db_dir, prefetch) if use_snapshot else (None, None)
     r = _fill(files, dim, snap_dir, threads, pinned, keys, stats, prefetch)
+    _drop_nonfinite(r.mat, r.ok, files, r.errors)
     if info is not None:
         info.snapshot, info.snapshot_detail = r.snapshot
         info.from_snapshot = int(r.from_snap.sum())
@@ -278,6 +289,18 @@ def read_from_files(files, rows: np.ndarray, mat: np.ndarray, threads) -> tuple[
                 errors.append((files[i].path, f"{type(e).__name__}: {e}"))
     errors.sort()
     return ok, errors
+
+
+def _drop_nonfinite(
+    mat: np.ndarray, ok: np.ndarray, files: Sequence[DBFile], errors: list[tuple[str, str]], chunk: int = 4096
+) -> None:
+    """Marks the ok rows of `mat` (N, D) that are not usable (`layout.usable_rows`) as not ok, each
+    with an error."""
+    for s in range(0, len(ok), chunk):
+        bad = np.flatnonzero(ok[s : s + chunk] & ~usable_rows(mat[s : s + chunk])) + s
+        ok[bad] = False
+        errors.extend((files[i].path, NOT_FINITE) for i in bad.tolist())
+    errors.sort()
 
 
 def _compact(mat: np.ndarray, ok: np.ndarray, chunk: int = 4096) -> int:

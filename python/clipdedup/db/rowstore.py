@@ -29,17 +29,18 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.db import snapshot as snap_mod
-from clipdedup.db.layout import NPZ_SUFFIX, DBFile
+from clipdedup.db.layout import NPZ_SUFFIX, DBFile, usable_rows
 from clipdedup.db.load import file_keys, file_stats, read_from_files
 
 BLOCK_ROWS = 4096  # rows per streamed block: 20 MiB of float32 at D = 1280
 
 
 class RowsSeen:
-    """What a pass over rows saw: which hold only finite numbers, and a bound of their squared norms.
+    """What a pass over rows saw: which are usable, and a bound of their squared norms.
 
     Attributes:
-        finite: bool (N,).
+        finite: bool (N,): the row's float32 sum of squares is finite (`layout.usable_rows`): no
+            NaN or infinity, and no value too large to square (a random body).
         max_sq: >= the largest float64 sum of squares of a finite row (0.0 when none).
     """
 
@@ -49,7 +50,7 @@ class RowsSeen:
 
     def see(self, rows: np.ndarray, blk: np.ndarray) -> None:
         """Records rows `rows` (int64 (k,)) whose values are `blk` (float32 (k, D))."""
-        fin = np.isfinite(blk).all(axis=1)
+        fin = usable_rows(blk)
         self.finite[rows] = fin
         if fin.any():
             sq = np.einsum("ij,ij->i", blk[fin], blk[fin])  # float32: relative error <= D 2^-24

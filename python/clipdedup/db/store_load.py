@@ -20,7 +20,7 @@ import numpy as np
 
 from clipdedup import native
 from clipdedup.db import snapshot as snap_mod
-from clipdedup.db.layout import NPY_SUFFIX, NPZ_SUFFIX, is_stale, npy_file_size
+from clipdedup.db.layout import NOT_FINITE, NPY_SUFFIX, NPZ_SUFFIX, is_stale, npy_file_size
 from clipdedup.db.load import probe_dim
 from clipdedup.db.rowstore import BLOCK_ROWS, PendingWrite, Rows, RowsSeen, RowStore, spill_rows
 from clipdedup.records import FileEntry, LoadInfo, SnapshotState, SnapshotStatus
@@ -91,6 +91,9 @@ def open_store(
         info.from_files = n - info.from_snapshot
     which = np.flatnonzero(~from_snap)
     spill_fd, ok, errors = spill_rows(rows, which, dim, loc, hashes, threads, block_rows, seen)
+    bad = np.flatnonzero(ok & ~seen.finite)  # every ok row was seen once (snapshot or file)
+    ok[bad] = False
+    errors = sorted(errors + [(rows.dbfile(i).path, NOT_FINITE) for i in bad.tolist() if rows.keys[i]])
     store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok))
     store.snapshot_path = snap_mod.snapshot_path(db_dir)
     if write_snapshot and started_ns is not None and store.n and os.path.isdir(db_dir) and len(file_at) == n:
@@ -167,15 +170,18 @@ class DBColumns:
     stats: dict[str, np.ndarray]
     started_ns: int
 
-    def stale(self, entries: Sequence[FileEntry], dim: int | None) -> set[str]:
+    def stale(self, entries: Sequence[FileEntry], dim: int | None, *, use_ctime: bool = True) -> set[str]:
         """The rel paths of `entries` whose DB file is out of date (`layout.is_stale`); entries
         the DB lacks are not in it."""
         expected = npy_file_size(dim) if dim else None
-        mtime, size = self.stats["mtime_ns"], self.stats["size"]
+        mtime, size, ctime = self.stats["mtime_ns"], self.stats["size"], self.stats["ctime_ns"]
         out = set()
         for e in entries:
             k = self.row.get(e.rel, -1)
-            if k >= 0 and is_stale(e, int(mtime[k]), int(size[k]), bool(self.legacy[k]), expected):
+            if k < 0:
+                continue
+            c = int(ctime[k]) if use_ctime else None
+            if is_stale(e, int(mtime[k]), int(size[k]), bool(self.legacy[k]), expected, c):
                 out.add(e.rel)
         return out
 
@@ -261,10 +267,12 @@ def encoded_as_scanned(
     dim: int | None,
     failed: list[tuple[str, str]],
     say: Callable[[str], object],
+    *,
+    use_ctime: bool = True,
 ) -> list[FileEntry]:
     """With --skip-update, the images whose embedding no longer matches them (changed since it was
     made) are left out, with a reason in `failed` and a line: a run never acts on a stale embedding."""
-    stale = index_columns(db_dir).stale(entries, dim)
+    stale = index_columns(db_dir).stale(entries, dim, use_ctime=use_ctime)
     for rel in sorted(stale, key=os.fsencode):
         path = os.path.join(image_dir, rel)
         failed.append((path, "changed since it was encoded; left out (--skip-update)"))

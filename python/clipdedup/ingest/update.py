@@ -99,6 +99,7 @@ def update_db(
     exclude: Sequence[str | os.PathLike[str]] = (),
     progress: bool = False,
     log=None,
+    use_ctime: bool = True,
 ) -> UpdateSummary:
     """Brings the DB at `db_dir` up to date with the images under `image_dir`.
 
@@ -114,6 +115,8 @@ def update_db(
         dry_run: encode into `summary.in_memory` and change nothing on disk.
         scan: a scan of `image_dir` already made (else one is made, skipping `exclude`).
         log: callable taking one line of text for per-file messages (default: stderr).
+        use_ctime: an image whose ctime is newer than its DB file is re-encoded (content rewritten
+            with its size and mtime put back); False for file systems whose ctime is unreliable.
 
     Returns:
         What was encoded, skipped and removed, with times per stage in `seconds`.
@@ -143,7 +146,8 @@ def update_db(
     relayout = have is not None and layout_mismatch(have) is not None
     if have is not None and not force:
         check_layout(db_dir, have, fix="re-encode it with --force-update, or use a separate --db-dir")
-    plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
+    dim = have.dim if have else None
+    plan = dbmod.plan_update(scan.entries, index, dim=dim, force=force, use_ctime=use_ctime)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
     for img in plan.unnamable:
         path = os.path.join(image_dir, img.rel)

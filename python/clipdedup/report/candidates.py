@@ -3,13 +3,12 @@ distance, check score and verdict (report.json `verification` and `candidates`, 
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import asdict
 from typing import Any
 
 from clipdedup.records import Verification
-from clipdedup.util.fsutil import atomic_file
+from clipdedup.report.tables import write_csv
 
 
 def verification_dict(v: Verification | None, *, rejected: bool = True) -> dict[str, Any] | None:
@@ -39,14 +38,7 @@ def candidates_doc(v: Verification | None) -> dict[str, Any]:
 
 
 def write_candidates_csv(v: Verification, out_dir: str) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["a", "b", "distance", "check_score", "confirmed"])
-    for c in v.candidates:
-        w.writerow([c.a, c.b, f"{c.distance:.6g}", f"{c.score:.6f}", int(c.confirmed)])
-    with atomic_file(
-        os.path.join(out_dir, "candidates.csv"), "w", encoding="utf-8", errors="surrogateescape", newline=""
-    ) as f:
-        f.write(buf.getvalue())
+    rows = [[c.a, c.b, f"{c.distance:.6g}", f"{c.score:.6f}", int(c.confirmed)] for c in v.candidates]
+    write_csv(
+        os.path.join(out_dir, "candidates.csv"), ("a", "b", "distance", "check_score", "confirmed"), rows
+    )

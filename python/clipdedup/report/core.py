@@ -4,7 +4,6 @@ review report (`--report DIR`): the duplicate groups as JSON, CSV and an HTML co
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from clipdedup.errors import UserError
 from clipdedup.ingest.prepass import identical_classes
 from clipdedup.records import Group, MoveResult, RunSummary
 from clipdedup.report.candidates import candidates_doc, verification_dict, write_candidates_csv
+from clipdedup.report.tables import write_csvs
 from clipdedup.trash.keep import STRATEGIES, Candidate
 from clipdedup.util.fsutil import atomic_file, dir_id, is_inside
 
@@ -29,8 +29,8 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "copied": sum(getattr(u, "copied", 0) for u in ups),
         "up_to_date": sum(u.up_to_date for u in ups),
         "skipped": sorted(
-            [{"path": p, "reason": r} for u in ups for p, r in u.failed + u.scan_errors]
-            + [{"path": p, "reason": r} for p, r in s.load_errors],
+            [skipped_entry(s, p, r) for u in ups for p, r in u.failed + u.scan_errors]
+            + [skipped_entry(s, p, r, db_file=True) for p, r in s.load_errors],
             key=lambda d: d["path"],
         ),
         "orphans_removed": sum(len(u.removed) for u in ups),
@@ -47,6 +47,9 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
                 "kept": labels.kept,
                 "moves": [{"path": m.rel, "to": m.dest, "skipped": m.reason} for m in g.moved],
                 "distances": [[a, b, d] for a, b, d in labels.distances],
+                "stayed": [{"path": p, "reason": r} for p, r in g.stayed],
+                "split_from": g.split_from,
+                "links": [[a, b, d] for a, b, d in g.links],
             }
             for g, labels in ((g, labelled(g)) for g in s.groups)
         ],
@@ -57,6 +60,31 @@ def summary_dict(s: RunSummary, *, dry_run: bool) -> dict[str, Any]:
         "seconds": {k: round(v, 4) for u in ups for k, v in u.seconds.items()}
         | {k: round(v, 4) for k, v in s.seconds.items()},
     }
+
+
+def skipped_entry(s: RunSummary, path: str, reason: str, *, db_file: bool = False) -> dict[str, str]:
+    """A skipped path named as group members are: relative to its image dir (import mode's base dir
+    with BASE_PREFIX; "." for the dir itself); a DB file (`db_file`) by its image. A path under
+    none of the run's dirs stays as it is; under two (an import dir inside the base dir), the deeper."""
+    found = [
+        (len(root), label, rel)
+        for label, dirs in s.dirs.items()
+        if (rel := _below(path, root := dirs[1] if db_file else dirs[0])) is not None
+    ]
+    if not found:
+        return {"path": path, "reason": reason}
+    _, label, rel = max(found)
+    if db_file:
+        rel, reason = rel[:-4] if rel.endswith((".npy", ".npz")) else rel, f"its DB file: {reason}"
+    return {"path": (BASE_PREFIX if label == "base" else "") + rel, "reason": reason}
+
+
+def _below(path: str, root: str) -> str | None:
+    """`path` relative to `root` (both as given, not resolved), or None when it is not below it."""
+    p, r = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
+    if p == r:
+        return "."
+    return p[len(r) + 1 :].replace(os.sep, "/") if p.startswith(r.rstrip(os.sep) + os.sep) else None
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -81,6 +109,7 @@ def move_lines(s: RunSummary, *, dry_run: bool) -> list[str]:
                 lines.append(f"kept in place {printable(m.source)}: {m.reason}")
             else:
                 lines.append(f"{verb} {printable(m.source)} -> {printable(m.dest)} (kept {kept})")
+        lines += [f"stays {printable(p)}: {printable(why)}" for p, why in g.stayed]
     return lines
 
 
@@ -174,6 +203,7 @@ class ReviewGroup:
     exact: bool  # every member is byte-identical to the kept file
     members: list[Member]
     pairs: list[tuple[str, str, float]] = field(default_factory=list)
+    stayed: list[dict[str, str]] = field(default_factory=list)  # {path, reason}: see Group.stayed
 
 
 def member_path(roots: Mapping[str, str], path: str) -> str:
@@ -255,7 +285,10 @@ def build_review(
         exact = kept_lab is not None and all(lab == kept_lab for lab in labels)
         best = g.members.index(g.kept) if g.kept in g.members else 0
         why = _why(strategy, cands, best, import_mode)
-        out.append(ReviewGroup(gid, g.kept, why, exact, members, list(g.distances)))
+        if typed.split_from is not None:
+            why += f"; split from the group of {typed.split_from}: these are not near-duplicates of it"
+        stayed = [{"path": p, "reason": r} for p, r in typed.stayed]
+        out.append(ReviewGroup(gid, g.kept, why, exact, members, list(g.distances), stayed))
     return out
 
 
@@ -312,7 +345,7 @@ def write_report(
         write_candidates_csv(ver, out_dir)
     doc = head | {"groups": [asdict(g) for g in groups]} | candidates_doc(ver)
     _atomic_text(os.path.join(out_dir, "report.json"), json.dumps(doc, indent=1, ensure_ascii=True))
-    _write_csvs(groups, out_dir)
+    write_csvs(groups, out_dir)
     scores = {(c.a, c.b): c.score for c in ver.candidates} if ver is not None else None
     report_html.write_html(groups, head, out_dir, thumb_size=thumb_size, scores=scores)
     return groups
@@ -339,57 +372,6 @@ def _hash_members(groups: list[ReviewGroup]) -> None:
 def _atomic_text(path: str, text: str) -> None:
     with atomic_file(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         f.write(text)
-
-
-def _write_csvs(groups: list[ReviewGroup], out_dir: str) -> None:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(
-        [
-            "group",
-            "path",
-            "kept",
-            "status",
-            "destination",
-            "distance_to_kept",
-            "nearest",
-            "exact_copy_of",
-            "size",
-            "group_exact",
-            "why",
-        ]
-    )
-    for g in groups:
-        for m in g.members:
-            w.writerow(
-                [
-                    g.id,
-                    m.path,
-                    int(m.kept),
-                    m.status,
-                    m.dest or "",
-                    _num(m.to_kept),
-                    _num(m.nearest),
-                    m.exact_of or "",
-                    "" if m.size is None else m.size,
-                    int(g.exact),
-                    g.why if m.kept else "",
-                ]
-            )
-    _atomic_text(os.path.join(out_dir, "groups.csv"), buf.getvalue())
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["group", "a", "b", "distance"])
-    for g in groups:
-        for a, b, d in g.pairs:
-            w.writerow([g.id, a, b, _num(d)])
-    _atomic_text(os.path.join(out_dir, "pairs.csv"), buf.getvalue())
-
-
-def _num(d: float | None) -> str:
-    return "" if d is None else f"{d:.6g}"
 
 
 def check_report_dir(out_dir: str, image_dirs: list[str]) -> None:

@@ -148,6 +148,7 @@ def page_data(
                 "dmax": max(ds) if ds else 0.0,
                 "pairs": [_pair(index, a, b, d, scores) for a, b, d in g.pairs],  # members by index
                 "members": [_member(m, thumbs.get(m.file)) for m in g.members],
+                "stayed": [{"p": shown(st["path"]), "why": shown(st["reason"])} for st in g.stayed],
             }
         )
     moved = any(m.status == "moved" for g in groups for m in g.members)

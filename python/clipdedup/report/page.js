@@ -193,6 +193,9 @@
     planOf(g).forEach(function (state, k) { box.appendChild(memberNode(g, g.members[k], state, k)); });
     sec.appendChild(box);
     sec.appendChild(el("p", { "class": "why" }, "the tool keeps " + g.kept + ": " + g.why));
+    (g.stayed || []).forEach(function (st) {
+      sec.appendChild(el("p", { "class": "note" }, "stays " + st.p + ": " + st.why));
+    });
     if (g.pairs.length) {
       var det = el("details");
       det.appendChild(el("summary", null, g.pairs.length + " pairs within the threshold"));

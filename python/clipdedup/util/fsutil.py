@@ -92,3 +92,21 @@ def same_dir(a: str, b: str) -> bool:
         return dir_id(a) == dir_id(b)
     except OSError:
         return False
+
+
+def check_import_dirs(
+    base_image_dir: str, base_db_dir: str, import_image_dir: str, import_db_dir: str, trash_dir: str | None
+) -> None:
+    """Refuses layouts in which import mode would write into the base image dir or the base DB."""
+    if same_dir(base_image_dir, import_image_dir):
+        raise UserError("the base and import image dirs must differ")
+    if os.path.realpath(base_db_dir) == os.path.realpath(import_db_dir):
+        raise UserError("the base and import DB dirs must differ: import mode never writes the base DB")
+    for name, d in (("import DB", import_db_dir), ("trash", trash_dir), ("import image", import_image_dir)):
+        for ro_name, ro in (("base image dir", base_image_dir), ("base DB dir", base_db_dir)):
+            if d is None or (name == "import image" and ro_name == "base image dir"):
+                continue  # a nested import dir is left out of the base scan (pipeline.run_import)
+            if is_inside(d, ro):
+                raise UserError(
+                    f"{d}: the {name} dir must not be inside the {ro_name} {ro}, which import mode only reads"
+                )

@@ -74,12 +74,14 @@ def write_cache(db_dir: str | os.PathLike[str], c: MatchCache, screen: ScreenRow
     n, p = len(c.keys), len(c.pairs)
     model = c.model.encode()
     pairs = np.ascontiguousarray(c.pairs, "<i8").reshape(p, 2)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0]))  # sorted by (i, j), as `check_values` wants
+    pairs, dist = pairs[order], np.asarray(c.dist)[order]
     parts = [
         model,
         np.ascontiguousarray(c.hashes, "<u8").tobytes(),
         np.ascontiguousarray(pairs[:, 0]).tobytes(),
         np.ascontiguousarray(pairs[:, 1]).tobytes(),
-        np.ascontiguousarray(c.dist, "<f8").tobytes(),
+        np.ascontiguousarray(dist, "<f8").tobytes(),
         os.fsencode("\0".join(c.keys)),
     ]
     crc, size = 0, 0
@@ -138,7 +140,27 @@ def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
     c = MatchCache(
         model, dim, threshold, keys, hashes.copy(), pairs, dist.copy(), HEADER.size + size, screen_len
     )
-    return c, ""
+    why = check_values(c)
+    return (None, f"damaged: {why}") if why else (c, "")
+
+
+def check_values(c: MatchCache) -> str:
+    """Why the values of a cache that passed its checksums cannot be what a run wrote ('' if they
+    can). A checksum only says the bytes are the ones written; a file forged with fresh checksums
+    (or written by a faulty version) must not be believed: a NaN distance would drop its pair."""
+    n = len(c.keys)
+    if not (np.isfinite(c.threshold) and c.threshold >= 0) or c.dim < 1:
+        return f"threshold {c.threshold!r} or dim {c.dim} out of range"
+    if len(set(c.keys)) != n:
+        return "a row key appears twice"
+    i, j, d = c.pairs[:, 0], c.pairs[:, 1], c.dist
+    if len(i) and (i.min() < 0 or j.max() >= n or np.any(i >= j)):
+        return "a pair's rows are out of range or not i < j"
+    if not (np.isfinite(d).all() and np.all(d >= 0) and np.all(d <= c.threshold)):
+        return f"a distance is not a number from 0 to its threshold {c.threshold:g}"
+    if len(i) > 1 and not np.all((i[1:] > i[:-1]) | ((i[1:] == i[:-1]) & (j[1:] > j[:-1]))):
+        return "pairs not sorted by (i, j), or one repeated"
+    return ""
 
 
 @dataclass
