@@ -89,7 +89,7 @@ class Registry(Generic[T]):
         if name is not None:
             why = self.entries[name].unavailable_reason() if name in self.entries else f"no such {self.kind}"
             return f"{name}, set by {self.env_var}" + (f", but not available here: {why}" if why else "")
-        above = []
+        above: list[str] = []
         for n in self.names():
             why = self.entries[n].unavailable_reason()
             if why is None:
