@@ -154,14 +154,15 @@ def speedups(rows: list[Row]) -> dict[int, str]:
 
 def table(rows: list[Row]) -> str:
     sp = speedups(rows)
-    head = f"{'stage':<8} {'impl':<34} {'n':>9} {'seconds':>9} {'rate':>14} {'vs baseline':>26}"
+    sw = max([8, *(len(r.stage) for r in rows)])  # stage column: "match-clip" is 10 wide
+    head = f"{'stage':<{sw}} {'impl':<34} {'n':>9} {'seconds':>9} {'rate':>14} {'vs baseline':>26}"
     if any(r.extra.get("pairs_checked") for r in rows):
         head += "  pairs checked"
     lines = [f"cpu: {cpu_line()}", head, "-" * len(head)]
     for k, r in enumerate(rows):
         if r.extra.get("skipped"):
             lines.append(
-                f"{r.stage:<8} {r.impl[:34]:<34} {r.n:>9} {'-':>9} {'-':>14}  skipped: {r.extra['skipped']}"
+                f"{r.stage:<{sw}} {r.impl[:34]:<34} {r.n:>9} {'-':>9} {'-':>14}  skipped: {r.extra['skipped']}"
             )
             continue
         rate = f"{r.rate:,.0f} {r.unit}" if r.rate >= 100 else f"{r.rate:.2f} {r.unit}"
@@ -170,7 +171,7 @@ def table(rows: list[Row]) -> str:
             vs = f"{vs} vs {r.baseline}"[:26]
         checked = f"  {r.extra['pairs_checked']}" if r.extra.get("pairs_checked") else ""
         lines.append(
-            f"{r.stage:<8} {r.impl[:34]:<34} {r.n:>9} {r.seconds:>9.3f} {rate:>14} {vs:>26}{checked}"
+            f"{r.stage:<{sw}} {r.impl[:34]:<34} {r.n:>9} {r.seconds:>9.3f} {rate:>14} {vs:>26}{checked}"
         )
     return "\n".join(lines)
 
