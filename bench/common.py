@@ -161,9 +161,8 @@ def table(rows: list[Row]) -> str:
     lines = [f"cpu: {cpu_line()}", head, "-" * len(head)]
     for k, r in enumerate(rows):
         if r.extra.get("skipped"):
-            lines.append(
-                f"{r.stage:<{sw}} {r.impl[:34]:<34} {r.n:>9} {'-':>9} {'-':>14}  skipped: {r.extra['skipped']}"
-            )
+            why = r.extra["skipped"]
+            lines.append(f"{r.stage:<{sw}} {r.impl[:34]:<34} {r.n:>9} {'-':>9} {'-':>14}  skipped: {why}")
             continue
         rate = f"{r.rate:,.0f} {r.unit}" if r.rate >= 100 else f"{r.rate:.2f} {r.unit}"
         vs = sp.get(k, "")
