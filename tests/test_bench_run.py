@@ -231,7 +231,7 @@ def test_bench_match_reference_is_exact_and_pairs_checked_can_fail(workload: str
 def test_clip_like_rows_look_like_clip() -> None:
     import bench_match as bm
 
-    x = bm.clip_like(3000, seed=2)
+    x = bm.clip_like(2000, d=256, seed=2)
     assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
     assert 0.40 < bm.median_cosine(x) < 0.50
 

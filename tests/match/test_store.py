@@ -55,7 +55,7 @@ def test_store_matches_reference(recipe, n, d, k, block):
     assert_same(store_pairs(x, t, recipe=recipe, k=k, block=block, rows=rows), touching(want, rows))
 
 
-@pytest.mark.parametrize("recipe", ["bfloat16", "float32"])
+@pytest.mark.parametrize("recipe", ["bfloat16", "int16", "float32"])
 def test_store_matches_find_pairs_at_d1280(recipe):
     x = planted(700, 1280, seed=3, frac=0.3)
     near, _ = find_pairs(x, 0.05 * np.sqrt(1280) * 1.01)  # the planted copies, by the best backend here
@@ -109,7 +109,7 @@ def test_tiles_and_count():
     assert len(seen) == tile_count(100, 40, 32) == 8
 
 
-@pytest.mark.parametrize("recipe", ["bfloat16", "float32"])
+@pytest.mark.parametrize("recipe", ["bfloat16", "int16", "float32"])
 def test_match_tile_is_a_unit_of_work(recipe):
     """Tiles of the upper triangle, matched one by one (as a worker would), give the whole answer."""
     x = planted(150, 48, seed=2)
