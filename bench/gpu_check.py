@@ -499,13 +499,16 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             checks += res
             print(table(res).split("\n", 2)[-1], flush=True)
+    from clipdedup.util.cpu import describe
+
     where = "CPU (--cpu)" if CPU else torch.cuda.get_device_name()
-    print(f"\n{where}, {time.perf_counter() - t0:.0f} s\n" + table(checks))
+    print(f"\n{where}, cpu: {describe()}, {time.perf_counter() - t0:.0f} s\n" + table(checks))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "device": where,
             "cpu_mode": CPU,
+            "cpu": describe(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "checks": [asdict(c) for c in checks],
         }
