@@ -8,7 +8,8 @@ nothing. Rows, all in this run on this machine:
 
 - model only: the visual tower's forward on ready float batches (channels-last on and off), fp32
   with oneDNN-packed linear layers (the default, `ingest.encode.cpu_forward`), fp32 as open_clip loads
-  it ("fp32-eager") and bf16;
+  it ("fp32-eager") and bf16 (only where the CPU has fast bf16, avx512_bf16 or amx_bf16: elsewhere
+  torch emulates it at a fraction of fp32's speed, and its rows are skipped with that reason);
 - pipeline: `update_db` into a fresh DB (scan, PIL draft decode + prepare in threads, encode,
   async .npy writes), with the thread plan of `clipdedup.util.threads` (decoding and inference take
   turns, each on every core) and alternatives (side by side, with and without oversubscription);
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, main, testdata_dir  # noqa: E402
+from common import Row, main, skipped, testdata_dir  # noqa: E402
 
 TESTDATA = testdata_dir()
 GEN_DIR = Path("/tmp/clipdedup-bench-jpegs")
@@ -84,6 +85,15 @@ def make_images(n: int, quick: bool) -> Path:
 
 # Encoders measured: label -> (dtype, cpu forward; None = the default, oneDNN-packed in fp32).
 VARIANTS = {"fp32": ("fp32", None), "fp32-eager": ("fp32", "eager"), "bf16": ("bf16", None)}
+
+
+def bf16_why_not() -> str | None:
+    """Why this CPU's bf16 rows are not worth timing (as the registry's cpu-bf16 decides), or None."""
+    from clipdedup.util import cpu
+
+    if cpu.has("avx512_bf16") or cpu.has("amx_bf16"):
+        return None
+    return "no fast bf16 on this CPU (avx512_bf16/amx_bf16 absent or masked): emulated, slower than fp32"
 
 
 def _load(model_id: str, dtype: str, forward: str | None):
@@ -222,7 +232,9 @@ def run(quick: bool) -> list[Row]:
     share = max(1, cores // 4)
     alts = {ThreadPlan(cores, cores, 2), ThreadPlan(max(1, cores - share), share, 2)}
     variants = [] if quick else sorted(alts - {split}, key=str)
-    encs = {label: _load(model_id, *how) for label, how in VARIANTS.items()}
+    why_bf16 = bf16_why_not()
+    lacking = {label: why_bf16 for label, how in VARIANTS.items() if how[0] == "bf16" and why_bf16}
+    encs = {label: _load(model_id, *how) for label, how in VARIANTS.items() if label not in lacking}
     # Loaded once, outside the timing, like our encoders.
     orig_model, orig_prep = open_clip.create_model_from_pretrained(model_id, return_transform=True)
     orig_visual = orig_model.visual.eval()
@@ -326,6 +338,9 @@ def run(quick: bool) -> list[Row]:
                     extra=extra,
                 )
             )
+    for label, why in lacking.items():
+        rows.append(skipped("encode", f"model only, {label}", BATCH, why, "img/s"))
+        rows.append(skipped("encode", f"pipeline {label}", n, why, "img/s"))
     print("\n" + "\n".join(summary))
     print(f"model: ViT-B-32 with RANDOM weights (not a trained model); {n} JPEGs; {cores} cores\n")
     return rows

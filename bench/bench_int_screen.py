@@ -24,7 +24,7 @@ import numpy as np
 from clipdedup import native
 from clipdedup.match.screen import int_screen as isc
 from clipdedup.util import cpu
-from common import Row, interleaved, main
+from common import Row, interleaved, main, skipped
 
 BASE = "torch float32 mm + threshold"
 
@@ -45,7 +45,7 @@ def operands(n: int, k: int, seed: int = 0):
 def contenders(a, b, ta, tb) -> tuple[dict, dict[str, str]]:
     import torch
 
-    fns, skipped = {}, {}
+    fns, skips = {}, {}
     thr = torch.from_numpy(ta.astype(np.int64))[:, None] + torch.from_numpy(tb.astype(np.int64))[None, :]
     a32, b32 = torch.from_numpy(a).float(), torch.from_numpy(b).float()
 
@@ -58,7 +58,7 @@ def contenders(a, b, ta, tb) -> tuple[dict, dict[str, str]]:
         a16, b16 = a32.bfloat16(), b32.bfloat16()
         fns["torch bfloat16 mm + threshold"] = lambda: hits((a16 @ b16.T).float())
     else:
-        skipped["torch bfloat16 mm + threshold"] = "no avx512_bf16/amx_bf16 here (bf16 is emulated, slow)"
+        skips["torch bfloat16 mm + threshold"] = "no avx512_bf16/amx_bf16 here (bf16 is emulated, slow)"
     a8, b8t = torch.from_numpy(a.astype(np.int8)), torch.from_numpy(b.astype(np.int8)).T.contiguous()
     fns["torch._int_mm int8 + threshold"] = lambda: hits(torch._int_mm(a8, b8t))
     try:
@@ -68,13 +68,13 @@ def contenders(a, b, ta, tb) -> tuple[dict, dict[str, str]]:
         qlinear(qa, w, 1024.0, 0)
         fns["FBGEMM u8 x s8 quantized.linear"] = lambda: qlinear(qa, w, 1024.0, 0).int_repr()
     except Exception as e:  # a torch without the quantized CPU kernels
-        skipped["FBGEMM u8 x s8 quantized.linear"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        skips["FBGEMM u8 x s8 quantized.linear"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     for name in native.int_screen_isas():
         if name == "generic" or cpu.has(name):
             fns[f"native int16 screen ({name})"] = lambda n=name: isc.int16_screen(a, b, ta, tb, isa_name=n)
         else:
             skipped[f"native int16 screen ({name})"] = f"{name} masked by {cpu.MASK_ENV}"
-    return fns, skipped
+    return fns, skips
 
 
 def run(quick: bool) -> list[Row]:
@@ -83,7 +83,7 @@ def run(quick: bool) -> list[Row]:
     n, k = (1024, 128) if quick else (4096, 128)
     a, b, ta, tb = operands(n, k)
     want = set(zip(*(v.tolist() for v in isc.int16_screen_ref(a, b, ta, tb))))
-    fns, skipped = contenders(a, b, ta, tb)
+    fns, skips = contenders(a, b, ta, tb)
 
     def check(name: str, out) -> bool:
         if name.startswith("FBGEMM"):
@@ -108,8 +108,8 @@ def run(quick: bool) -> list[Row]:
                 extra=extra if exact else dict(extra, unchecked="requantized uint8 output, not exact dots"),
             )
         )
-    for name, why in skipped.items():
-        rows.append(Row("iscreen", name, n, 0.0, 0.0, "pairs/s", extra=dict(extra, skipped=why)))
+    for name, why in skips.items():
+        rows.append(skipped("iscreen", name, n, why, "pairs/s"))
     return rows
 
 

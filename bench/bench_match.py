@@ -1,25 +1,28 @@
-"""Matching: all pairs within a threshold among N unit-norm embeddings (D = 1280, 5% planted
-near-duplicates at distances 0.01..0.09, threshold 0.1), against the original's per-row loop and a
-plain numpy blocked float32 implementation.
+"""Matching: all pairs within a threshold (0.1) among N unit rows (D = 1280) of two workloads
+(bench/match_data.py): planted isotropic rows, and CLIP-like rows (a mean direction, a power-law
+spectrum, 200 clusters, median cosine 0.45), both with 5% planted near copies (distances
+0.01..0.09). Stage `match` is the isotropic workload, `match-clip` the CLIP-like one.
 
-The original loop costs minutes at N=20k: the full run times it whole at N=2000 and, at every N,
-times every s-th row (against all its later rows, as in the loop) and scales by the number of rows;
-those rows are labelled ESTIMATED. The N=2000 pair of rows shows how close the estimate is.
+Every matching backend of the registry that runs on this machine is timed (one that does not is a
+skipped row with the registry's reason: never timed, never fatal), against the baseline measured
+in the same run: numpy blocked float32, a plain numpy screen (float32 matmul, the threshold plus a
+margin for float32's rounding, then the exact float64 re-check). Its pairs are the reference pairs:
+a backend's "pairs checked" must say "= reference", or the row is wrong and gets no ratio. On the
+isotropic rows, the original tool's per-row loop is timed too: whole at N=2000 in the full run, and
+at every N every s-th row (against all its later rows), scaled by the number of rows ("ESTIMATED").
 
-Every row, baselines included, at every N, is checked against plain numpy float64 arithmetic that
-shares no code with clipdedup (`IndependentCheck`):
+Every row, baselines included, is also checked against plain numpy float64 arithmetic that shares
+no code with clipdedup (`match_check.IndependentCheck`):
 - every pair a row reports is re-measured, sqrt(sum((x_i - x_j)^2)) in float64, and must be within
-  the threshold with its reported distance (1e-6 for clipdedup's backends, 5e-3 for the float32
-  baselines);
+  the threshold with its reported distance (1e-6; 5e-3 for the float32 loop);
 - for a sample of rows (all rows up to N = 2000; above, 256 random rows plus the rows the loop
   estimate times) every true pair touching them must be reported;
 - every true pair that any row reported must be reported by every row.
-A row that fails gets correct=False and no speedup. Every implementation, the loop baselines
-included, is timed in the same number of rounds, interleaved (common.interleaved).
+Every implementation is timed in the same number of rounds, interleaved (common.interleaved).
 
-    python bench/bench_match.py --quick          # < 1 min on the 2-core dev machine
-    python bench/bench_match.py --json out.json  # full: N up to 100k, peak memory at 100k
-    CLIPDEDUP_BENCH_MATCH_SIZES=20000 python bench/bench_match.py   # one point of the full run
+    python bench/bench_match.py --quick          # N = 2000, 5000 isotropic, 5000 CLIP-like
+    python bench/bench_match.py --json out.json  # full: both workloads at N = 20k; isotropic 2k, 100k
+    CLIPDEDUP_BENCH_MATCH_SIZES=20000 python bench/bench_match.py   # one N, both workloads
 """
 
 from __future__ import annotations
@@ -34,27 +37,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row, interleaved, main  # noqa: E402
+from common import Row, best_cpu_backend, interleaved, main, skipped, unavailable  # noqa: E402
+from match_check import (  # noqa: E402  (re-exported: tests/test_bench_run.py reads them here)
+    EXACT_TOL,
+    LOOP,
+    SAMPLE,
+    THRESHOLD,
+    IndependentCheck,
+    exact_distances64,
+    exact_pairs_of,
+)
+from match_data import clip_like, median_cosine, planted, workload  # noqa: E402
 
-D = 1280
-THRESHOLD = 0.1
-LOOP = "original per-row cdist loop"  # the whole loop timed
+__all__ = ["EXACT_TOL", "IndependentCheck", "clip_like", "exact_distances64", "exact_pairs_of", "planted"]
+
 NUMPY = "numpy blocked float32"
 FULL = "cpu-bf16 full rows (no pre-screen)"
-
-
-def planted(n: int, d: int = D, frac: float = 0.05, seed: int = 0) -> np.ndarray:
-    """Unit rows; `frac` of them replaced by noisy copies of others (distance 0.01..0.09)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    k = int(n * frac)
-    src, dst = rng.choice(n, k, replace=False), rng.choice(n, k, replace=False)
-    noise = rng.standard_normal((k, d), dtype=np.float32)
-    noise *= rng.uniform(0.01, 0.09, (k, 1)).astype(np.float32) / np.linalg.norm(noise, axis=1, keepdims=True)
-    x[dst] = x[src] + noise
-    x[dst] /= np.linalg.norm(x[dst], axis=1, keepdims=True)
-    return x
+STAGE = {"isotropic": "match", "clip-like": "match-clip"}
 
 
 def per_row_loop(x: np.ndarray, t: float, rows: np.ndarray | None = None):
@@ -75,19 +74,38 @@ def per_row_loop(x: np.ndarray, t: float, rows: np.ndarray | None = None):
     return _pairs(out_i, out_j, out_d)
 
 
+def defined_distances(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """float64 (K,) distances of K pairs as the matching definition (docs/matching.md) states them:
+    the float64 differences squared, summed along each row in order, then the square root. The
+    same operations in the same order give the same bits, so pairs at the threshold agree too."""
+    out = np.empty(len(i), np.float64)
+    for s in range(0, len(i), 8192):
+        diff = np.subtract(x[i[s : s + 8192]], x[j[s : s + 8192]], dtype=np.float64)
+        np.multiply(diff, diff, out=diff)
+        out[s : s + 8192] = np.sqrt(diff.sum(axis=1))
+    return out
+
+
 def numpy_blocked(x: np.ndarray, t: float, block: int = 2048):
-    """Plain blocked float32: ||a||^2 + ||b||^2 - 2 a.b <= t^2 per block of rows (upper triangle)."""
+    """The plain numpy reference screen: blocked float32 ||a||^2 + ||b||^2 - 2 a.b over the upper
+    triangle, kept within t^2 plus a margin that covers float32's rounding (8 (D + 2) 2^-24 per unit
+    of ||a||^2 + ||b||^2, twice the usual gamma_D bound of the three terms), then every candidate
+    re-measured exactly in float64, sqrt(sum((x_i - x_j)^2)). Exact, like clipdedup's backends, so
+    its pairs are the reference pairs the backends must equal."""
     na = np.einsum("ij,ij->i", x, x)
+    slack = np.float32(8 * (x.shape[1] + 2) * 2.0**-24)
     out_i, out_j, out_d = [], [], []
     for i0 in range(0, len(x), block):
         i1 = min(len(x), i0 + block)
         d2 = na[i0:i1, None] + na[None, i0:] - 2 * (x[i0:i1] @ x[i0:].T)
+        d2 -= slack * (na[i0:i1, None] + na[None, i0:])
         ii, jj = np.nonzero(d2 <= t * t)
-        keep = jj + i0 > ii + i0
+        keep = jj > ii  # the upper triangle: columns start at row i0
         ii, jj = ii[keep] + i0, jj[keep] + i0
-        out_i.append(ii)
-        out_j.append(jj)
-        out_d.append(np.sqrt(np.maximum(d2[ii - i0, jj - i0], 0)))
+        d = defined_distances(x, ii, jj)
+        out_i.append(ii[d <= t])
+        out_j.append(jj[d <= t])
+        out_d.append(d[d <= t])
     return _pairs(out_i, out_j, out_d)
 
 
@@ -107,6 +125,26 @@ def backend(name: str, **kw):
         return _sorted_result(i, j, d)
 
     return run
+
+
+def contenders() -> tuple[dict[str, tuple[str, dict]], dict[str, str]]:
+    """label -> (backend, options) of every matching backend that runs here (the registry's order,
+    the float64 `reference` left out: row by row, minutes), cpu-bf16 also without its pre-screen;
+    and label -> the registry's reason for each one that does not."""
+    from clipdedup.match import MATCHERS
+
+    run_here, lacking = {}, {}
+    for name in MATCHERS.names():
+        if name == "reference":
+            continue
+        why = unavailable(name)
+        labels = {name: {}} | ({FULL: {"project": False}} if name == "cpu-bf16" else {})
+        for label, kw in labels.items():
+            if why is None:
+                run_here[label] = (name, kw)
+            else:
+                lacking[label] = why
+    return run_here, lacking
 
 
 class PeakRSS:
@@ -150,186 +188,115 @@ def fresh_process_peak_mb(n: int, name: str, **kw) -> int:
     return int(out.stdout.split()[-1])
 
 
-FLOAT32_BASELINE_TOL = 5e-3  # float32 |a|^2 + |b|^2 - 2ab (numpy, torch.cdist): cancellation
-EXACT_TOL = 1e-6  # clipdedup re-checks in float64 and stores float32
-SAMPLE = 256
-
-
-def exact_pairs_of(x: np.ndarray, rows: np.ndarray, t: float) -> dict[tuple[int, int], float]:
-    """Every pair (i < j) with i or j in `rows` and float64 sqrt(sum((x_i - x_j)^2)) <= t.
-
-    Plain numpy, no clipdedup code: a float64 Gram screen with a generous margin finds the
-    candidates, whose distances are then computed from the differences.
-
-    Args:
-        x: float32 (N, D).
-        rows: int (S,) distinct row indices.
-    """
-    a = x[rows].astype(np.float64)  # [S, D]
-    na = np.einsum("ij,ij->i", a, a)
-    found: dict[tuple[int, int], float] = {}
-    for c0 in range(0, len(x), 4096):
-        b = x[c0 : c0 + 4096].astype(np.float64)
-        d2 = na[:, None] + np.einsum("ij,ij->i", b, b)[None, :] - 2 * (a @ b.T)  # [S, B]
-        si, cj = np.nonzero(d2 <= (t + 1e-3) ** 2)
-        i, j = rows[si], cj + c0
-        keep = i != j
-        i, j = i[keep], j[keep]
-        d = exact_distances64(x, i, j)
-        for p, q, dist in zip(i[d <= t].tolist(), j[d <= t].tolist(), d[d <= t].tolist()):
-            found[(min(p, q), max(p, q))] = dist
-    return found
-
-
-def exact_distances64(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """float64 (K,) sqrt(sum((x_i - x_j)^2)) of K pairs, in chunks."""
-    out = np.empty(len(i), np.float64)
-    for s in range(0, len(i), 8192):
-        diff = x[i[s : s + 8192]].astype(np.float64) - x[j[s : s + 8192]].astype(np.float64)
-        out[s : s + 8192] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    return out
-
-
-class IndependentCheck:
-    """The check of every row at one N (see the module docstring); `__call__` is a round's check."""
-
-    def __init__(self, x: np.ndarray, sample: np.ndarray, loop_rows: np.ndarray):
-        self.x, self.sample, self.loop_rows = x, np.unique(sample), loop_rows
-        self.loop_set = set(loop_rows.tolist())
-        self.truth = exact_pairs_of(x, self.sample, THRESHOLD)
-        self.in_sample = np.zeros(len(x), bool)
-        self.in_sample[self.sample] = True
-        self.kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # impl -> its last result
-        self.why: dict[str, str] = {}
-
-    def _scope(self, impl: str, pairs: np.ndarray) -> tuple[np.ndarray, dict[tuple[int, int], float]]:
-        """The pairs this impl claims to cover, and the true ones among the sample's."""
-        if impl.startswith("loop ESTIMATED"):  # only pairs (i, j > i) of the timed rows i
-            mine = np.isin(pairs[:, 0], self.loop_rows)
-            want = {p: d for p, d in self.truth.items() if p[0] in self.loop_set}
-            return mine, want
-        return self.in_sample[pairs[:, 0]] | self.in_sample[pairs[:, 1]], self.truth
-
-    def __call__(self, impl: str, result: tuple[np.ndarray, np.ndarray]) -> bool:
-        pairs, dist = result
-        self.kept[impl] = result
-        tol = FLOAT32_BASELINE_TOL if impl in (NUMPY, LOOP) or impl.startswith("loop") else EXACT_TOL
-        exact = exact_distances64(self.x, pairs[:, 0], pairs[:, 1])
-        if len(pairs) and (exact.max() > THRESHOLD or np.abs(exact - dist).max() > tol):
-            self.why[impl] = "reports a pair beyond the threshold or a wrong distance"
-            return False
-        if len(pairs) and not (pairs[:, 0] < pairs[:, 1]).all():
-            self.why[impl] = "a pair not in (i < j) order"
-            return False
-        mine, want = self._scope(impl, pairs)
-        got = {(int(p), int(q)) for p, q in pairs[mine]}
-        if got != set(want):
-            self.why[impl] = (
-                f"sampled rows: {len(set(want) - got)} pairs missed, {len(got - set(want))} extra"
-            )
-            return False
-        return True
-
-    def agreed(self) -> dict[str, bool]:
-        """Per impl: reports every true pair that any impl reported (all are verified true)."""
-        claimed = sorted(set().union(*({(int(p), int(q)) for p, q in r[0]} for r in self.kept.values())))
-        ij = np.array(claimed, np.int64).reshape(-1, 2)
-        true = exact_distances64(self.x, ij[:, 0], ij[:, 1]) <= THRESHOLD
-        union = {p for p, ok in zip(claimed, true.tolist()) if ok}
-        out = {}
-        for impl, (pairs, _) in self.kept.items():
-            got = {(int(p), int(q)) for p, q in pairs}
-            need = {p for p in union if p[0] in self.loop_set} if impl.startswith("loop") else union
-            out[impl] = need <= got
-            if not out[impl]:
-                self.why.setdefault(impl, f"misses {len(need - got)} true pairs another row found")
-        return out
-
-
-def _row(impl, n, seconds, result, ok, baseline, extra=None):
+def _row(stage, impl, n, seconds, result, ok, baseline, extra=None):
     extra = dict(extra or {}, pairs=len(result[0]), checked_against="numpy float64 (IndependentCheck)")
     extra["load_avg"] = os.getloadavg()[0]
-    return Row("match", impl, n, seconds, n / seconds, "rows/s", ok, baseline, extra)
+    return Row(stage, impl, n, seconds, n / seconds, "rows/s", ok, baseline, extra)
+
+
+def pairs_checked(got: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> str:
+    """'= reference (P pairs)' when `got` has exactly the reference's pairs (distances within
+    EXACT_TOL), else what differs."""
+    a = {(int(p), int(q)) for p, q in got[0]}
+    b = {(int(p), int(q)) for p, q in ref[0]}
+    if a != b:
+        return f"DIFFER: {len(b - a)} missed, {len(a - b)} extra"
+    if len(got[0]) and (
+        np.abs(got[1].astype(np.float64) - ref[1]).max() > EXACT_TOL or not (got[0] == ref[0]).all()
+    ):
+        return "DIFFER: distances or order"
+    return f"= reference ({len(b)} pairs)"
+
+
+def sizes_of(quick: bool) -> dict[str, list[int]]:
+    """workload -> the N it is measured at."""
+    if os.environ.get("CLIPDEDUP_BENCH_MATCH_SIZES"):  # e.g. "20000" to repeat one point
+        n = [int(v) for v in os.environ["CLIPDEDUP_BENCH_MATCH_SIZES"].split(",")]
+        return {"isotropic": n, "clip-like": n}
+    if quick:
+        return {"isotropic": [2000, 5000], "clip-like": [5000]}
+    return {"isotropic": [2000, 20000, 100000], "clip-like": [20000]}
+
+
+def measure(name: str, n: int, quick: bool) -> list[Row]:
+    """Every row of one workload at one N."""
+    stage, x = STAGE[name], workload(name, n)
+    reps = 1 if (quick or n >= 100000) else 5
+    loop_sample = 100 if quick else 200  # rows of the per-row loop timed for its estimate
+    stride = max(1, (n - 1) // loop_sample)
+    loop_rows = np.arange(0, n - 1, stride)
+    rng = np.random.default_rng(n)
+    sample = np.arange(n) if n <= 2000 else np.concatenate([rng.choice(n, SAMPLE, False), loop_rows])
+    check = IndependentCheck(x, sample, loop_rows)
+    est = f"loop ESTIMATED: 1 row in {stride} timed"
+    here, lacking = contenders()
+    impls = {NUMPY: numpy_blocked, **{label: backend(b, **kw) for label, (b, kw) in here.items()}}
+    if name == "isotropic":  # the original tool's loop: one workload is enough to place it
+        impls[est] = lambda x, t, r=loop_rows: per_row_loop(x, t, r)
+        if not quick and n <= 2000:
+            impls[LOOP] = per_row_loop
+    if n >= 100000:  # minutes each on 2 cores at 100k; that point is about the fast path and memory
+        impls.pop(NUMPY)
+        impls.pop(FULL, None)
+    for impl, fn in impls.items():
+        if not impl.startswith("loop") and impl != LOOP:
+            fn(x[: min(n, 3000)], THRESHOLD)  # warm-up: thread pools, oneDNN kernels
+    peak: dict[str, float] = {}
+
+    def measured(impl: str, fn):
+        def call():
+            with PeakRSS() as mem:
+                res = fn(x, THRESHOLD)
+            peak[impl] = max(peak.get(impl, 0.0), mem.extra_mb)
+            return res
+
+        return call
+
+    timed = interleaved({k: measured(k, f) for k, f in impls.items()}, reps, check)
+    agreed = check.agreed()
+    ref = check.kept.get(NUMPY)
+    rows = []
+    for impl, tm in timed.items():
+        ok = bool(tm.ok and agreed[impl])
+        extra = {"peak_extra_mb": round(peak[impl]), "rounds": tm.rounds, "checked_rows": len(check.sample)}
+        extra |= {"workload": name, "median_cos": round(median_cosine(x), 3)}
+        secs = tm.seconds
+        if impl.startswith("loop ESTIMATED"):
+            secs = tm.seconds * (n - 1) / len(loop_rows)
+            extra |= {"timed_rows": len(loop_rows), "timed_s": tm.seconds}
+        elif impl != LOOP and ref is not None:
+            extra["pairs_checked"] = pairs_checked(check.kept[impl], ref)
+            ok = ok and extra["pairs_checked"].startswith("=")
+        if impl in check.why:
+            extra["why_wrong"] = check.why[impl]
+        base = None if impl == NUMPY or impl == LOOP or impl.startswith("loop") or ref is None else NUMPY
+        rows.append(_row(stage, impl, n, secs, check.kept[impl], ok, base, extra))
+    rows += [skipped(stage, label, n, why, "rows/s") for label, why in lacking.items()]
+    best = best_cpu_backend()
+    bf = next(r for r in rows if r.impl == best)
+    for label, against in ((f"{best} (vs loop)", LOOP), (f"{best} (vs estimated loop)", est)):
+        if against in impls:
+            rows.append(
+                _row(stage, label, n, bf.seconds, check.kept[best], bf.correct, against, dict(bf.extra))
+            )
+    if n >= 100000:
+        bf.extra["peak_extra_mb_fresh_process"] = fresh_process_peak_mb(n, best)
+        if "cpu-bf16" in here:  # its fallback, when the pre-screen leaves too many candidates: bf16 rows
+            full = fresh_process_peak_mb(n, "cpu-bf16", project=False)
+            next(r for r in rows if r.impl == "cpu-bf16").extra["peak_extra_mb_full_rows_fresh_process"] = (
+                full
+            )
+    print(f"  match: {name} N={n} done (median cosine {median_cosine(x):.2f})", file=sys.stderr)
+    return rows
 
 
 def run(quick: bool) -> list[Row]:
     import torch
 
-    from clipdedup.match import MATCHERS
-
     rows: list[Row] = []
-    sizes = [2000, 5000] if quick else [2000, 20000, 100000]
-    if os.environ.get("CLIPDEDUP_BENCH_MATCH_SIZES"):  # e.g. "20000" to repeat one point
-        sizes = [int(v) for v in os.environ["CLIPDEDUP_BENCH_MATCH_SIZES"].split(",")]
-    loop_sample = 100 if quick else 200  # rows of the per-row loop timed for its estimate
-    gpu = [b for b in ("triton", "torch-cuda") if MATCHERS.entries[b].unavailable_reason() is None]
-    for n in sizes:
-        x = planted(n)
-        reps = 1 if (quick or n >= 100000) else 5
-        stride = max(1, (n - 1) // loop_sample)
-        loop_rows = np.arange(0, n - 1, stride)
-        rng = np.random.default_rng(n)
-        sample = np.arange(n) if n <= 2000 else np.concatenate([rng.choice(n, SAMPLE, False), loop_rows])
-        check = IndependentCheck(x, sample, loop_rows)
-        est = f"loop ESTIMATED: 1 row in {stride} timed"
-        impls = {
-            NUMPY: numpy_blocked,
-            "cpu-bf16": backend("cpu-bf16"),
-            FULL: backend("cpu-bf16", project=False),
-            "cpu-fp32": backend("cpu-fp32"),
-            **{g: backend(g) for g in gpu},
-            est: lambda x, t, r=loop_rows: per_row_loop(x, t, r),
-        }
-        if not quick and n <= 2000:
-            impls[LOOP] = per_row_loop
-        if n >= 100000:  # minutes each on 2 cores at 100k; that point is about the fast path and memory
-            del impls[NUMPY], impls[FULL]
-        for impl, fn in impls.items():
-            if not impl.startswith("loop") and impl != LOOP:
-                fn(x[: min(n, 3000)], THRESHOLD)  # warm-up: thread pools, oneDNN kernels
-        peak: dict[str, float] = {}
-
-        def measured(impl: str, fn, x=x, peak=peak):
-            def call():
-                with PeakRSS() as mem:
-                    res = fn(x, THRESHOLD)
-                peak[impl] = max(peak.get(impl, 0.0), mem.extra_mb)
-                return res
-
-            return call
-
-        timed = interleaved({k: measured(k, f) for k, f in impls.items()}, reps, check)
-        agreed = check.agreed()
-        for impl, tm in timed.items():
-            ok = bool(tm.ok and agreed[impl])
-            extra = {
-                "peak_extra_mb": round(peak[impl]),
-                "rounds": tm.rounds,
-                "checked_rows": len(check.sample),
-            }
-            if impl.startswith("loop ESTIMATED"):
-                secs = tm.seconds * (n - 1) / len(loop_rows)
-                extra |= {"timed_rows": len(loop_rows), "timed_s": tm.seconds}
-            else:
-                secs = tm.seconds
-            if impl in check.why:
-                extra["why_wrong"] = check.why[impl]
-            base = None if impl in (NUMPY, LOOP) or impl.startswith("loop") else NUMPY
-            if base is not None and NUMPY not in impls:
-                base = None
-            rows.append(_row(impl, n, secs, check.kept[impl], ok, base, extra))
-        bf = next(r for r in rows if r.impl == "cpu-bf16" and r.n == n)
-        for label, against in (("cpu-bf16 (vs loop)", LOOP), ("cpu-bf16 (vs estimated loop)", est)):
-            if against in impls:
-                rows.append(
-                    _row(label, n, bf.seconds, check.kept["cpu-bf16"], bf.correct, against, dict(bf.extra))
-                )
-        if n >= 100000:
-            bf.extra["peak_extra_mb_fresh_process"] = fresh_process_peak_mb(n, "cpu-bf16")
-            # The fallback when the pre-screen leaves too many candidates holds a bf16 copy of the rows.
-            full = fresh_process_peak_mb(n, "cpu-bf16", project=False)
-            bf.extra["peak_extra_mb_full_rows_fresh_process"] = full
-        print(f"  match: N={n} done", file=sys.stderr)
+    for name, sizes in sizes_of(quick).items():
+        for n in sizes:
+            rows += measure(name, n, quick)
     if torch.cuda.is_available():
         print("  match: GPU rows measured on " + torch.cuda.get_device_name(), file=sys.stderr)
     return rows

@@ -35,7 +35,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import Row, table, write_json  # noqa: E402
+from common import Row, best_cpu_backend, table, write_json  # noqa: E402
 
 SMALL = 1000  # the reference size of the per-image figures
 ADDED = 1000  # images added before the incremental rerun
@@ -76,8 +76,9 @@ def fabricate(
 
 
 def baseline(image_dir: str, db_dir: str, threshold: float) -> dict:
-    """Today's design in this process: scan, the (N, D) matrix (`load_embeddings`), `find_pairs`,
-    grouping; returns the run's summary in the CLI's JSON shape (groups with distances)."""
+    """Today's design in this process: scan, the (N, D) matrix (`load_embeddings`), `find_pairs` with
+    the best CPU backend this CPU has, grouping; returns the run's summary in the CLI's JSON shape
+    (groups with distances)."""
     from clipdedup.ingest.update import load_embeddings, scan_images
     from clipdedup.match import find_pairs
     from clipdedup.trash.group import group_pairs
@@ -86,7 +87,8 @@ def baseline(image_dir: str, db_dir: str, threshold: float) -> dict:
     entries = scan_images(image_dir).entries
     kept, x, _, _ = load_embeddings(db_dir, entries, dim=None, dry_run=True)
     t1 = time.perf_counter()
-    pairs, d = find_pairs(x, threshold, backend="cpu-bf16")
+    backend = best_cpu_backend()
+    pairs, d = find_pairs(x, threshold, backend=backend)
     t2 = time.perf_counter()
     groups = group_pairs(len(kept), pairs)
     dist = [[kept[a].rel, kept[b].rel, float(dd)] for (a, b), dd in zip(pairs.tolist(), d.tolist())]
@@ -95,6 +97,7 @@ def baseline(image_dir: str, db_dir: str, threshold: float) -> dict:
         "groups": [{"members": [kept[k].rel for k in g], "distances": []} for g in groups]
         + [{"distances": dist}],
         "seconds": {"load": t1 - t0, "match": t2 - t1},
+        "backend": backend,
     }
 
 
@@ -160,6 +163,7 @@ def measure(root: str, n: int, log=print, full_store: bool = True) -> dict:
     log(f"   n={n}: incremental rerun {s['seconds']['match']:.2f}s")
     s, wall, rss = _child(_base_cmd(img, db))
     out["baseline"] = {"wall": wall, "rss": rss, "match": s["seconds"]["match"], "pairs": s["pairs"]}
+    out["baseline"]["backend"] = s["backend"]
     out["incremental"]["correct"] = pairs_digest(s) == inc_digest
     log(f"   n={n}: baseline {wall:.1f}s, {rss / 2**20:.0f} MiB")
     if not full_store:
@@ -168,6 +172,7 @@ def measure(root: str, n: int, log=print, full_store: bool = True) -> dict:
     s, wall, rss = _child(_cli(img, db, "-n"))
     os.replace(cache_path(db) + ".away", cache_path(db))
     out["store"] = {"wall": wall, "rss": rss, "match": s["seconds"]["match"], "pairs": s["pairs"]}
+    out["store"]["backend"] = s.get("backend")
     out["store"]["correct"] = pairs_digest(s) == inc_digest
     log(f"   n={n}: row store {wall:.1f}s, {rss / 2**20:.0f} MiB")
     return out
@@ -201,6 +206,7 @@ def rows_of(results: list[dict]) -> list[Row]:
             if small is not None and r["n"] > SMALL:
                 per = (m["rss"] - small[key]["rss"]) / (r["n"] - SMALL)
             extra = {"peak_rss_mib": m["rss"] / 2**20, "rss_per_image_bytes": per, "match_s": m["match"]}
+            extra["backend"] = m.get("backend")
             correct = m.get("correct")
             rows.append(Row("scale", impl, n, m["wall"], n / m["wall"], "images/s", correct, base, extra))
         inc, full = r["incremental"], r["full"]

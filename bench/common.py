@@ -6,7 +6,9 @@ A row gets a speedup only when its own result passed a correctness check against
 independent of the code it measures (correct=True) and its baseline's result did not fail one:
 a wrong row (correct=False) and an unchecked row (correct=None) that names a baseline get a reason
 instead of a ratio. `interleaved` times every contender and baseline with the same number of
-rounds, each round running all of them once in a rotating order.
+rounds, each round running all of them once in a rotating order. A path this machine lacks (a
+backend the registry calls unavailable, bf16 without fast bf16) is a `skipped` row: never timed,
+its reason in the table and the JSON. Every table and JSON names the CPU's features (`cpu_line`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,35 @@ class Row:
     correct: bool | None = None  # None: not checked (no speedup is reported for such a row)
     baseline: str | None = None  # impl name this row is compared with
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def skipped(stage: str, impl: str, n: int, why: str, unit: str = "items/s") -> Row:
+    """A row for a path this machine lacks: not timed, no rate, no speedup; `why` is shown instead."""
+    return Row(stage, impl, n, 0.0, 0.0, unit, None, None, {"skipped": why})
+
+
+def cpu_line() -> str:
+    """The CPU's architecture and the features that decide the CPU paths (`clipdedup.util.cpu`)."""
+    try:
+        from clipdedup.util import cpu
+    except ImportError:
+        return platform.machine()
+    return cpu.describe()
+
+
+def unavailable(name: str) -> str | None:
+    """Why the matching backend `name` cannot run here (the registry's reason), or None."""
+    from clipdedup.match import MATCHERS
+
+    entry = MATCHERS.entries.get(name)
+    return "no such backend in this version" if entry is None else entry.unavailable_reason()
+
+
+def best_cpu_backend() -> str:
+    """The CPU matching backend the registry would pick here: the first available `cpu-*` by priority."""
+    from clipdedup.match import MATCHERS
+
+    return next(n for n in MATCHERS.names() if n.startswith("cpu-") and unavailable(n) is None)
 
 
 def best_of(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
@@ -112,6 +143,8 @@ def speedups(rows: list[Row]) -> dict[int, str]:
             out[k] = "UNCHECKED: no speedup reported"
         elif not base:
             out[k] = "no baseline at this n"
+        elif base[0].extra.get("skipped"):
+            out[k] = "baseline skipped here: no speedup reported"
         elif base[0].correct is False:
             out[k] = "baseline WRONG: no speedup reported"
         else:
@@ -121,20 +154,30 @@ def speedups(rows: list[Row]) -> dict[int, str]:
 
 def table(rows: list[Row]) -> str:
     sp = speedups(rows)
-    head = f"{'stage':<8} {'impl':<34} {'n':>9} {'seconds':>9} {'rate':>14} {'vs baseline':>26}"
-    lines = [head, "-" * len(head)]
+    sw = max([8, *(len(r.stage) for r in rows)])  # stage column: "match-clip" is 10 wide
+    head = f"{'stage':<{sw}} {'impl':<34} {'n':>9} {'seconds':>9} {'rate':>14} {'vs baseline':>26}"
+    if any(r.extra.get("pairs_checked") for r in rows):
+        head += "  pairs checked"
+    lines = [f"cpu: {cpu_line()}", head, "-" * len(head)]
     for k, r in enumerate(rows):
+        if r.extra.get("skipped"):
+            why = r.extra["skipped"]
+            lines.append(f"{r.stage:<{sw}} {r.impl[:34]:<34} {r.n:>9} {'-':>9} {'-':>14}  skipped: {why}")
+            continue
         rate = f"{r.rate:,.0f} {r.unit}" if r.rate >= 100 else f"{r.rate:.2f} {r.unit}"
         vs = sp.get(k, "")
         if vs and r.baseline:
             vs = f"{vs} vs {r.baseline}"[:26]
-        lines.append(f"{r.stage:<8} {r.impl[:34]:<34} {r.n:>9} {r.seconds:>9.3f} {rate:>14} {vs:>26}")
+        checked = f"  {r.extra['pairs_checked']}" if r.extra.get("pairs_checked") else ""
+        lines.append(
+            f"{r.stage:<{sw}} {r.impl[:34]:<34} {r.n:>9} {r.seconds:>9.3f} {rate:>14} {vs:>26}{checked}"
+        )
     return "\n".join(lines)
 
 
 def write_json(rows: list[Row], path: str | Path) -> None:
     doc = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu": cpu_line()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": [asdict(r) | {"speedup": speedups(rows).get(k)} for k, r in enumerate(rows)],
     }

@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
                 ctx.add(Check(part, "crashed", False, 0.0, err(e)))
     signal.alarm(0)
     checks = ctx.checks
+    from clipdedup.util.cpu import describe
+
     where = "CPU (--cpu)" if CPU else _device_name()
-    print(f"\n{where}, {time.perf_counter() - t0:.0f} s of a {budget:.0f} s deadline\n" + table(checks))
+    print(
+        f"\n{where}, cpu: {describe()}, {time.perf_counter() - t0:.0f} s of a {budget:.0f} s deadline\n"
+        + table(checks)
+    )
     below = [f"{c.part}: {c.case}" for c in checks if c.target_met is False]
     for label, rows in (("skipped for time", ctx.skipped_for_time), ("below target", below)):
         print(f"{label}: " + ("; ".join(rows) if rows else "none"))
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_mode": CPU,
             "deadline_s": budget,
             "seconds": time.perf_counter() - t0,
+            "cpu": describe(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "skipped_for_time": ctx.skipped_for_time,
             "below_target": below,

@@ -75,6 +75,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return "local-dir:" + str(make_tiny_model(tmp_path_factory.mktemp("tiny_model")))
 
 
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The matching backend named by `@pytest.mark.parametrize("backend", [...], indirect=True)`,
+    made usable here (cpu-bf16 without fast bfloat16, cpu-int16 without AVX2: see
+    helpers.use_backend) or the test skipped with the registry's reason."""
+    from helpers import use_backend
+
+    return use_backend(monkeypatch, request.param)
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     return TESTDATA

@@ -166,3 +166,50 @@ def bf16_edge_pairs(d: int, count: int, seed: int):
             rows.append((a, b))
             ts.append(t)
     return rows, ts
+
+
+# Matching backends whose only fault on a CPU without their instructions is speed: a bfloat16
+# matmul there is oneDNN's float32 arithmetic on bfloat16 operands, rounded as the screen's bound
+# assumes, and cpu-int16 without AVX2 takes the native screen's portable loop (exact integers), so
+# small cases still test each one's own logic on every CPU.
+SLOW_ONLY = frozenset({"cpu-bf16", "cpu-int16"})
+
+
+def cpu_backends() -> list[str]:
+    """The CPU matching backends (`cpu-*`), best first, available here or not."""
+    from clipdedup.match import MATCHERS
+
+    return [n for n in MATCHERS.names() if n.startswith("cpu-")]
+
+
+def use_backend(monkeypatch, name: str) -> str:
+    """`name`, usable for the rest of the calling test: an available backend as it is, one in
+    SLOW_ONLY made available (the registry's reason is about speed, not correctness), any other
+    unavailable one skips the test with the registry's reason."""
+    import pytest
+
+    from clipdedup.match import MATCHERS
+    from clipdedup.registry import always
+
+    entry = MATCHERS.entries[name]
+    why = entry.unavailable_reason()
+    if why is not None:
+        if name not in SLOW_ONLY:
+            pytest.skip(f"matching backend {name!r} is not available here: {why}")
+        monkeypatch.setattr(entry, "why_not", always)
+    return name
+
+
+def usable_cpu_backends(monkeypatch) -> list[str]:
+    """The CPU backends that can run in the calling test: the available ones and SLOW_ONLY's."""
+    from clipdedup.match import MATCHERS
+
+    ok = [n for n in cpu_backends() if n in SLOW_ONLY or MATCHERS.entries[n].unavailable_reason() is None]
+    return [use_backend(monkeypatch, n) for n in ok]
+
+
+def best_cpu_backend() -> str:
+    """The CPU matching backend the registry picks here (the first available `cpu-*` by priority)."""
+    from clipdedup.match import MATCHERS
+
+    return next(n for n in cpu_backends() if MATCHERS.entries[n].unavailable_reason() is None)

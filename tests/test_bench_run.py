@@ -194,7 +194,9 @@ def test_bench_match_check_is_independent_and_can_fail() -> None:
     far = np.array([[0, 1]], np.int64)
     assert not check("extra", (np.vstack([pairs, far]), np.append(dist, 1.0).astype(np.float32)))
     assert not check("distance", (pairs, dist + np.float32(1e-4)))  # beyond the 1e-6 of an exact row
-    assert check(bm.NUMPY, (pairs, dist + np.float32(1e-4)))  # within a float32 baseline's tolerance
+    assert check(bm.LOOP, (pairs, dist + np.float32(1e-4)))  # within the float32 loop's tolerance
+    assert not check(bm.NUMPY, (pairs, dist + np.float32(1e-4)))  # the numpy reference re-checks in float64
+    assert check(bm.NUMPY, (pairs, dist))
     outside = pairs[~touching][:1]  # a true pair no sampled row touches: only the union catches it
     keep = ~(pairs == outside).all(1)
     assert check("blind spot", (pairs[keep], dist[keep]))
@@ -203,3 +205,46 @@ def test_bench_match_check_is_independent_and_can_fail() -> None:
     assert check(est, (pairs[mine], dist[mine]))
     agreed = check.agreed()
     assert agreed["cpu-bf16"] and agreed[est] and not agreed["blind spot"] and not agreed["missed"]
+
+
+@pytest.mark.parametrize("workload", ["isotropic", "clip-like"])
+def test_bench_match_reference_is_exact_and_pairs_checked_can_fail(workload: str) -> None:
+    """The numpy reference screen gives the float64 definition's pairs on both workloads, and
+    "pairs checked" names a missed pair, an extra pair and a wrong distance."""
+    import bench_match as bm
+    from clipdedup.match import find_pairs
+
+    x = bm.workload(workload, 400, d=64, seed=5)
+    t = float(np.sort(bm.exact_distances64(x, np.arange(399), np.arange(1, 400)))[3])  # a pair at t
+    got = bm.numpy_blocked(x, t, block=128)
+    want = find_pairs(x, t, backend="reference")
+    assert len(want[0]) >= 4
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert bm.pairs_checked(got, want) == f"= reference ({len(want[0])} pairs)"
+    assert bm.pairs_checked((got[0][1:], got[1][1:]), want) == "DIFFER: 1 missed, 0 extra"
+    extra = (np.vstack([got[0], [[0, 399]]]), np.append(got[1], np.float32(1.0)))
+    assert bm.pairs_checked(extra, want) == "DIFFER: 0 missed, 1 extra"
+    assert bm.pairs_checked((got[0], got[1] + np.float32(1e-4)), want).startswith("DIFFER")
+
+
+def test_clip_like_rows_look_like_clip() -> None:
+    import bench_match as bm
+
+    x = bm.clip_like(2000, d=256, seed=2)
+    assert x.dtype == np.float32 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert 0.40 < bm.median_cosine(x) < 0.50
+
+
+def test_skipped_rows_are_never_timed_nor_compared(capsys) -> None:
+    from common import Row, cpu_line, skipped, speedups, table
+
+    rows = [
+        skipped("match", "cpu-bf16", 10, "avx512_bf16/amx_bf16 absent"),
+        Row("match", "x", 10, 1.0, 10.0, correct=True, baseline="cpu-bf16"),
+    ]
+    assert speedups(rows) == {1: "baseline skipped here: no speedup reported"}
+    text = table(rows)
+    assert text.splitlines()[0] == f"cpu: {cpu_line()}"
+    assert "skipped: avx512_bf16/amx_bf16 absent" in text
+    assert bench_run.throughput_series(rows) == {"match": {"x": [(10, 10.0, True)]}}

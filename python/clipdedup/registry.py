@@ -82,6 +82,22 @@ class Registry(Generic[T]):
         """(name, reason it is unavailable or None, doc) for every entry, best first."""
         return [(n, self.entries[n].unavailable_reason(), self.entries[n].doc) for n in self.names()]
 
+    def explain_default(self) -> str:
+        """One line saying which entry `get()` picks here and why: the environment override, or the
+        first available by priority with the reason of every entry above it."""
+        name = os.environ.get(self.env_var) or None if self.env_var else None
+        if name is not None:
+            why = self.entries[name].unavailable_reason() if name in self.entries else f"no such {self.kind}"
+            return f"{name}, set by {self.env_var}" + (f", but not available here: {why}" if why else "")
+        above: list[str] = []
+        for n in self.names():
+            why = self.entries[n].unavailable_reason()
+            if why is None:
+                line = f"{n}, the first available by priority"
+                return line + (f" ({'; '.join(above)})" if above else "")
+            above.append(f"{n}: {why}")
+        return f"none: no {self.kind} is available ({'; '.join(above)})"
+
     def get(self, name: str | None = None) -> Entry[T]:
         """The entry called `name`, else the environment override, else the best available one."""
         if name is None and self.env_var:

@@ -1,6 +1,7 @@
 """The match cache (match/cache/matches.py): reruns that match only new or changed rows give a full run's
 pairs on random add / change / delete sequences; anything doubtful means a full match with one
-line; a SIGKILL while the cache is written leaves runs that are still exact."""
+line; a SIGKILL while the cache is written leaves runs that are still exact. Each row-store backend
+(and so each screen recipe the cache keeps operands of) is tested on every CPU (helpers.use_backend)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from clipdedup import db as dbmod
 from clipdedup.match import exact_distances, find_pairs
+from clipdedup.match.cache.incremental import STORE_RECIPES
 from clipdedup.match.cache.matches import (
     CACHE_NAME,
     MatchCache,
@@ -27,16 +29,24 @@ from clipdedup.match.cache.matches import (
 )
 from clipdedup.pipeline import RunOptions, run_dedup
 from clipdedup.scan import scan_tree
+from helpers import best_cpu_backend, use_backend
 
 D = 24
 MODEL = "fabricated/rows"
 
 
+@pytest.fixture(params=sorted(STORE_RECIPES))
+def store_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A backend that screens a row store and keeps its operands in the cache, usable here."""
+    return use_backend(monkeypatch, request.param)
+
+
 class Collection:
     """An image dir of 1-byte images and a DB of their rows, changed at random."""
 
-    def __init__(self, root: Path, seed: int) -> None:
+    def __init__(self, root: Path, seed: int, backend: str) -> None:
         self.img, self.db = root / "img", root / "db"
+        self.backend = backend
         self.rng = np.random.default_rng(seed)
         self.rows: dict[str, np.ndarray] = {}
         self.next = 0
@@ -75,9 +85,10 @@ class Collection:
             del self.rows[str(rel)]
 
     def run(
-        self, t: float, *, dry_run: bool = False, backend: str = "cpu-bf16"
+        self, t: float, *, dry_run: bool = False, backend: str | None = None
     ) -> tuple[set, list[str], str]:
         lines: list[str] = []
+        backend = backend or self.backend
         opts = RunOptions(skip_update=True, dry_run=dry_run, threshold=t, backend=backend, log=lines.append)
         s = run_dedup(str(self.img), str(self.db), None, opts)
         pairs = {(a, b, d) for g in s.groups for a, b, d in g.distances + g.links}
@@ -91,8 +102,8 @@ class Collection:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_random_sequences_equal_full_runs(tmp_path: Path, seed: int) -> None:
-    c = Collection(tmp_path, seed)
+def test_random_sequences_equal_full_runs(tmp_path: Path, seed: int, store_backend: str) -> None:
+    c = Collection(tmp_path, seed, store_backend)
     c.add(150)
     t = 0.02 * np.sqrt(D) * 1.3
     pairs, _, how = c.run(t)
@@ -114,8 +125,8 @@ def test_random_sequences_equal_full_runs(tmp_path: Path, seed: int) -> None:
     assert c.run(t, dry_run=True)[0] == c.reference(t)
 
 
-def test_doubt_means_a_full_match_with_one_line(tmp_path: Path) -> None:
-    c = Collection(tmp_path, 7)
+def test_doubt_means_a_full_match_with_one_line(tmp_path: Path, store_backend: str) -> None:
+    c = Collection(tmp_path, 7, store_backend)
     c.add(60)
     t = 1.5
     c.run(t)
@@ -181,7 +192,7 @@ def test_check_values_wants_sorted_pairs_within_the_threshold() -> None:
 
 
 def test_matrix_backends_use_the_cache_too(tmp_path: Path) -> None:
-    c = Collection(tmp_path, 11)
+    c = Collection(tmp_path, 11, "reference")
     c.add(80)
     t = 1.4
     c.run(t, backend="reference")
@@ -207,13 +218,13 @@ KILLER = """
 import sys, numpy as np
 from clipdedup.match.cache.matches import cache_path, read_cache, write_cache
 from clipdedup.match.cache.screen import read_screen
-db, a_dir, b_dir = sys.argv[1:]
+db, a_dir, b_dir, recipe = sys.argv[1:]
 
 def load(d):
     c = read_cache(d)[0]
     with open(cache_path(d), "rb") as f:
         f.seek(c.screen_at)
-        sr, why = read_screen(f, c.screen_len, np.arange(len(c.keys)), c.dim, "bfloat16", 128)
+        sr, why = read_screen(f, c.screen_len, np.arange(len(c.keys)), c.dim, recipe, 128)
     assert sr is not None, why
     return c, sr
 
@@ -227,7 +238,11 @@ while True:
 
 
 def test_sigkill_during_the_cache_write_leaves_exact_runs(tmp_path: Path) -> None:
-    c = Collection(tmp_path / "c", 5)
+    # The write is the same for every recipe (reading each one's operands back is tested above):
+    # the best row-store backend here is enough.
+    store_backend = best_cpu_backend()
+    assert store_backend in STORE_RECIPES
+    c = Collection(tmp_path / "c", 5, store_backend)
     c.add(3000)
     t = 0.02 * np.sqrt(D) * 1.3
     c.run(t)
@@ -245,7 +260,9 @@ def test_sigkill_during_the_cache_write_leaves_exact_runs(tmp_path: Path) -> Non
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     for delay in (0.0, 0.02, 0.05, 0.1, 0.17):
         p = subprocess.Popen(
-            [sys.executable, "-c", KILLER, str(c.db), str(newer), str(older)], stdout=subprocess.PIPE, env=env
+            [sys.executable, "-c", KILLER, str(c.db), str(newer), str(older), STORE_RECIPES[store_backend]],
+            stdout=subprocess.PIPE,
+            env=env,
         )
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
         time.sleep(delay)

@@ -17,9 +17,19 @@ from clipdedup.match.screen.project import (
     projected_threshold,
 )
 from clipdedup.match.screen.torch_screen import RECIPES, AugmentedScreen, torch_screen
-from helpers import all_distances, bf16_edge_pairs, planted, threshold_on_a_pair
+from helpers import (
+    all_distances,
+    bf16_edge_pairs,
+    cpu_backends,
+    planted,
+    threshold_on_a_pair,
+    usable_cpu_backends,
+    use_backend,
+)
 
-CPU_BACKENDS = [b for b in ("cpu-fp32", "cpu-bf16") if MATCHERS.entries[b].unavailable_reason() is None]
+# Every CPU backend, on every CPU: cpu-bf16 runs (slowly) where it is unavailable for speed alone;
+# a backend that cannot run here skips with the registry's reason (the `backend` fixture).
+CPU_BACKENDS = cpu_backends()
 
 
 def ref(x, t, y=None):
@@ -31,7 +41,7 @@ def assert_same(got, want):
     np.testing.assert_array_equal(got[1], want[1])  # distances from one function: bit for bit
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("n,d", [(0, 8), (1, 8), (2, 37), (63, 100), (65, 300), (130, 17)])
 def test_self_matches_reference(backend, n, d):
     x = planted(n, d, seed=n * 1000 + d)
@@ -39,7 +49,7 @@ def test_self_matches_reference(backend, n, d):
     assert_same(find_pairs(x, t, backend=backend), ref(x, t))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("n,m,d", [(1, 65, 33), (63, 2, 100), (40, 70, 129), (0, 5, 4), (5, 0, 4)])
 def test_rectangular_matches_reference(backend, n, m, d):
     rng = np.random.default_rng(n + m + d)
@@ -54,7 +64,7 @@ def test_rectangular_matches_reference(backend, n, m, d):
         assert len(got[0]) > 0
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 def test_identical_rows_no_pairs_every_pair(backend):
     x = np.tile(np.random.default_rng(1).standard_normal((1, 50)).astype(np.float32), (65, 1))
     got = find_pairs(x, 0.0, backend=backend)
@@ -66,7 +76,7 @@ def test_identical_rows_no_pairs_every_pair(backend):
     assert len(find_pairs(y, big, backend=backend)[0]) == 65 * 64 // 2
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 def test_nan_and_inf_rows_take_part_in_no_pair(backend):
     x = planted(70, 40, seed=3, frac=0.5)
     x[[4, 10]] = np.nan
@@ -80,7 +90,7 @@ def test_nan_and_inf_rows_take_part_in_no_pair(backend):
     assert_same(find_pairs(x, t, y=y, backend=backend), ref(x, t, y))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 @pytest.mark.parametrize("scale", [1e-20, 1e-3, 1e4, 1e18])
 def test_far_from_unit_scale(backend, scale):
     x = planted(65, 64, seed=5, scale=scale)
@@ -88,7 +98,7 @@ def test_far_from_unit_scale(backend, scale):
     assert_same(find_pairs(x, t, backend=backend), ref(x, t))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 def test_mixed_norms_and_mean_offset(backend):
     """Rows of very different norms, all far from the origin (small differences, big norms)."""
     rng = np.random.default_rng(6)
@@ -98,7 +108,7 @@ def test_mixed_norms_and_mean_offset(backend):
     assert_same(find_pairs(x, t, backend=backend), ref(x, t))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
 def test_tiles_smaller_than_problem(backend):
     x = planted(150, 33, seed=7)
     t = threshold_on_a_pair(x, q=0.02)
@@ -107,7 +117,8 @@ def test_tiles_smaller_than_problem(backend):
     assert set(zip(i.tolist(), j.tolist())) == set(map(tuple, want[0].tolist()))
 
 
-def test_bf16_margin_edge():
+def test_bf16_margin_edge(monkeypatch):
+    use_backend(monkeypatch, "cpu-bf16")
     rows, ts = bf16_edge_pairs(300, 6, seed=8)
     for (a, b), t in zip(rows, ts):
         filler = planted(40, 300, seed=9, frac=0.0) * 3
@@ -209,7 +220,8 @@ def test_screening_error_within_bound(recipe):
         assert float((err / bound).max()) > 0.3
 
 
-def test_margin_covers_adversarial_pairs_at_threshold():
+def test_margin_covers_adversarial_pairs_at_threshold(monkeypatch):
+    use_backend(monkeypatch, "cpu-bf16")
     x = adversarial_rows(40, 700, seed=14, dtype=torch.bfloat16)
     for q in (0.0, 0.3, 0.7):
         t = threshold_on_a_pair(x, q=q)
@@ -309,13 +321,13 @@ def test_cli_top_k_in_json_summary(pics, tmp_path, tiny_model, capsys):
     assert all(len(v) == 1 and v[0][0].startswith("base:") for v in near.values())
 
 
-def test_user_matmul_precision_is_ignored_and_restored():
+def test_user_matmul_precision_is_ignored_and_restored(monkeypatch):
     x = planted(65, 300, seed=18)
     t = threshold_on_a_pair(x, q=0.02)
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        for b in CPU_BACKENDS:
+        for b in usable_cpu_backends(monkeypatch):
             assert_same(find_pairs(x, t, backend=b), ref(x, t))
         i, j, d = pairs_cpu_bf16(x, None, t, project=True, project_dim=32)
         assert set(zip(i.tolist(), j.tolist())) == set(map(tuple, ref(x, t)[0].tolist()))

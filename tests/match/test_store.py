@@ -55,15 +55,17 @@ def test_store_matches_reference(recipe, n, d, k, block):
     assert_same(store_pairs(x, t, recipe=recipe, k=k, block=block, rows=rows), touching(want, rows))
 
 
-def test_store_matches_find_pairs_at_d1280():
+@pytest.mark.parametrize("recipe", ["bfloat16", "int16", "float32"])
+def test_store_matches_find_pairs_at_d1280(recipe):
     x = planted(700, 1280, seed=3, frac=0.3)
-    near, _ = find_pairs(x, 0.05 * np.sqrt(1280) * 1.01, backend="cpu-bf16")  # the planted copies
+    near, _ = find_pairs(x, 0.05 * np.sqrt(1280) * 1.01)  # the planted copies, by the best backend here
     a, b = near[len(near) // 2]
     t = float(exact_distances(x[a : a + 1], x[b : b + 1])[0])  # one pair exactly at the threshold
-    want = find_pairs(x, t, backend="cpu-bf16")
+    want = find_pairs(x, t)
     assert len(want[0]) > 50 and (a, b) in set(map(tuple, want[0].tolist()))
-    assert_same(store_pairs(x, t, block=256), want)
-    assert_same(store_pairs(x, t, block=256, rows=np.arange(690, 700)), touching(want, np.arange(690, 700)))
+    assert_same(store_pairs(x, t, recipe=recipe, block=256), want)
+    got = store_pairs(x, t, recipe=recipe, block=256, rows=np.arange(690, 700))
+    assert_same(got, touching(want, np.arange(690, 700)))
 
 
 def test_store_bf16_margin_edge():
@@ -107,12 +109,13 @@ def test_tiles_and_count():
     assert len(seen) == tile_count(100, 40, 32) == 8
 
 
-def test_match_tile_is_a_unit_of_work():
+@pytest.mark.parametrize("recipe", ["bfloat16", "int16", "float32"])
+def test_match_tile_is_a_unit_of_work(recipe):
     """Tiles of the upper triangle, matched one by one (as a worker would), give the whole answer."""
     x = planted(150, 48, seed=2)
     t = threshold_on_a_pair(x, q=0.05)
     with store_of_matrix(x) as st:
-        scr = screen_store(st, t, "bfloat16", k=8)
+        scr = screen_store(st, t, recipe, k=8)
         parts = [
             match_tile(st, scr, np.arange(i0, min(150, i0 + 50)), j0, min(150, j0 + 50))
             for i0 in range(0, 150, 50)

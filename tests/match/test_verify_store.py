@@ -14,6 +14,7 @@ from clipdedup.db.rowstore import store_of_matrix
 from clipdedup.ingest.encode.dct import CHECK_DIM, SCREEN_DIM, VERIFIER
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
+from helpers import cpu_backends
 
 
 def rows(n: int, seed: int) -> np.ndarray:
@@ -29,16 +30,17 @@ def rows(n: int, seed: int) -> np.ndarray:
     return x
 
 
+@pytest.mark.parametrize("backend", cpu_backends(), indirect=True)
 @pytest.mark.parametrize("n,chunk", [(0, 5), (1, 5), (40, 1), (150, 7), (400, 8192)])
-def test_store_answer_equals_the_matrix_answer(n: int, chunk: int) -> None:
+def test_store_answer_equals_the_matrix_answer(n: int, chunk: int, backend: str) -> None:
     x = rows(n, seed=n)
     t = 0.9
     scores = match_verified(x, t, VERIFIER).scores
     ms = float(np.median(scores)) if len(scores) else None  # a bar that splits the candidates
-    want = match_verified(x, t, VERIFIER, min_score=ms, backend="cpu-bf16")
+    want = match_verified(x, t, VERIFIER, min_score=ms, backend=backend)
     with store_of_matrix(x, block_rows=64) as st:
         np.testing.assert_array_equal(st.to_matrix(VERIFIER.screen_dims), x[:, : VERIFIER.screen_dims])
-        got = match_verified_store(st, t, VERIFIER, min_score=ms, chunk=chunk, backend="cpu-bf16")
+        got = match_verified_store(st, t, VERIFIER, min_score=ms, chunk=chunk, backend=backend)
     assert n < 40 or len(want.pairs) > 10 and 0 < want.confirmed.sum() < len(want.pairs)
     np.testing.assert_array_equal(got.pairs, want.pairs)
     np.testing.assert_array_equal(got.distances, want.distances)
@@ -47,17 +49,18 @@ def test_store_answer_equals_the_matrix_answer(n: int, chunk: int) -> None:
     assert got.min_score == want.min_score and got.measure == want.measure
 
 
+@pytest.mark.parametrize("backend", cpu_backends(), indirect=True)
 @pytest.mark.parametrize("n,m,chunk", [(0, 3, 5), (3, 0, 5), (60, 45, 1), (150, 90, 7), (200, 120, 8192)])
-def test_two_store_answer_equals_the_matrix_answer(n: int, m: int, chunk: int) -> None:
+def test_two_store_answer_equals_the_matrix_answer(n: int, m: int, chunk: int, backend: str) -> None:
     """Import mode: pairs (row of x, row of y), the check parts read from each side's store."""
     both = rows(n + m, seed=n + m)
     x, y = both[:n], both[n:]
     t = 0.9
     scores = match_verified(x, t, VERIFIER, y=y).scores
     ms = float(np.median(scores)) if len(scores) else None
-    want = match_verified(x, t, VERIFIER, y=y, min_score=ms, backend="cpu-bf16")
+    want = match_verified(x, t, VERIFIER, y=y, min_score=ms, backend=backend)
     with store_of_matrix(x, block_rows=64) as sx, store_of_matrix(y, block_rows=32) as sy:
-        got = match_verified_store(sx, t, VERIFIER, y=sy, min_score=ms, chunk=chunk, backend="cpu-bf16")
+        got = match_verified_store(sx, t, VERIFIER, y=sy, min_score=ms, chunk=chunk, backend=backend)
     assert n < 60 or len(want.pairs) > 10 and 0 < want.confirmed.sum() < len(want.pairs)
     np.testing.assert_array_equal(got.pairs, want.pairs)
     np.testing.assert_array_equal(got.distances, want.distances)

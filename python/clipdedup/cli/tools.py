@@ -27,12 +27,16 @@ def backends_cmd() -> int:
     from clipdedup.ingest.encode.base import ENCODERS
     from clipdedup.ingest.encode.cpu_forward import CPU_FORWARDS
     from clipdedup.match import MATCHERS
+    from clipdedup.util import cpu
 
+    click.echo(f"cpu: {cpu.describe()}")  # what the CPU backends' availability was decided on
     for reg in (MATCHERS, DECODERS, ENCODERS, CPU_FORWARDS, STRATEGIES):
         click.echo(f"{reg.kind}s:")
         for name, why, doc in reg.status():
             state = "available" if why is None else f"unavailable: {why}"
             click.echo(f"  {name:<16} {state}" + (f"  ({doc})" if doc else ""))
+        if reg is MATCHERS:
+            click.echo(f"  default: {reg.explain_default()}")
     return 0
 
 
