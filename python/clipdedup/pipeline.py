@@ -34,7 +34,7 @@ from clipdedup.ingest.update import (
     update_db,
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
-from clipdedup.match.cache.incremental import import_in_background, match_with_cache
+from clipdedup.match.cache.run import import_in_background, likely_to_match, match_run
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
@@ -197,10 +197,11 @@ def _run_dedup_locked(
     image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions, exclude: list[str]
 ) -> RunSummary:
     s = RunSummary()
-    torch_import = import_in_background("torch")  # for matching; seconds, overlapping scan and load
     t = time.perf_counter()
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
+    if likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory)):
+        import_in_background("torch")  # seconds, overlapping the load; none when the cache answers
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
@@ -222,20 +223,18 @@ def _run_dedup_locked(
         for path, reason in s.load_errors:
             opts.say(f"{path}: skipped: {reason}")
         s.threshold = _threshold(opts, u)
-        torch_import.join()
         model = _model(opts, u)
-        # matching on Ray takes the matrix; screen-then-verify (builtin:dct) reads the store
-        on_ray = opts.cluster is not None and opts.cluster.match
-        if on_ray or encode.verifier_for(model) is not None:
-            rows = store.to_matrix() if on_ray else store
-            pairs, dists = _match(rows, None, opts, s, model, (_rel(kept), _rel(kept)))
-        else:
-            s.backend = MATCHERS.get(opts.backend).name
+        if opts.cluster is not None and opts.cluster.match:  # matching on Ray takes the matrix
+            pairs, dists = _match(store.to_matrix(), None, opts, s, model, (_rel(kept), _rel(kept)))
+        else:  # through the match cache; torch is imported only when something is matched
             kw: dict[str, Any] = dict(
-                backend=s.backend, write=not opts.dry_run, say=opts.say, progress=opts.progress
+                backend=opts.backend, write=not opts.dry_run, say=opts.say, progress=opts.progress
             )
-            m = match_with_cache(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, **kw)
-            s.seconds["match"], s.match_cache, s.pairs = m.seconds, m.how, len(m.pairs)
+            verifier = encode.verifier_for(model)
+            m = match_run(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, verifier, **kw)
+            s.seconds["match"], s.match_cache, s.pairs, s.backend = m.seconds, m.how, len(m.pairs), m.backend
+            if m.verified is not None:
+                s.verification = m.verified.record(_rel(kept), _rel(kept))
             pairs, dists = m.pairs, m.dist
         _act_dedup(image_dir, trash_dir, opts, s, kept, pairs, dists)
     for line in snapshot_lines(db_dir, info):  # written on a thread during the run
