@@ -53,6 +53,7 @@ class RunOptions:
     force: bool = False
     clean_orphans: bool = True
     skip_update: bool = False
+    retry_unreadable: bool = False  # decode again images that failed before and have not changed
     dry_run: bool = False
     threshold: float | None = None  # None: the model's default
     keeping_logic: str = "largest"
@@ -104,6 +105,7 @@ def _update_or_read(
             device=opts.device,
             batch_size=opts.batch_size,
             force=opts.force,
+            retry_unreadable=opts.retry_unreadable,
             clean_orphans=opts.clean_orphans and not read_only,
             dry_run=opts.dry_run or read_only,
             scan=scan,

@@ -16,6 +16,7 @@ from clipdedup import db as dbmod
 from clipdedup.db.writer import AsyncWriter
 from clipdedup.errors import UserError
 from clipdedup.ingest import prepass
+from clipdedup.ingest import unreadable as unread
 from clipdedup.ingest.decode.base import iter_batches
 from clipdedup.ingest.encode.base import (
     DEFAULT_MODEL,
@@ -99,6 +100,7 @@ def update_db(
     exclude: Sequence[str | os.PathLike[str]] = (),
     progress: bool = False,
     log=None,
+    retry_unreadable: bool = False,
 ) -> UpdateSummary:
     """Brings the DB at `db_dir` up to date with the images under `image_dir`.
 
@@ -114,6 +116,8 @@ def update_db(
         dry_run: encode into `summary.in_memory` and change nothing on disk.
         scan: a scan of `image_dir` already made (else one is made, skipping `exclude`).
         log: callable taking one line of text for per-file messages (default: stderr).
+        retry_unreadable: decode again the images remembered as unreadable although they have not
+            changed (ingest/unreadable.py); by default they are reported from the record.
 
     Returns:
         What was encoded, skipped and removed, with times per stage in `seconds`.
@@ -145,6 +149,7 @@ def update_db(
         check_layout(db_dir, have, fix="re-encode it with --force-update, or use a separate --db-dir")
     plan = dbmod.plan_update(scan.entries, index, dim=have.dim if have else None, force=force)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
+    old_unreadable, skipped = unread.leave_out(image_dir, db_dir, plan, retry_unreadable, s, log)
     for img in plan.unnamable:
         path = os.path.join(image_dir, img.rel)
         s.failed.append((path, dbmod.unnamable_reason(img.rel)))
@@ -186,6 +191,8 @@ def update_db(
         s.meta = have
     if clean_orphans and plan.orphans and not dry_run:
         s.removed = dbmod.remove_orphans(db_dir, plan.orphans)
+    if not dry_run:
+        unread.update_record(image_dir, db_dir, old_unreadable, skipped, plan.to_encode, s.failed)
     return s
 
 
