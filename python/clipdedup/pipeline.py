@@ -229,12 +229,11 @@ def _run_dedup_locked(
         if opts.cluster is not None and opts.cluster.match:  # matching on Ray takes the matrix
             pairs, dists = _match(store.to_matrix(), None, opts, s, model, (_rel(kept), _rel(kept)))
         else:  # through the match cache; torch is imported only when something is matched
-            kw: dict[str, Any] = dict(
-                backend=opts.backend, write=not opts.dry_run, say=opts.say, progress=opts.progress
-            )
-            verifier = encode.verifier_for(model)
-            m = match_run(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, verifier, **kw)
-            s.seconds["match"], s.match_cache, s.pairs, s.backend = m.seconds, m.how, len(m.pairs), m.backend
+            kw: dict[str, Any] = dict(backend=opts.backend, write=not opts.dry_run, progress=opts.progress)
+            keys, v = [e.rel for e in kept], encode.verifier_for(model)
+            m = match_run(store, keys, db_dir, u.meta, s.threshold, v, say=opts.say, **kw)
+            s.match_cache, s.pairs, s.backend = m.how, len(m.pairs), m.backend
+            s.seconds.update(m.timings)
             if m.verified is not None:
                 s.verification = m.verified.record(_rel(kept), _rel(kept))
             pairs, dists = m.pairs, m.dist

@@ -32,7 +32,8 @@ FROM_CACHE = "match cache"  # the backend named in a run's summary when the cach
 class RunMatch:
     """pairs int64 (P, 2) sorted, i < j; dist float32 (P,): the answer (for a verified model, the
     confirmed candidates); verified: every screened candidate (verified models), else None; how the
-    cache was used; the backend's name (FROM_CACHE when none ran); seconds spent matching."""
+    cache was used; the backend's name (FROM_CACHE when none ran); seconds spent matching, and
+    before that waiting for torch's import (0 when none was needed)."""
 
     pairs: np.ndarray
     dist: np.ndarray
@@ -40,6 +41,12 @@ class RunMatch:
     how: str
     backend: str
     seconds: float
+    imported: float = 0.0
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """The run summary's seconds: "match", and "torch import" when one was waited for."""
+        return {"match": self.seconds, **({"torch import": self.imported} if self.imported > 0.01 else {})}
 
 
 def match_run(
@@ -69,19 +76,25 @@ def match_run(
         seconds = {"screen": time.perf_counter() - t0}
         v = Verified(pairs, d64.astype(np.float32), scores, scores >= ms, ms, verifier.measure, seconds)
         return RunMatch(pairs[v.confirmed], v.distances[v.confirmed], v, how, FROM_CACHE, seconds["screen"])
+    t1 = time.perf_counter()
+    import torch  # noqa: F401  (seconds, unless a background import finished it: counted apart)
+
     from clipdedup.match import MATCHERS
 
-    name = MATCHERS.get(backend).name  # probing the backends imports torch
+    name = MATCHERS.get(backend).name
+    imported = time.perf_counter() - t1
+    t0 += imported
     kw = dict(backend=name, write=write, say=say, progress=progress, read=read)
     if verifier is None:
         from clipdedup.match.cache.incremental import match_with_cache
 
         m = match_with_cache(store, keys, db_dir, meta, threshold, **kw)  # type: ignore[arg-type]
-        return RunMatch(m.pairs, m.dist, None, m.how, name, m.seconds)
+        return RunMatch(m.pairs, m.dist, None, m.how, name, m.seconds, imported)
     from clipdedup.match.cache.verified import match_verified_with_cache
 
     v, how = match_verified_with_cache(store, keys, db_dir, meta, threshold, verifier, **kw)  # type: ignore[arg-type]
-    return RunMatch(v.pairs[v.confirmed], v.distances[v.confirmed], v, how, name, time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
+    return RunMatch(v.pairs[v.confirmed], v.distances[v.confirmed], v, how, name, dt, imported)
 
 
 def unchanged(
