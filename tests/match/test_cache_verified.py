@@ -121,11 +121,14 @@ print('torch' in sys.modules, 'open_clip' in sys.modules)
 """
 
 
-def test_a_nothing_changed_rerun_does_not_import_torch(tmp_path: Path) -> None:
-    c = DctCollection(tmp_path, 3, META)
+@pytest.mark.parametrize("verified", [True, False])
+def test_a_nothing_changed_rerun_does_not_import_torch(tmp_path: Path, verified: bool) -> None:
+    """builtin:dct and a CLIP-shaped DB: the rerun's answer comes from the cache, torch unimported."""
+    c = DctCollection(tmp_path, 3, META) if verified else Collection(tmp_path, 3)
     c.add(50)
+    t = T if verified else 1.5
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-c", NO_TORCH, str(c.img), str(c.db), str(T)]
+    cmd = [sys.executable, "-c", NO_TORCH, str(c.img), str(c.db), str(t)]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.splitlines()
     assert first[0].startswith("full match") and first[1] == "True False"
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout.splitlines()

@@ -233,8 +233,10 @@ def choose_keep_safe(image_dir: str, cands: list[Candidate], strategy: str) -> i
     through a symlinked directory) is never kept, since moving that other would break it; and a
     file reached through a symlink is kept only when no member is reached directly.
     """
-    safe = safe_members(cands)
-    direct = [k for k in safe if is_direct(cands[k].path, image_dir, cands[k].rel)]
+    absp, link, real, safe = _resolve(cands)
+    root = os.path.realpath(image_dir)  # once per group, not per member
+    # is_direct, from the paths resolved once above
+    direct = [k for k in safe if not link[k] and real[k] == os.path.join(root, *cands[k].rel.split("/"))]
     eligible = direct or safe or list(range(len(cands)))
     return eligible[choose_keep([cands[k] for k in eligible], strategy)]
 
@@ -242,6 +244,11 @@ def choose_keep_safe(image_dir: str, cands: list[Candidate], strategy: str) -> i
 def safe_members(cands: list[Candidate]) -> list[int]:
     """The members that depend on no other member (`depends_on`), with each path resolved once: a
     group of m members costs O(m) system calls, not the O(m^2) of `safe_members_ref`."""
+    return _resolve(cands)[3]
+
+
+def _resolve(cands: list[Candidate]) -> tuple[list[str], list[bool], list[str], list[int]]:
+    """Each member's absolute path, whether it is a symlink, its real path; and the safe members."""
     absp = [os.path.abspath(c.path) for c in cands]
     link = [os.path.islink(p) for p in absp]
     links = {p for p, is_link in zip(absp, link) if is_link}
@@ -256,7 +263,7 @@ def safe_members(cands: list[Candidate]) -> list[int]:
         through_link = links and any(q in links and q != p for q in link_chain(p))
         if not same_entry and not through_link:
             safe.append(k)
-    return safe
+    return absp, link, real, safe
 
 
 def safe_members_ref(cands: list[Candidate]) -> list[int]:
