@@ -80,7 +80,7 @@ def test_random_sequences_equal_full_runs(tmp_path: Path, seed: int) -> None:
         tt = [t, t * 0.97, t * 0.97, t * 0.9, t * 0.9, t * 0.9][step]
         got, lines, how = c.verified(tt)
         assert got == c.verified_reference(tt), (step, how)
-        assert how.startswith(("reused", "unchanged")), (step, how, lines)
+        assert how.startswith("unchanged") or "parts of" in how, (step, how, lines)
         assert not [line for line in lines if CACHE_NAME in line]
         t = tt
     got, lines, how = c.verified(t)

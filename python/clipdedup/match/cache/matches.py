@@ -76,9 +76,15 @@ def cache_path(db_dir: str | os.PathLike[str]) -> str:
     return os.path.join(db_dir, CACHE_NAME)
 
 
-def write_cache(db_dir: str | os.PathLike[str], c: MatchCache, screen: ScreenRows | None = None) -> None:
+def write_cache(
+    db_dir: str | os.PathLike[str],
+    c: MatchCache,
+    screen: ScreenRows | None = None,
+    screen_parts: np.ndarray | None = None,
+) -> None:
     """Writes the cache atomically (temp file in the DB root, then a rename), with the rows'
-    screening operands when given (rows in the same order as `c.keys`)."""
+    screening operands when given (rows in the same order as `c.keys`), or for a verified model
+    the rows' screening parts (float32 (N, S), match/cache/verified.py) as the section."""
     n, p = len(c.keys), len(c.pairs)
     model, check = c.model.encode(), c.check.encode()
     pairs = np.ascontiguousarray(c.pairs, "<i8").reshape(p, 2)
@@ -97,6 +103,9 @@ def write_cache(db_dir: str | os.PathLike[str], c: MatchCache, screen: ScreenRow
     for part in parts:
         crc, size = zlib.crc32(part, crc), size + len(part)
     screen_len = 0 if screen is None else section_size(screen, c.dim)
+    if screen_parts is not None:
+        raw = np.ascontiguousarray(screen_parts, "<f4").tobytes()
+        screen_len = len(raw) + 4
     head = HEADER.pack(
         MAGIC, VERSION, c.dim, n, p, c.threshold, len(model), len(check), size, screen_len, crc, 0
     )
@@ -108,6 +117,8 @@ def write_cache(db_dir: str | os.PathLike[str], c: MatchCache, screen: ScreenRow
             f.write(part)
         if screen is not None:
             write_section(f, screen, c.dim)
+        elif screen_parts is not None:
+            f.write(raw + struct.pack("<I", zlib.crc32(raw)))
 
 
 def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:

@@ -9,13 +9,18 @@ changed rows against all rows (`pairs_of_matrix` on the screening parts) and sco
 candidates. The candidates, distances, scores and decisions are `match_verified_store`'s (a test
 compares them over random sequences of changes).
 
-When nothing changed, match/cache/run.py answers from the cache before this module is reached.
+The cache's section holds every row's screening part (float32 (N, S): 572 bytes a row for
+builtin:dct), so a rerun reads from the store only the new or changed rows, not every full row
+(17 KB each). When nothing changed, match/cache/run.py answers from the cache before this module
+is reached.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 import time
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -52,27 +57,37 @@ def match_verified_with_cache(
         say: one line when a cache is there but cannot be used, or cannot be written.
         read: `read_cache(db_dir)`'s answer when the caller has it already.
     """
-    reuse, why = None, "the DB has no metadata"
+    reuse, why, section = None, "the DB has no metadata", (0, 0, 0)
     if meta is not None:
         cache, why = read if read is not None else read_cache(db_dir)
         if cache is not None:
             plan = (cache, keys, store.hashes, meta.model_id, meta.dim, threshold, verifier.measure)
             reuse, why = plan_reuse(*plan)
+            section = (cache.screen_at, cache.screen_len, len(cache.keys))
         del cache
     if reuse is None and why != "missing":
         say(f"{cache_path(db_dir)}: not used, screening all rows: {why}")
     if reuse is not None and 2 * len(reuse.changed) >= store.n:
         reuse = None  # most rows changed: a full screen is no slower
-    pairs, d64, scores, seconds = _screen_and_score(store, reuse, threshold, verifier, backend, progress)
+    t = time.perf_counter()
+    xs = None if reuse is None else _parts_of_cache(db_dir, section, reuse, store, verifier.screen_dims)
+    kept_parts = xs is not None
+    xs = store.to_matrix(verifier.screen_dims) if xs is None else xs
+    t_read = time.perf_counter() - t
+    pairs, d64, scores, seconds = _screen_and_score(store, xs, reuse, threshold, verifier, backend, progress)
+    seconds["screen"] += t_read
     if reuse is not None:
         how = f"reused {len(reuse.pairs)} candidates, screened {len(reuse.changed)} new or changed rows"
+        how += (
+            f", screening parts of {store.n - len(reuse.changed)} rows from the cache" if kept_parts else ""
+        )
     else:
         how = "full match" + (f" ({why})" if why else "")
     if write and meta is not None:
         try:
             c = MatchCache(meta.model_id, meta.dim, threshold, keys, store.hashes, pairs, d64)
             c.check, c.scores = verifier.measure, scores
-            write_cache(db_dir, c)
+            write_cache(db_dir, c, screen_parts=xs)
         except OSError as e:
             say(f"{cache_path(db_dir)}: not written: {e.strerror or e}")
     return _verified(pairs, d64, scores, verifier, seconds), how
@@ -82,8 +97,35 @@ def _scores(reuse: Reuse) -> np.ndarray:
     return reuse.scores if reuse.scores is not None else np.full(len(reuse.pairs), np.nan)
 
 
+def _parts_of_cache(
+    db_dir: str, section: tuple[int, int, int], reuse: Reuse, store: RowStore, s: int
+) -> np.ndarray | None:
+    """Every row's screening part (float32 (N, s)): unchanged rows' from the cache's section at
+    `section` (offset, length, the cache's rows), the others read from the store; None when the
+    section is missing, of another width or damaged (then every row is read from the store)."""
+    at, size, n_old = section
+    if size != 4 * n_old * s + 4:
+        return None
+    try:
+        with open(cache_path(db_dir), "rb") as f:
+            f.seek(at)
+            raw = f.read(size)
+    except OSError:
+        return None
+    if len(raw) != size or zlib.crc32(memoryview(raw)[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+        return None
+    old = np.frombuffer(raw, "<f4", n_old * s).reshape(n_old, s)
+    xs = np.empty((store.n, s), np.float32)
+    same = np.flatnonzero(reuse.old >= 0)
+    xs[same] = old[reuse.old[same]]
+    if len(reuse.changed):
+        xs[reuse.changed] = store.take(reuse.changed)[:, :s]
+    return xs
+
+
 def _screen_and_score(
     store: RowStore,
+    xs: np.ndarray,
     reuse: Reuse | None,
     threshold: float,
     verifier: Verifier,
@@ -100,9 +142,7 @@ def _screen_and_score(
     if rows is not None and len(rows) == 0:
         pairs, d64 = np.zeros((0, 2), np.int64), np.zeros(0, np.float64)
     else:
-        xs = store.to_matrix(verifier.screen_dims)
         pairs, d64 = pairs_of_matrix(xs, rows, threshold, backend, bar.update)
-        del xs
     bar.close()
     t1 = time.perf_counter()
     scores = score_pairs(store, pairs, verifier)
