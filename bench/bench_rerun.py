@@ -235,7 +235,11 @@ def tiny_model(root: Path) -> str:
 
 
 def run(
-    quick: bool = True, sizes: list[int] | None = None, rows: list[int] | None = None, data: str | None = None
+    quick: bool = True,
+    sizes: list[int] | None = None,
+    rows: list[int] | None = None,
+    data: str | None = None,
+    encoders: tuple[str, ...] = ("dct", "clip"),
 ) -> list[Row]:
     sizes = sizes or ([50] if quick else [2000])
     rows = rows or ([1000] if quick else [300_000])
@@ -244,7 +248,7 @@ def run(
     try:
         model = tiny_model(root)
         out: list[Row] = []
-        for encoder in (DCT, model):
+        for encoder in [e for e, name in ((DCT, "dct"), (model, "clip")) if name in encoders]:
             for n in sizes:
                 out += measure(root, "images", encoder, n, model if encoder != DCT else DCT)
             for n in rows:
@@ -262,9 +266,10 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="image files per images collection, comma-separated")
     ap.add_argument("--rows", default=None, help="rows per fabricated collection, comma-separated")
     ap.add_argument("--data", default=None, help="keep the collections here (default: a temp dir)")
+    ap.add_argument("--encoders", default="dct,clip", help="dct, clip or both (comma-separated)")
     a = ap.parse_args()
     parse = lambda s: [int(v) for v in s.split(",")] if s else None  # noqa: E731
-    rows = run(a.quick, parse(a.sizes), parse(a.rows), a.data)
+    rows = run(a.quick, parse(a.sizes), parse(a.rows), a.data, tuple(a.encoders.split(",")))
     print(table(rows))
     if a.json:
         write_json(rows, a.json)
