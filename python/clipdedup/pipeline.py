@@ -203,7 +203,7 @@ def _run_dedup_locked(
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
     if likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory)):
-        import_in_background("torch")  # seconds, overlapping the load; none when the cache answers
+        import_in_background("torch")  # seconds, overlapping the load (not the GIL-bound update)
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
