@@ -206,19 +206,18 @@ def _run_dedup_locked(
         import_in_background("torch")  # seconds, overlapping the load (not the GIL-bound update)
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
-    dim = u.meta.dim if u.meta else None
+    # the opening pass keeps what a full screen of the store needs only when one is likely
+    track = encode.verifier_for(_model(opts, u)) is None and likely_to_match(db_dir, False)
+    ld: dict[str, Any] = dict(dim=u.meta.dim if u.meta else None, in_memory=u.in_memory, dry_run=opts.dry_run)
+    ld["track"] = track
     info = dbmod.LoadInfo()
-    kept, store, s.load_errors, s.not_in_db = open_embeddings(
-        db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
-    )
+    kept, store, s.load_errors, s.not_in_db = open_embeddings(db_dir, entries, info=info, **ld)
     if s.load_errors and not (opts.dry_run or opts.skip_update):
         damaged = (entries, s.load_errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
         if reencode_damaged(image_dir, db_dir, *damaged, into=u):
             store.close()
             info = dbmod.LoadInfo()
-            kept, store, s.load_errors, s.not_in_db = open_embeddings(
-                db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info
-            )
+            kept, store, s.load_errors, s.not_in_db = open_embeddings(db_dir, entries, info=info, **ld)
     with store:
         s.loaded = len(kept)
         s.seconds["load"] = time.perf_counter() - t

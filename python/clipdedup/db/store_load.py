@@ -38,6 +38,7 @@ def open_store(
     threads: int | None = None,
     info: LoadInfo | None = None,
     block_rows: int = BLOCK_ROWS,
+    track: bool = True,
 ) -> tuple[RowStore, np.ndarray, list[tuple[str, str]]]:
     """Opens `rows` as a `RowStore`, as `load.load_files` would load them.
 
@@ -69,7 +70,9 @@ def open_store(
             dim = next((len(v) for v in rows.vectors.values()), 0)
     loc = np.full(n, -1, np.int64)
     hashes = np.zeros(n, np.uint64)
-    seen = RowsSeen(n)  # finite rows and the largest norm, for matching (no pass of its own there)
+    # finite rows and the largest norm, for matching (no pass of its own there); without `track`
+    # nothing is kept (a run answered by the match cache, or builtin:dct's, never screens the store)
+    seen = RowsSeen(n) if track else None
     base_fd, stale = -1, 0
     if snap is not None and len(file_at):
         src, dst, stale = snap_mod.reusable_rows(snap, keys, stats)
@@ -91,7 +94,7 @@ def open_store(
         info.from_files = n - info.from_snapshot
     which = np.flatnonzero(~from_snap)
     spill_fd, ok, errors = spill_rows(rows, which, dim, loc, hashes, threads, block_rows, seen)
-    store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok))
+    store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, None if seen is None else seen.subset(ok))
     if write_snapshot and started_ns is not None and store.n and os.path.isdir(db_dir) and len(file_at) == n:
         fresh = ok & ~from_snap
         news = bool(np.any(stats["ctime_ns"][fresh] <= started_ns - snap_mod.RACY_NS))
@@ -102,7 +105,13 @@ def open_store(
 
 
 def _check_snapshot_rows(
-    fd: int, dim: int, loc: np.ndarray, hashes: np.ndarray, rows: np.ndarray, block_rows: int, seen: RowsSeen
+    fd: int,
+    dim: int,
+    loc: np.ndarray,
+    hashes: np.ndarray,
+    rows: np.ndarray,
+    block_rows: int,
+    seen: RowsSeen | None,
 ) -> np.ndarray:
     """The rows (of `rows`, sorted) whose snapshot bytes are short or fail their checksum; the
     others are recorded in `seen`."""
@@ -116,7 +125,7 @@ def _check_snapshot_rows(
         bad.append(r if fatal else r[np.asarray(b, np.int64)])
         good = np.ones(len(r), bool)
         good[np.asarray(b, np.int64)] = False
-        if not fatal and good.any():
+        if not fatal and good.any() and seen is not None:
             seen.see(r[good], buf[: len(r)][good])
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
@@ -206,6 +215,7 @@ def open_embeddings(
     dry_run: bool = False,
     info: LoadInfo | None = None,
     index: DBColumns | None = None,
+    track: bool = True,
 ) -> tuple[list[FileEntry], RowStore, list[tuple[str, str]], int]:
     """`update.load_embeddings` as a `RowStore`: what a whole run uses instead of the matrix.
 
@@ -215,6 +225,8 @@ def open_embeddings(
 
     Args:
         index: the DB's `index_columns`, when the caller has it already.
+        track: keep what the opening pass sees of every row (`RowStore.seen`: which are finite, the
+            largest norm) so that a full match on the store needs no pass of its own.
 
     Returns:
         (entries with an embedding, the store of their rows, DB read errors, count not in the DB).
@@ -247,7 +259,13 @@ def open_embeddings(
     started = idx.started_ns
     del idx, index, at, cols
     store, ok, errors = open_store(
-        db_dir, rows, dim, started_ns=started, write_snapshot=not (dry_run or in_memory), info=info
+        db_dir,
+        rows,
+        dim,
+        started_ns=started,
+        write_snapshot=not (dry_run or in_memory),
+        info=info,
+        track=track,
     )
     kept = [e for e, good in zip(with_row, ok.tolist()) if good]
     return kept, store, errors, missing
