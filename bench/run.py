@@ -38,6 +38,7 @@ STAGES = [
     ("scale", "bench_scale"),
     ("dct quality", "bench_dct_quality"),
     ("dct check", "bench_warp"),
+    ("rerun", "bench_rerun"),
 ]
 
 

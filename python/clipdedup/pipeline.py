@@ -35,7 +35,7 @@ from clipdedup.ingest.update import (
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.match.backends import stream
-from clipdedup.match.cache.incremental import import_in_background, match_with_cache
+from clipdedup.match.cache.run import import_in_background, likely_to_match, match_run
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
@@ -54,6 +54,7 @@ class RunOptions:
     force: bool = False
     clean_orphans: bool = True
     skip_update: bool = False
+    retry_unreadable: bool = False  # decode again images that failed before and have not changed
     dry_run: bool = False
     threshold: float | None = None  # None: the model's default
     keeping_logic: str = "largest"
@@ -84,26 +85,14 @@ def _update_or_read(
     """Scans `image_dir` and brings its DB up to date. `read_only` (import mode's base DB): images
     missing from the DB or newer than their entry are encoded in memory only, and nothing is
     written to or removed from the DB."""
-    scan = scan_images(
-        image_dir,
-        exclude,
-        follow_symlinks=opts.follow_symlinks,
-        cross_devices=opts.cross_devices,
-        progress=opts.progress,
-    )
+    links = dict(follow_symlinks=opts.follow_symlinks, cross_devices=opts.cross_devices)
+    scan = scan_images(image_dir, exclude, progress=opts.progress, **links)
     entries = scan.entries
     if opts.skip_update:
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = read_meta_as_is(db_dir)
-        entries = encoded_as_scanned(
-            image_dir,
-            db_dir,
-            entries,
-            u.meta.dim if u.meta else None,
-            u.failed,
-            opts.say,
-            use_ctime=opts.use_ctime,
-        )
+        dim, ctime = u.meta.dim if u.meta else None, opts.use_ctime
+        entries = encoded_as_scanned(image_dir, db_dir, entries, dim, u.failed, opts.say, use_ctime=ctime)
     else:
         u = update_db(
             image_dir,
@@ -112,6 +101,7 @@ def _update_or_read(
             device=opts.device,
             batch_size=opts.batch_size,
             force=opts.force,
+            retry_unreadable=opts.retry_unreadable,
             clean_orphans=opts.clean_orphans and not read_only,
             dry_run=opts.dry_run or read_only,
             scan=scan,
@@ -226,15 +216,18 @@ def _run_dedup_locked(
     image_dir: str, db_dir: str, trash_dir: str | None, opts: RunOptions, exclude: list[str]
 ) -> RunSummary:
     s = RunSummary()
-    torch_import = import_in_background("torch")  # for matching; seconds, overlapping scan and load
     t = time.perf_counter()
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
+    if likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory)):
+        import_in_background("torch")  # seconds, overlapping the load (not the GIL-bound update)
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
+    # the opening pass keeps what a full screen of the store needs only when one is likely
+    track = encode.verifier_for(_model(opts, u)) is None and likely_to_match(db_dir, False)
     kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
-        open_embeddings, image_dir, db_dir, entries, dim, u, opts, encoder
+        partial(open_embeddings, track=track), image_dir, db_dir, entries, dim, u, opts, encoder
     )
     with store:
         s.loaded = len(kept)
@@ -242,18 +235,17 @@ def _run_dedup_locked(
         for path, reason in s.load_errors:
             opts.say(f"{path}: skipped: {reason}")
         s.threshold = _threshold(opts, u)
-        torch_import.join()
         model = _model(opts, u)
-        # Ray tasks read the store's rows from its snapshot; screen-then-verify (dct) reads the store
-        if (opts.cluster is not None and opts.cluster.match) or encode.verifier_for(model) is not None:
+        if opts.cluster is not None and opts.cluster.match:  # Ray tasks read the store's snapshot
             pairs, dists = _match(store, None, opts, s, model, (_rel(kept), _rel(kept)))
-        else:
-            s.backend = MATCHERS.get(opts.backend).name
-            kw: dict[str, Any] = dict(
-                backend=s.backend, write=not opts.dry_run, say=opts.say, progress=opts.progress
-            )
-            m = match_with_cache(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, **kw)
-            s.seconds["match"], s.match_cache, s.pairs = m.seconds, m.how, len(m.pairs)
+        else:  # through the match cache; torch is imported only when something is matched
+            kw: dict[str, Any] = dict(backend=opts.backend, write=not opts.dry_run, progress=opts.progress)
+            keys, v = [e.rel for e in kept], encode.verifier_for(model)
+            m = match_run(store, keys, db_dir, u.meta, s.threshold, v, say=opts.say, **kw)
+            s.match_cache, s.pairs, s.backend = m.how, len(m.pairs), m.backend
+            s.seconds.update(m.timings)
+            if m.verified is not None:
+                s.verification = m.verified.record(_rel(kept), _rel(kept))
             pairs, dists = m.pairs, m.dist
         _act_dedup(image_dir, trash_dir, opts, s, kept, pairs, dists)
     for line in snapshot_lines(db_dir, info):  # written on a thread during the run

@@ -241,7 +241,7 @@ def test_update_db_dry_run_writes_nothing(pics: Path, tmp_path: Path) -> None:
 def test_thread_plan_and_restore() -> None:
     assert thread_plan("cpu", 2) == ThreadPlan(2, 2, 0)  # a CPU model and decoding take turns
     assert thread_plan("cpu", 16) == ThreadPlan(16, 16, 0)
-    assert thread_plan("cpu", 2, torch_model=False) == ThreadPlan(torch.get_num_threads(), 2, 2)
+    assert thread_plan("cpu", 2, torch_model=False) == ThreadPlan(0, 2, 2)  # torch's setting left alone
     assert thread_plan("cuda", 32).decoders == 16
     before = torch.get_num_threads()
     with torch_threads(1):

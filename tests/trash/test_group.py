@@ -16,7 +16,9 @@ from clipdedup.trash.group import (
 )
 
 
-@pytest.mark.parametrize("n, p", [(0, 0), (1, 0), (2, 1), (10, 0), (63, 40), (65, 200), (500, 300)])
+@pytest.mark.parametrize(
+    "n, p", [(0, 0), (1, 0), (2, 1), (10, 0), (63, 40), (65, 200), (500, 300), (5000, 4500)]
+)
 def test_matches_reference(n: int, p: int) -> None:
     rng = np.random.default_rng(n * 1000 + p)
     if n >= 2 and p:
@@ -77,3 +79,12 @@ def test_chain_moves_only_duplicates_of_the_kept_file() -> None:
     # A~B, B~C only: C stays, joined through B.
     parts, stays = split_chains([0, 1, 2], adjacency(pairs[:2]), min)
     assert parts == [Part(0, (1,), None)] and stays == [Stay(2, 0, (1,))]
+
+
+def test_long_chains_in_any_order_are_one_group() -> None:
+    """Whole-array union-find: a chain hooks root after root, in whatever order its links come."""
+    rng = np.random.default_rng(5)
+    nodes = rng.permutation(3000)
+    pairs = np.sort(np.stack([nodes[:-1], nodes[1:]], 1), axis=1)
+    for p in (pairs, pairs[::-1], pairs[rng.permutation(len(pairs))]):
+        assert group_pairs(3000, p) == [list(range(3000))]

@@ -6,6 +6,7 @@ import errno
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clipdedup.records import FileEntry
@@ -21,6 +22,8 @@ from clipdedup.trash.move import (
     move_duplicate,
     move_exact,
     move_no_replace,
+    safe_members,
+    safe_members_ref,
 )
 
 
@@ -374,3 +377,25 @@ def test_skip_update_never_acts_on_a_stale_embedding(testdata: Path, tmp_path: P
         (str(img / "b.jpg"), "changed since it was encoded; left out (--skip-update)")
     ]
     assert (img / "b.jpg").exists() and len(s.moved) == 1
+
+
+def test_safe_members_equal_the_pairwise_definition(tmp_path: Path) -> None:
+    """Files, links to them and to links, a symlinked dir, a loop and a dangling link: random groups
+    get the same safe members from the one-pass version as from `depends_on` on every pair."""
+    img = tmp_path / "img"
+    for n in range(4):
+        write(img / "a" / f"f{n}.jpg", bytes([n]))
+    os.symlink("a", img / "b")
+    os.symlink("f0.jpg", img / "a" / "l0.jpg")
+    os.symlink(str(img / "a" / "l0.jpg"), img / "a" / "l00.jpg")
+    os.symlink("../b/f1.jpg", img / "a" / "l1.jpg")
+    os.symlink("loop_b", img / "loop_a")
+    os.symlink("loop_a", img / "loop_b")
+    os.symlink("gone.jpg", img / "dangling.jpg")
+    rels = [str(p.relative_to(img)) for p in img.rglob("*") if p.is_symlink() or p.is_file()]
+    rels += ["b/f0.jpg", "b/f1.jpg", "b/l0.jpg", "a/../a/f2.jpg"]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        pick = rng.choice(len(rels), int(rng.integers(1, 8)), replace=True)
+        cands = [Candidate(rels[i], str(img / rels[i]), 1, 1) for i in pick]
+        assert safe_members(cands) == safe_members_ref(cands), [c.rel for c in cands]

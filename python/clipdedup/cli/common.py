@@ -141,6 +141,12 @@ def match_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "-n", "--dry-run", is_flag=True, help="Print what would move; change nothing, DB included."
         ),
         click.option(
+            "--retry-unreadable",
+            is_flag=True,
+            help="Decode again the images that failed before and have not changed since (by default "
+            "they are reported from the DB's record of them).",
+        ),
+        click.option(
             "-t",
             "--trash-dir",
             type=any_dir,
@@ -228,6 +234,7 @@ def run_options(**kw: Any) -> Any:
         clean_orphans=kw["clean_orphans"],
         skip_update=kw["skip_update"],
         use_ctime=kw.get("use_ctime", True),
+        retry_unreadable=kw["retry_unreadable"],
         dry_run=kw["dry_run"],
         threshold=kw["threshold"],
         keeping_logic=kw.get("keeping_logic") or "largest",

@@ -38,6 +38,7 @@ def open_store(
     threads: int | None = None,
     info: LoadInfo | None = None,
     block_rows: int = BLOCK_ROWS,
+    track: bool = True,
 ) -> tuple[RowStore, np.ndarray, list[tuple[str, str]]]:
     """Opens `rows` as a `RowStore`, as `load.load_files` would load them.
 
@@ -69,7 +70,10 @@ def open_store(
             dim = next((len(v) for v in rows.vectors.values()), 0)
     loc = np.full(n, -1, np.int64)
     hashes = np.zeros(n, np.uint64)
-    seen = RowsSeen(n)  # finite rows and the largest norm, for matching (no pass of its own there)
+    # usable rows (an unusable one is a load error naming its file) and the largest norm, for
+    # matching (no pass of its own there); without `track` the store keeps neither (a run answered
+    # by the match cache, or builtin:dct's, never screens the store)
+    seen = RowsSeen(n)
     base_fd, stale = -1, 0
     if snap is not None and len(file_at):
         src, dst, stale = snap_mod.reusable_rows(snap, keys, stats)
@@ -94,7 +98,7 @@ def open_store(
     bad = np.flatnonzero(ok & ~seen.finite)  # every ok row was seen once (snapshot or file)
     ok[bad] = False
     errors = sorted(errors + [(rows.dbfile(i).path, NOT_FINITE) for i in bad.tolist() if rows.keys[i]])
-    store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok))
+    store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok) if track else None)
     store.snapshot_path = snap_mod.snapshot_path(db_dir)
     if write_snapshot and started_ns is not None and store.n and os.path.isdir(db_dir) and len(file_at) == n:
         fresh = ok & ~from_snap
@@ -106,7 +110,13 @@ def open_store(
 
 
 def _check_snapshot_rows(
-    fd: int, dim: int, loc: np.ndarray, hashes: np.ndarray, rows: np.ndarray, block_rows: int, seen: RowsSeen
+    fd: int,
+    dim: int,
+    loc: np.ndarray,
+    hashes: np.ndarray,
+    rows: np.ndarray,
+    block_rows: int,
+    seen: RowsSeen | None,
 ) -> np.ndarray:
     """The rows (of `rows`, sorted) whose snapshot bytes are short or fail their checksum; the
     others are recorded in `seen`."""
@@ -120,7 +130,7 @@ def _check_snapshot_rows(
         bad.append(r if fatal else r[np.asarray(b, np.int64)])
         good = np.ones(len(r), bool)
         good[np.asarray(b, np.int64)] = False
-        if not fatal and good.any():
+        if not fatal and good.any() and seen is not None:
             seen.see(r[good], buf[: len(r)][good])
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
@@ -213,6 +223,7 @@ def open_embeddings(
     dry_run: bool = False,
     info: LoadInfo | None = None,
     index: DBColumns | None = None,
+    track: bool = True,
 ) -> tuple[list[FileEntry], RowStore, list[tuple[str, str]], int]:
     """`update.load_embeddings` as a `RowStore`: what a whole run uses instead of the matrix.
 
@@ -222,6 +233,8 @@ def open_embeddings(
 
     Args:
         index: the DB's `index_columns`, when the caller has it already.
+        track: keep what the opening pass sees of every row (`RowStore.seen`: which are finite, the
+            largest norm) so that a full match on the store needs no pass of its own.
 
     Returns:
         (entries with an embedding, the store of their rows, DB read errors, count not in the DB).
@@ -254,7 +267,13 @@ def open_embeddings(
     started = idx.started_ns
     del idx, index, at, cols
     store, ok, errors = open_store(
-        db_dir, rows, dim, started_ns=started, write_snapshot=not (dry_run or in_memory), info=info
+        db_dir,
+        rows,
+        dim,
+        started_ns=started,
+        write_snapshot=not (dry_run or in_memory),
+        info=info,
+        track=track,
     )
     kept = [e for e, good in zip(with_row, ok.tolist()) if good]
     return kept, store, errors, missing

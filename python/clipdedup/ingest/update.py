@@ -16,6 +16,7 @@ from clipdedup import db as dbmod
 from clipdedup.db.writer import AsyncWriter
 from clipdedup.errors import UserError
 from clipdedup.ingest import prepass
+from clipdedup.ingest import unreadable as unread
 from clipdedup.ingest.decode.base import iter_batches
 from clipdedup.ingest.encode.base import (
     DEFAULT_MODEL,
@@ -100,6 +101,7 @@ def update_db(
     progress: bool = False,
     log=None,
     use_ctime: bool = True,
+    retry_unreadable: bool = False,
 ) -> UpdateSummary:
     """Brings the DB at `db_dir` up to date with the images under `image_dir`.
 
@@ -117,6 +119,8 @@ def update_db(
         log: callable taking one line of text for per-file messages (default: stderr).
         use_ctime: an image whose ctime is newer than its DB file is re-encoded (content rewritten
             with its size and mtime put back); False for file systems whose ctime is unreliable.
+        retry_unreadable: decode again the images remembered as unreadable although they have not
+            changed (ingest/unreadable.py); by default they are reported from the record.
 
     Returns:
         What was encoded, skipped and removed, with times per stage in `seconds`.
@@ -149,6 +153,7 @@ def update_db(
     dim = have.dim if have else None
     plan = dbmod.plan_update(scan.entries, index, dim=dim, force=force, use_ctime=use_ctime)
     s.up_to_date, s.orphans = len(plan.up_to_date), plan.orphans
+    old_unreadable, skipped = unread.leave_out(image_dir, db_dir, plan, retry_unreadable, s, log)
     for img in plan.unnamable:
         path = os.path.join(image_dir, img.rel)
         s.failed.append((path, dbmod.unnamable_reason(img.rel)))
@@ -190,6 +195,8 @@ def update_db(
         s.meta = have
     if clean_orphans and plan.orphans and not dry_run:
         s.removed = dbmod.remove_orphans(db_dir, plan.orphans)
+    if not dry_run:
+        unread.update_record(image_dir, db_dir, old_unreadable, skipped, plan.to_encode, s.failed)
     return s
 
 

@@ -19,26 +19,31 @@ def group_pairs(n: int, pairs: np.ndarray) -> list[list[int]]:
 
     Returns groups as ascending index lists, ordered by their smallest index.
     """
-    parent = np.arange(n, dtype=np.int64)
-
-    def find(a: int) -> int:
-        root = a
-        while parent[root] != root:
-            root = int(parent[root])
-        while parent[a] != root:  # path compression
-            parent[a], a = root, int(parent[a])
-        return root
-
-    for a, b in np.asarray(pairs, dtype=np.int64).reshape(-1, 2):
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            # The smaller index becomes the root, so roots are the groups' first members.
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[int, list[int]] = {}
-    touched = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1))
-    for v in touched:
-        members.setdefault(find(int(v)), []).append(int(v))
-    return [sorted(g) for _, g in sorted(members.items()) if len(g) > 1]
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if not len(pairs):
+        return []
+    a, b = pairs[:, 0], pairs[:, 1]
+    root = np.arange(n, dtype=np.int64)
+    # Whole-array union-find: each round hooks the larger root of every edge under the smaller one,
+    # then halves the paths until each node points at its root; a component's root ends up as its
+    # smallest member. Rounds are few (the roots' labels only fall), each one numpy work on P edges.
+    while True:
+        ra, rb = root[a], root[b]
+        differ = ra != rb
+        if not differ.any():
+            break
+        ra, rb = ra[differ], rb[differ]
+        np.minimum.at(root, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:
+            up = root[root]
+            if np.array_equal(up, root):
+                break
+            root = up
+    touched = np.unique(pairs)
+    order = np.lexsort((touched, root[touched]))
+    nodes, roots = touched[order], root[touched][order]
+    cuts = np.flatnonzero(np.diff(roots)) + 1
+    return [g.tolist() for g in np.split(nodes, cuts) if len(g) > 1]
 
 
 def group_pairs_ref(n: int, pairs: np.ndarray) -> list[list[int]]:

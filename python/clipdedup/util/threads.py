@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    torch_threads: int  # torch intra-op threads
+    torch_threads: int  # torch intra-op threads (0: no torch model, torch's own setting is left alone)
     decoders: int  # decoder threads
     prefetch: int  # batches decoded ahead of the encoder (0: decoding and inference take turns)
 
@@ -26,17 +26,22 @@ def thread_plan(device: str, cores: int | None = None, *, torch_model: bool = Tr
     all; giving each a fixed share of the cores idles torch's share while it waits for nothing
     (bench/bench_encode.py measures all three).
     """
+    cores = cores or os.cpu_count() or 1
+    if not torch_model:  # nothing to ask torch: a run of builtin:dct need not import it
+        return ThreadPlan(0, max(1, min(16, cores)), 2)
     import torch
 
-    cores = cores or os.cpu_count() or 1
-    if torch.device(device).type != "cpu" or not torch_model:
+    if torch.device(device).type != "cpu":
         return ThreadPlan(torch.get_num_threads(), max(1, min(16, cores)), 2)
     return ThreadPlan(cores, cores, 0)
 
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Sets torch's intra-op thread count for the block, then restores it."""
+    """Sets torch's intra-op thread count for the block, then restores it (n = 0: leaves it)."""
+    if n <= 0:
+        yield
+        return
     import torch
 
     before = torch.get_num_threads()

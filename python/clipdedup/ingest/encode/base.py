@@ -116,7 +116,8 @@ def load_encoder(
     `batch_size` is the fixed batch shape a CUDA graph is captured at (it grows if a larger batch
     comes); `log` receives one-line notices (a graph capture that failed).
     """
-    device = device or default_device()
+    # a built-in encoder runs on the CPU: no torch import to ask about CUDA
+    device = device or ("cpu" if model_id.startswith("builtin:") else default_device())
     notice = cpu_rate_notice(model_id, device)
     if notice and log is not None:
         log(notice)

@@ -11,10 +11,8 @@ backends also take the unchanged rows' screening operands from the cache
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +64,7 @@ def match_with_cache(
     write: bool = True,
     say: Callable[[str], object] = lambda line: print(line, file=sys.stderr),
     progress: bool = False,
+    read: tuple[MatchCache | None, str] | None = None,
 ) -> Matched:
     """All pairs of the store's rows within `threshold`, as `find_pairs` with `backend` gives them.
 
@@ -75,11 +74,12 @@ def match_with_cache(
         write: write the cache afterwards (never in a dry run).
         say: one line when a cache is there but cannot be used, or cannot be written.
         progress: a progress bar of tiles on stderr.
+        read: `read_cache(db_dir)`'s answer when the caller has it already.
     """
     t0 = time.perf_counter()
     reuse, why, section = None, "the DB has no metadata", (0, 0)
     if meta is not None:
-        cache, why = read_cache(db_dir)
+        cache, why = read if read is not None else read_cache(db_dir)
         if cache is not None:
             reuse, why = plan_reuse(cache, keys, store.hashes, meta.model_id, meta.dim, threshold)
             section = (cache.screen_at, cache.screen_len)
@@ -145,16 +145,12 @@ def operands_of_cache(
     return (None, why) if sr is None else project_changed(sr, store, np.flatnonzero(old < 0))
 
 
-def import_in_background(module: str) -> threading.Thread:
-    """Starts importing `module` on a daemon thread (join it before use): torch takes seconds to
-    import, which a run can spend scanning and loading instead."""
-    t = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
-    t.start()
-    return t
-
-
 def pairs_of_matrix(
-    x: np.ndarray, rows: np.ndarray | None, threshold: float, backend: str, progress: Callable[[int], None]
+    x: np.ndarray,
+    rows: np.ndarray | None,
+    threshold: float,
+    backend: str | None,
+    progress: Callable[[int], None],
 ) -> tuple[np.ndarray, np.ndarray]:
     """`find_pairs_store`'s answer from the matrix with any backend: pairs i < j touching `rows`
     (None: all), sorted, with float64 distances (the ones find_pairs rounds to float32)."""

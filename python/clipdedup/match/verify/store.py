@@ -53,6 +53,24 @@ def match_verified_store(
     del xs, ys
     t1 = time.perf_counter()
     ms = verifier.min_score if min_score is None else float(min_score)
+    scores = score_pairs(store, pairs, verifier, y=y, chunk=chunk)
+    t2 = time.perf_counter()
+    return Verified(
+        pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}
+    )
+
+
+def score_pairs(
+    store: RowStore,
+    pairs: np.ndarray,
+    verifier: Verifier,
+    *,
+    y: RowStore | None = None,
+    chunk: int = PAIR_CHUNK,
+) -> np.ndarray:
+    """float64 (P,) check scores of `pairs` (rows of store, rows of y; y None: both of store), the
+    check parts read from the store(s) `chunk` pairs at a time."""
+    s = verifier.screen_dims
     scores = np.empty(len(pairs), np.float64)
     # One buffer per store: within one store both sides of a chunk share one read of their rows (up to
     # 2 * chunk of them); with two, each side reads up to chunk rows from its own.
@@ -67,10 +85,7 @@ def match_verified_store(
             ca, la = _checks(store, part[:, 0], bufs[0], s)
             cb, lb = _checks(y, part[:, 1], bufs[1], s)
             scores[at : at + len(part)] = verifier.scores(ca, cb, np.stack([la, lb], axis=1))
-    t2 = time.perf_counter()
-    return Verified(
-        pairs, dists, scores, scores >= ms, ms, verifier.measure, {"screen": t1 - t, "verify": t2 - t1}
-    )
+    return scores
 
 
 def _checks(st: RowStore, rows: np.ndarray, buf: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
