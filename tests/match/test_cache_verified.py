@@ -52,7 +52,7 @@ class DctCollection(Collection):
         s = run_dedup(str(self.img), str(self.db), None, opts)
         assert s.verification is not None
         got = {(c.a, c.b, c.distance, c.score, c.confirmed) for c in s.verification.candidates}
-        groups = {(a, b) for g in s.groups for a, b, _ in g.distances}
+        groups = {(a, b) for g in s.groups for a, b, _ in g.distances + g.links}
         assert groups == {(a, b) for a, b, _, _, ok in got if ok}
         return got, lines, s.match_cache
 
