@@ -192,8 +192,10 @@ def int16_candidates(
     s = scale_for(math.sqrt(max(float(na.max(initial=0.0)), float(nb.max(initial=0.0)))))
     qx = quantize(x, s)
     tx = thresholds(na, qx, s, t)
-    qy, ty = (qx, tx) if y is None else (quantize(y, s), None)
-    if ty is None:
+    if y is None:
+        qy, ty = qx, tx
+    else:
+        qy = quantize(y, s)
         ty = thresholds(nb, qy, s, t)
     try:
         i, j = int16_screen(qx, qy, tx, ty, upper=y is None, max_hits=max_candidates)
