@@ -152,3 +152,18 @@ def test_int16_store_recipe_equals_reference(n, d, k, block):
         pairs, _ = find_pairs_store(st, t, recipe="int16", k=k, block=block, rows=rows)
         sel = np.isin(want[0][:, 0], rows) | np.isin(want[0][:, 1], rows)
         np.testing.assert_array_equal(pairs, want[0][sel])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_buffers_grow_until_the_answer_fits(isa, monkeypatch):
+    """A first buffer smaller than the answer: the screen runs again with room for it (never a
+    buffer of n * m pairs up front), and still gives up beyond max_hits."""
+    monkeypatch.setattr(isc, "FIRST_CAP", 3)
+    rng = np.random.default_rng(9)
+    a = rng.integers(-100, 100, (40, 8)).astype(np.int16)
+    t = np.full(40, -(1 << 30), np.int32)
+    r, q = isc.int16_screen(a, a, t, t, isa_name=isa)
+    assert sorted(zip(r.tolist(), q.tolist())) == [(i, j) for i in range(40) for j in range(40)]
+    with pytest.raises(isc.TooManyHits):
+        isc.int16_screen(a, a, t, t, isa_name=isa, max_hits=1599)
+    assert len(isc.int16_screen(a, a, t, t, isa_name=isa, max_hits=1600)[0]) == 1600

@@ -39,6 +39,7 @@ from clipdedup.util import cpu
 TARGET_EXP = 14  # s * (largest row norm) < 2^14: |q_k| <= 2^14 + 1/2 fits int16, dots stay below 2^30
 TAU_MIN = -(1 << 30)
 TAU_NONE = (1 << 30) - 1  # tau of a row that must pair with nothing (non-finite rows)
+FIRST_CAP = 1 << 20  # hits the first try of a screen has room for (16 MiB)
 
 
 def isa() -> str:
@@ -145,31 +146,27 @@ def int16_screen(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`int16_screen_ref`'s pairs from the native kernel (unsorted).
 
+    The hits go into buffers of at most 2^20 pairs at first (not n * m: the answer is usually a tiny
+    part of it), and the screen runs again with larger ones while it finds more, up to `max_hits`.
+
     Raises:
         TooManyHits: more than `max_hits` (default: no limit beyond n * m) were found.
     """
     a = np.ascontiguousarray(a, np.int16)
     b = np.ascontiguousarray(b, np.int16)
-    cap = a.shape[0] * b.shape[0] if max_hits is None else max_hits
-    cap = max(0, min(cap, a.shape[0] * b.shape[0]))
-    out_r = np.empty(cap, np.int64)
-    out_q = np.empty(cap, np.int64)
-    found = native.int16_screen(
-        a,
-        b,
-        np.ascontiguousarray(ta, np.int32),
-        np.ascontiguousarray(tb, np.int32),
-        row_base,
-        col_base,
-        upper,
-        out_r,
-        out_q,
-        isa_name or isa(),
-        threads or native.cpu_threads(),
-    )
-    if found > cap:
-        raise TooManyHits(f"more than {cap} candidates")
-    return out_r[:found], out_q[:found]
+    ta, tb = np.ascontiguousarray(ta, np.int32), np.ascontiguousarray(tb, np.int32)
+    limit = a.shape[0] * b.shape[0] if max_hits is None else max_hits
+    limit = max(0, min(limit, a.shape[0] * b.shape[0]))
+    cap = min(limit, FIRST_CAP)
+    while True:
+        out_r, out_q = np.empty(cap, np.int64), np.empty(cap, np.int64)
+        args = (row_base, col_base, upper, out_r, out_q, isa_name or isa(), threads or native.cpu_threads())
+        found = native.int16_screen(a, b, ta, tb, *args)
+        if found <= cap:
+            return out_r[:found], out_q[:found]
+        if cap >= limit:
+            raise TooManyHits(f"more than {limit} candidates")
+        cap = min(limit, max(4 * cap, 2 * found))
 
 
 def screened_threshold(threshold: float, dim: int) -> float:
