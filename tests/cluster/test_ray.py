@@ -21,6 +21,7 @@ from clipdedup.cluster.encode import LOST, MISSING, check_planned, probe_verdict
 from clipdedup.cluster.match import find_pairs_ray
 from clipdedup.db import META_NAME, write_embedding
 from clipdedup.errors import UserError
+from clipdedup.ingest.unreadable import UNREADABLE_NAME
 from clipdedup.ingest.update import update_db
 from clipdedup.match import find_pairs
 from clipdedup.records import FileEntry, UpdateSummary
@@ -99,8 +100,14 @@ def test_killed_actor_loses_no_image(ray_cluster, pics: Path, tmp_path: Path) ->
     assert a.keys() == b.keys() and a == b
     meta = [json.loads((tmp_path / d / META_NAME).read_text()) for d in ("db_local", "db_ray")]
     assert meta[0] == meta[1]
-    leftovers = [p for p in (tmp_path / "db_ray").rglob("*") if p.is_file() and not p.name.endswith(".npy")]
-    assert sorted(p.name for p in leftovers) == [META_NAME]
+
+    def others(d: str) -> list[str]:  # no temporary file is left; the unreadable images are recorded
+        files = (p for p in (tmp_path / d).rglob("*") if p.is_file())
+        return sorted(p.name for p in files if not p.name.endswith(".npy"))
+
+    assert others("db_ray") == others("db_local") == sorted([META_NAME, UNREADABLE_NAME])
+    record = [json.loads((tmp_path / d / UNREADABLE_NAME).read_text()) for d in ("db_local", "db_ray")]
+    assert record[0] == record[1]
 
 
 @pytest.mark.parametrize("n, m, block", [(0, 5, 4), (1, 0, 4), (63, 0, 16), (65, 0, 16), (65, 33, 7)])
