@@ -32,7 +32,7 @@ import numpy as np
 
 from clipdedup.db.rowstore import RowStore
 from clipdedup.match.core import recheck
-from clipdedup.match.screen.int_screen import TooManyHits, int16_candidates, int16_screen, screened_threshold
+from clipdedup.match.screen.int_screen import TooManyHits, int16_rows_screen, int16_screen
 from clipdedup.match.screen.project import PROJECT_DIM
 from clipdedup.match.screen.store_screen import StoreScreen, screen_store
 from clipdedup.match.screen.torch_screen import tile_hits, torch_screen
@@ -83,12 +83,7 @@ def match_tile(
         xb = store.block(j0, j1, _buffer(buffers, "b", j1 - j0, store.dim))
         xa[~scr.finite[rows]] = 0
         xb[~scr.finite[j0:j1]] = 0
-        if scr.recipe.integer:
-            cand = int16_candidates(xa, xb, screened_threshold(t, store.dim))
-            assert cand is not None  # no limit was set
-            r, q = cand
-        else:
-            r, q = torch_screen(xa, xb, t, scr.recipe)
+        r, q = int16_rows_screen(xa, xb, t) if scr.recipe.integer else torch_screen(xa, xb, t, scr.recipe)
     else:
         r, q = hits
     ci, cj = rows[r], q + j0

@@ -41,10 +41,9 @@ def _int16_why_not() -> str | None:
 
 def _screen_full(x, y, threshold, recipe: str, kw: dict):
     if recipe == "int16":
-        from clipdedup.match.screen.int_screen import int16_candidates, screened_threshold
+        from clipdedup.match.screen.int_screen import int16_rows_screen
 
-        cand = int16_candidates(x, y, screened_threshold(threshold, x.shape[1]))
-        assert cand is not None  # no limit was set
+        cand = int16_rows_screen(x, y, threshold)
         if kw.get("progress"):
             kw["progress"](1)
         return cand

@@ -200,3 +200,11 @@ def int16_candidates(
         return None
     order = np.lexsort((j, i))
     return i[order], j[order]
+
+
+def int16_rows_screen(x: np.ndarray, y: np.ndarray | None, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs of float32 rows screened whole (no projection) at the answer's `threshold`:
+    every pair the float64 reference accepts, and more (no limit on their number)."""
+    cand = int16_candidates(x, y, screened_threshold(threshold, x.shape[1]))
+    assert cand is not None  # no limit was set
+    return cand
