@@ -86,14 +86,18 @@ def stay_reason(entries: Sequence[FileEntry], st: Stay) -> str:
 
 
 def group_record(entries: Sequence[FileEntry], p: Planned, moved: list[MoveResult]) -> Group:
-    """The run's record of planned group `p` after its moves."""
-    name = [e.rel for e in entries]
+    """The run's record of planned group `p` after its moves (work in proportion to the group,
+    not to `entries`: a run records every group)."""
+
+    def name(k: int) -> str:
+        return entries[k].rel
+
     return Group(
-        [name[k] for k in p.rows],
-        name[p.kept],
+        [name(k) for k in p.rows],
+        name(p.kept),
         moved,
-        [(name[a], name[b], d) for a, b, d in p.distances],
-        stayed=[(name[st.member], stay_reason(entries, st)) for st in p.stays],
-        split_from=None if p.split_from is None else name[p.split_from],
-        links=[(name[a], name[b], d) for a, b, d in p.links],
+        [(name(a), name(b), d) for a, b, d in p.distances],
+        stayed=[(name(st.member), stay_reason(entries, st)) for st in p.stays],
+        split_from=None if p.split_from is None else name(p.split_from),
+        links=[(name(a), name(b), d) for a, b, d in p.links],
     )
