@@ -21,7 +21,7 @@ from clipdedup import db as dbmod
 from clipdedup.cluster import RayCluster
 from clipdedup.db.load import snapshot_lines
 from clipdedup.db.rowstore import RowStore
-from clipdedup.db.store_load import encoded_as_scanned, open_embeddings
+from clipdedup.db.store_load import encoded_as_scanned, index_columns, open_embeddings
 from clipdedup.errors import UserError
 from clipdedup.ingest.encode import base as encode
 from clipdedup.ingest.encode.base import DEFAULT_MODEL, Encoder, LazyEncoder, default_threshold, load_encoder
@@ -35,7 +35,7 @@ from clipdedup.ingest.update import (
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.match.backends import stream
-from clipdedup.match.cache.run import import_in_background, likely_to_match, match_run
+from clipdedup.match.cache.run import cache_answer, import_in_background, likely_to_match, match_run
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
@@ -92,7 +92,10 @@ def _update_or_read(
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = read_meta_as_is(db_dir)
         dim, ctime = u.meta.dim if u.meta else None, opts.use_ctime
-        entries = encoded_as_scanned(image_dir, db_dir, entries, dim, u.failed, opts.say, use_ctime=ctime)
+        u.db_columns = index_columns(db_dir)  # nothing is written: the load reuses it
+        entries = encoded_as_scanned(
+            image_dir, db_dir, entries, dim, u.failed, opts.say, use_ctime=ctime, index=u.db_columns
+        )
     else:
         u = update_db(
             image_dir,
@@ -114,17 +117,20 @@ def _update_or_read(
     return u, entries
 
 
-def _load_repaired(load, image_dir, db_dir, entries, dim, u: UpdateSummary, opts: RunOptions, encoder):
+def _load_repaired(
+    load, image_dir, db_dir, entries, dim, u: UpdateSummary, opts: RunOptions, encoder, index=None
+):
     """`load`s a DB's rows (open_embeddings or load_embeddings) -> (entries, rows, errors, missing,
     info). A run that may write re-encodes the images whose DB file failed to load although it
-    looked up to date (a bad header, NaN or infinity in its numbers) and loads again."""
+    looked up to date (a bad header, NaN or infinity in its numbers) and loads again. `index`:
+    the DB's `index_columns` for the first load (open_embeddings only); the second reads its own."""
 
-    def once() -> tuple:
+    def once(**kw: Any) -> tuple:
         info = dbmod.LoadInfo()
-        got = load(db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info)
+        got = load(db_dir, entries, dim=dim, in_memory=u.in_memory, dry_run=opts.dry_run, info=info, **kw)
         return (*got, info)
 
-    kept, rows, errors, missing, info = once()
+    kept, rows, errors, missing, info = once(**({} if index is None else {"index": index}))
     if errors and not (opts.dry_run or opts.skip_update):
         damaged = (entries, errors, encoder, opts.model_id, opts.device, opts.batch_size, opts.say)
         if reencode_damaged(image_dir, db_dir, *damaged, into=u):
@@ -219,29 +225,44 @@ def _run_dedup_locked(
     t = time.perf_counter()
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
-    if likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory)):
+    # nothing changed and a match cache to answer from: no row needs reading, torch is not needed
+    cached = not likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory))
+    if not cached:
         import_in_background("torch")  # seconds, overlapping the load (not the GIL-bound update)
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
-    # the opening pass keeps what a full screen of the store needs only when one is likely
-    track = encode.verifier_for(_model(opts, u)) is None and likely_to_match(db_dir, False)
+    on_ray = opts.cluster is not None and opts.cluster.match  # Ray tasks read the store's snapshot
+    s.threshold = _threshold(opts, u)
+    model = _model(opts, u)
+    v = encode.verifier_for(model)
+    kw: dict[str, Any] = dict(backend=opts.backend, write=not opts.dry_run, progress=opts.progress)
+    # the opening pass keeps what a full screen of the store needs only when one is likely; when
+    # the cache is likely to answer, the rows the snapshot holds unchanged are not even read
+    load = partial(open_embeddings, track=v is None and not cached, unchecked=cached and not on_ray)
     kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
-        partial(open_embeddings, track=track), image_dir, db_dir, entries, dim, u, opts, encoder
+        load, image_dir, db_dir, entries, dim, u, opts, encoder, u.db_columns
     )
+    m = None
+    if not store.checked:  # the cache answers, or the rows are opened again, this time read
+        m = cache_answer(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, v)
+        if m is None:
+            store.close()
+            load = partial(open_embeddings, track=v is None)
+            kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
+                load, image_dir, db_dir, entries, dim, u, opts, encoder, u.db_columns
+            )
     with store:
         s.loaded = len(kept)
-        s.seconds["load"] = time.perf_counter() - t
+        s.seconds["load"] = time.perf_counter() - t - (m.seconds if m is not None else 0.0)
         for path, reason in s.load_errors:
             opts.say(f"{path}: skipped: {reason}")
-        s.threshold = _threshold(opts, u)
-        model = _model(opts, u)
-        if opts.cluster is not None and opts.cluster.match:  # Ray tasks read the store's snapshot
+        if on_ray:
             pairs, dists = _match(store, None, opts, s, model, (_rel(kept), _rel(kept)))
         else:  # through the match cache; torch is imported only when something is matched
-            kw: dict[str, Any] = dict(backend=opts.backend, write=not opts.dry_run, progress=opts.progress)
-            keys, v = [e.rel for e in kept], encode.verifier_for(model)
-            m = match_run(store, keys, db_dir, u.meta, s.threshold, v, say=opts.say, **kw)
+            keys = [e.rel for e in kept]
+            if m is None:
+                m = match_run(store, keys, db_dir, u.meta, s.threshold, v, say=opts.say, **kw)
             s.match_cache, s.pairs, s.backend = m.how, len(m.pairs), m.backend
             s.seconds.update(m.timings)
             if m.verified is not None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # a type only: records import no stage
+    from clipdedup.db.layout import DBColumns
 
 FORMAT_VERSION = 1  # of the DB metadata file
 
@@ -114,6 +117,9 @@ class UpdateSummary:
     in_memory: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     meta: DBMeta | None = None
+    # The DB's embedding files as the update indexed them (`db.layout.DBColumns`), when it wrote
+    # or removed none of them: the load reuses it instead of listing the DB again.
+    db_columns: DBColumns | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -176,3 +176,64 @@ def test_unusable_rows_are_load_errors_in_every_loader(tmp_path: Path, trusting,
         assert errors == [(path, NOT_FINITE)] and rel not in {e.rel for e in kept}
     kept, mat, errors, _ = load_embeddings(tmp_path, entries, dim=DIM)
     assert errors == [(path, NOT_FINITE)] and len(kept) == len(mat) == 19
+
+
+def _open_unchecked(root: Path):
+    files = _files(root)
+    info = dbmod.LoadInfo()
+    started = dbmod.index_db(root).started_ns
+    store, ok, errors = open_store(root, rows_of(root, files), DIM, started_ns=started, info=info, unchecked=True)
+    info.wait()
+    return store, ok, errors, info
+
+
+def test_unchecked_open_locates_exactly_the_snapshot_rows(tmp_path: Path, trusting, monkeypatch) -> None:
+    """A snapshot that holds exactly the wanted rows unchanged: located, not read (no gather at
+    opening), with the checked open's hashes; the rows read later are the same and still checked."""
+    from clipdedup.db import store_load
+
+    _make_db(tmp_path, 40)
+    _open(tmp_path)[0].close()  # writes the snapshot
+    checked, _ = _open(tmp_path)
+    reads: list[int] = []
+    real = store_load.native.gather_rows
+    monkeypatch.setattr(store_load.native, "gather_rows", lambda *a: reads.append(1) or real(*a))
+    st, ok, errors, info = _open_unchecked(tmp_path)
+    assert not st.checked and reads == [] and ok.all() and errors == []
+    assert (info.snapshot, info.from_snapshot, info.written) == ("used", 40, False)
+    np.testing.assert_array_equal(st.hashes, checked.hashes)
+    np.testing.assert_array_equal(st.to_matrix(), checked.to_matrix())
+    with open(snap_mod.snapshot_path(tmp_path), "r+b") as f:  # damaged: an error when read, never used
+        f.seek(snap_mod.DATA_OFFSET + 3 * DIM * 4 + 1)
+        f.write(b"\x7f")
+    with pytest.raises(RowStoreError):
+        st.take(np.array([3]))
+    st.close()
+    checked.close()
+
+
+@pytest.mark.parametrize("change", ["edited", "removed", "added", "no snapshot", "racy"])
+def test_unchecked_open_reads_as_usual_when_the_snapshot_differs(
+    tmp_path: Path, trusting, monkeypatch, change: str
+) -> None:
+    """Anything but exactly the snapshot's rows unchanged: the usual checked open, same rows."""
+    vecs = _make_db(tmp_path, 30, seed=3)
+    _open(tmp_path)[0].close()
+    rels = sorted(vecs, key=os.fsencode)
+    if change == "edited":
+        dbmod.write_embedding(tmp_path, rels[4], np.full(DIM, 2, np.float32))
+    elif change == "removed":
+        os.remove(dbmod.npy_path(tmp_path, rels[7]))
+    elif change == "added":
+        dbmod.write_embedding(tmp_path, "d9/new.jpg", np.ones(DIM, np.float32))
+    elif change == "no snapshot":
+        os.remove(snap_mod.snapshot_path(tmp_path))
+    else:  # the snapshot was written too soon after its rows' files: it cannot vouch for them
+        monkeypatch.setattr(snap_mod, "RACY_NS", 10**18)
+    st, ok, errors, _ = _open_unchecked(tmp_path)
+    assert st.checked
+    files = _files(tmp_path)
+    want, want_ok, want_err = dbmod.load_rows(files, DIM)
+    np.testing.assert_array_equal(ok, want_ok)
+    np.testing.assert_array_equal(st.to_matrix(), want[want_ok])
+    st.close()

@@ -342,8 +342,8 @@ def test_kept_file_gone_mid_run_leaves_the_whole_group(
     os.utime(img / "third.jpg", ns=(10**18, 10**18 - 10**9))  # older than sub/copy.jpg, which is kept
     real_choose = dedup.choose_keep_safe
 
-    def choose_then_lose(image_dir, cands, strategy):
-        best = real_choose(image_dir, cands, strategy)
+    def choose_then_lose(image_dir, cands, strategy, dirs=None):
+        best = real_choose(image_dir, cands, strategy, dirs)
         os.unlink(cands[best].path)  # the kept file vanishes right after the decision
         return best
 
@@ -399,3 +399,30 @@ def test_safe_members_equal_the_pairwise_definition(tmp_path: Path) -> None:
         pick = rng.choice(len(rels), int(rng.integers(1, 8)), replace=True)
         cands = [Candidate(rels[i], str(img / rels[i]), 1, 1) for i in pick]
         assert safe_members(cands) == safe_members_ref(cands), [c.rel for c in cands]
+
+
+def test_keep_choice_with_the_run_s_dir_cache_equals_resolving_each_path(tmp_path: Path) -> None:
+    """The real paths a run's groups share (`dirs`) give the keep choice that resolving every path
+    in full gives, on random groups of files, links, symlinked dirs, a loop and a dangling link."""
+    img = tmp_path / "img"
+    for n in range(4):
+        write(img / "a" / f"f{n}.jpg", bytes([n]) * (n + 1))
+        write(img / "c" / "d" / f"g{n}.jpg", bytes([n]) * (4 - n))
+    os.symlink("a", img / "b")
+    os.symlink("c/d", img / "e")
+    os.symlink("f0.jpg", img / "a" / "l0.jpg")
+    os.symlink("../b/f1.jpg", img / "a" / "l1.jpg")
+    os.symlink("loop_b", img / "loop_a")
+    os.symlink("loop_a", img / "loop_b")
+    os.symlink("gone.jpg", img / "dangling.jpg")
+    rels = [str(p.relative_to(img)) for p in img.rglob("*") if p.is_symlink() or p.is_file()]
+    rels += ["b/f0.jpg", "b/f1.jpg", "b/l0.jpg", "e/g2.jpg", "a/../a/f2.jpg"]
+    rng = np.random.default_rng(1)
+    dirs: dict[str, str] = {}
+    for _ in range(300):
+        pick = rng.choice(len(rels), int(rng.integers(1, 8)), replace=True)
+        cands = [Candidate(rels[i], str(img / rels[i]), int(rng.integers(1, 4)), 1) for i in pick]
+        for strategy in ("largest", "newest"):
+            want = choose_keep_safe(str(img), cands, strategy)
+            assert choose_keep_safe(str(img), cands, strategy, dirs) == want, [c.rel for c in cands]
+    assert set(dirs) <= {str(img), *(os.path.dirname(str(img / r)) for r in rels)}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from clipdedup import native
+from clipdedup.db.snapshot import STAT_FIELDS
 from clipdedup.errors import DBMismatchError, UserError
 from clipdedup.records import FORMAT_VERSION, DBMeta, FileEntry
 from clipdedup.scan import scan_native
@@ -168,13 +169,68 @@ class DBIndex:
     temp_files: list[str]
     shadowed: list[str]  # .npz files that have a .npy beside them
     started_ns: int = 0  # time.time_ns() before the files were stat'ed
+    columns: DBColumns | None = None  # the same files as columns (`index_db` fills it)
+
+
+@dataclass
+class DBColumns:
+    """`index_db`'s answer as columns, for runs over large DBs (no `DBFile` object per file).
+
+    Attributes:
+        root: the DB root.
+        row: image rel path -> column index.
+        legacy: bool (M,): the file is an original-tool .npz (else our .npy).
+        mtime_ns, size, ctime_ns: int64 (M,); ino: uint64 (M,).
+        started_ns: time.time_ns() before the files were stat'ed.
+    """
+
+    root: str
+    row: dict[str, int]
+    legacy: np.ndarray
+    stats: dict[str, np.ndarray]
+    started_ns: int
+
+    def stale(self, entries: Sequence[FileEntry], dim: int | None, *, use_ctime: bool = True) -> set[str]:
+        """The rel paths of `entries` whose DB file is out of date (`layout.is_stale`); entries
+        the DB lacks are not in it."""
+        expected = npy_file_size(dim) if dim else None
+        mtime, size, ctime = self.stats["mtime_ns"], self.stats["size"], self.stats["ctime_ns"]
+        out = set()
+        for e in entries:
+            k = self.row.get(e.rel, -1)
+            if k < 0:
+                continue
+            c = int(ctime[k]) if use_ctime else None
+            if is_stale(e, int(mtime[k]), int(size[k]), bool(self.legacy[k]), expected, c):
+                out.add(e.rel)
+        return out
+
+
+def columns_of_scan(
+    root: str,
+    out: native.ScanOutput | None,
+    picked: np.ndarray,
+    rels: list[str],
+    legacy: list[bool],
+    started_ns: int,
+) -> DBColumns:
+    """`DBColumns` of the rows `picked` of a DB scan `out` (`scan_native`; None when empty), whose
+    image rel paths are `rels` and whose files are legacy .npz where `legacy`."""
+    if out is None:
+        stats = {k: np.zeros(0, np.uint64 if k == "ino" else np.int64) for k in STAT_FIELDS}
+    else:
+        cols = {"mtime_ns": out.mtime_ns(), "size": out.size(), "ctime_ns": out.ctime_ns(), "ino": out.ino()}
+        stats = {k: np.ascontiguousarray(cols[k][picked]) for k in STAT_FIELDS}
+    row = dict(zip(rels, range(len(rels))))
+    return DBColumns(root, row, np.array(legacy, bool).reshape(-1), stats, started_ns)
 
 
 def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
     """Every embedding file under `db_dir` (native scan), by image path; the snapshot is not one."""
     started = time.time_ns()
     if not os.path.isdir(db_dir):
-        return DBIndex({}, [], [], started)
+        empty = columns_of_scan(os.fspath(db_dir), None, np.zeros(0, np.int64), [], [], started)
+        return DBIndex({}, [], [], started, empty)
     out, _errors = scan_native(db_dir, suffixes=None)
     picked, temp_rows, shadowed_rows = out.classify_db(TMP_MARK)
     prefix = os.fsencode(os.path.join(db_dir, ""))
@@ -192,7 +248,8 @@ def index_db(db_dir: str | os.PathLike[str]) -> DBIndex:
     files = dict(zip(rels, native.construct(DBFile, _DBFILE_FIELDS, cols)))
     temps = out.names(np.array(temp_rows, np.int64), prefix)
     shadowed = out.names(np.array(shadowed_rows, np.int64), prefix)
-    return DBIndex(files, temps, shadowed, started)
+    columns = columns_of_scan(os.fspath(db_dir), out, np.asarray(picked, np.int64), rels, cols[4], started)
+    return DBIndex(files, temps, shadowed, started, columns)
 
 
 @dataclass

@@ -10,7 +10,9 @@ Every row is read and checked once when the store opens (snapshot rows against t
 failures re-read from the `.npy` mirror), so later reads see exactly the bytes that were checked:
 `take` and `blocks` check each row again and raise `RowStoreError` if the disk no longer agrees.
 Reads go through descriptors held open for the store's life, so a new snapshot renamed over the old
-one mid-run changes nothing.
+one mid-run changes nothing. One exception to the read at opening: a run whose match cache is likely
+to answer opens the store unchecked (`store_load.open_unchecked`, `checked` False) when the snapshot
+holds exactly its rows unchanged; it reads no row, and reopens checked if the cache does not answer.
 
 When the snapshot was missing, stale or damaged and the run may write (not a dry run), a new
 snapshot is written from the store on a thread (`RowStore.writer`, started by db/store_load.py),
@@ -101,6 +103,8 @@ class RowStore:
         self.writer: PendingWrite | None = None
         self.seen = seen  # what the opening pass saw of every row, if it kept track
         self.snapshot_path = ""  # the DB's snapshot file (db/store_load.py sets it), for `shared_rows`
+        # False: the snapshot rows were located, not read when the store opened (`open_unchecked`)
+        self.checked = True
 
     @property
     def n(self) -> int:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from clipdedup import native
 from clipdedup.db import snapshot as snap_mod
-from clipdedup.db.layout import NOT_FINITE, NPY_SUFFIX, NPZ_SUFFIX, is_stale, npy_file_size
+from clipdedup.db.layout import NOT_FINITE, NPY_SUFFIX, NPZ_SUFFIX, DBColumns, columns_of_scan
 from clipdedup.db.load import probe_dim
 from clipdedup.db.rowstore import BLOCK_ROWS, PendingWrite, Rows, RowsSeen, RowStore, spill_rows
 from clipdedup.records import FileEntry, LoadInfo, SnapshotState, SnapshotStatus
@@ -39,6 +38,7 @@ def open_store(
     info: LoadInfo | None = None,
     block_rows: int = BLOCK_ROWS,
     track: bool = True,
+    unchecked: bool = False,
 ) -> tuple[RowStore, np.ndarray, list[tuple[str, str]]]:
     """Opens `rows` as a `RowStore`, as `load.load_files` would load them.
 
@@ -51,6 +51,9 @@ def open_store(
         threads: reader threads.
         info: filled with what happened (`written` and `write_error` wait for the writer).
         block_rows: rows per buffer while reading.
+        unchecked: when the snapshot holds exactly these rows, all unchanged, locate them there
+            without reading them (`RowStore.checked` is then False, see `open_unchecked`);
+            otherwise this changes nothing.
 
     Returns:
         (store, ok, errors): the store of the readable rows in order; ok (N,) bool; errors as
@@ -68,6 +71,11 @@ def open_store(
         dim = snap.dim if snap is not None else probe_dim([rows.dbfile(i) for i in file_at[:64].tolist()])
         if dim is None:
             dim = next((len(v) for v in rows.vectors.values()), 0)
+    if unchecked and snap is not None and (got := open_unchecked(snap, keys, stats, dim, len(file_at) == n)):
+        if info is not None:
+            info.snapshot, info.snapshot_detail = status
+            info.from_snapshot, info.from_files = n, 0
+        return got, np.ones(n, bool), []
     loc = np.full(n, -1, np.int64)
     hashes = np.zeros(n, np.uint64)
     # usable rows (an unusable one is a load error naming its file) and the largest norm, for
@@ -107,6 +115,32 @@ def open_store(
             keep = [key for key, g in zip(keys, ok.tolist()) if g]
             _start_writer(store, db_dir, keep, {k: c[ok] for k, c in stats.items()}, started_ns, info)
     return store, ok, errors
+
+
+def open_unchecked(
+    snap: snap_mod.Snapshot, keys: Sequence[str], stats: dict[str, np.ndarray], dim: int, files_only: bool
+) -> RowStore | None:
+    """A store of `keys` whose rows are all located in `snap`, not read, or None when `snap` is not
+    exactly these rows unchanged (every key in it with the same file stats, outside the racy
+    window, and no other row) or some rows are vectors (not `files_only`).
+
+    Such a store costs O(N) index work and no row reads: what a run answered by its match cache
+    needs (the cache's row checksums are compared with the snapshot's). Its rows are checked when
+    read, as every store's are (`RowStore.take`), so a damaged snapshot row is an error there
+    instead of being read again from its `.npy`: a run that must read rows opens a checked store.
+    """
+    if not files_only or snap.dim != dim or len(snap.keys) != len(keys):
+        return None
+    src, _dst, stale = snap_mod.reusable_rows(snap, keys, stats)
+    if stale or len(src) != len(keys):
+        return None
+    try:
+        fd = os.open(snap.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    store = RowStore(dim, src, snap.hashes[src], fd, -1, None)
+    store.snapshot_path, store.checked = snap.path, False
+    return store
 
 
 def _check_snapshot_rows(
@@ -162,56 +196,19 @@ def _start_writer(
         info.writer = pending.thread
 
 
-@dataclass
-class DBColumns:
-    """`db.index_db`'s answer as columns, for runs over large DBs (no `DBFile` object per file).
-
-    Attributes:
-        root: the DB root.
-        row: image rel path -> column index.
-        keys_legacy: bool (M,): the file is an original-tool .npz (else our .npy).
-        mtime_ns, size, ctime_ns: int64 (M,); ino: uint64 (M,).
-        started_ns: time.time_ns() before the files were stat'ed.
-    """
-
-    root: str
-    row: dict[str, int]
-    legacy: np.ndarray
-    stats: dict[str, np.ndarray]
-    started_ns: int
-
-    def stale(self, entries: Sequence[FileEntry], dim: int | None, *, use_ctime: bool = True) -> set[str]:
-        """The rel paths of `entries` whose DB file is out of date (`layout.is_stale`); entries
-        the DB lacks are not in it."""
-        expected = npy_file_size(dim) if dim else None
-        mtime, size, ctime = self.stats["mtime_ns"], self.stats["size"], self.stats["ctime_ns"]
-        out = set()
-        for e in entries:
-            k = self.row.get(e.rel, -1)
-            if k < 0:
-                continue
-            c = int(ctime[k]) if use_ctime else None
-            if is_stale(e, int(mtime[k]), int(size[k]), bool(self.legacy[k]), expected, c):
-                out.add(e.rel)
-        return out
-
-
 def index_columns(db_dir: str | os.PathLike[str]) -> DBColumns:
-    """Every embedding file under `db_dir`, as `index_db` finds them, in columns."""
+    """Every embedding file under `db_dir`, as `index_db` finds them, in columns (no `DBFile` per file)."""
     started = time.time_ns()
-    empty = {k: np.zeros(0, np.uint64 if k == "ino" else np.int64) for k in snap_mod.STAT_FIELDS}
     if not os.path.isdir(db_dir):
-        return DBColumns(os.fspath(db_dir), {}, np.zeros(0, bool), empty, started)
+        return columns_of_scan(os.fspath(db_dir), None, np.zeros(0, np.int64), [], [], started)
     out, _errors = scan_native(db_dir, suffixes=None)
     picked, _temps, _shadowed = out.classify_db(TMP_MARK)
     picked = np.asarray(picked, np.int64)
     keys = out.names(picked)
-    legacy = np.fromiter((k.endswith(NPZ_SUFFIX) for k in keys), bool, len(keys))
-    row = {k[:-4]: i for i, k in enumerate(keys)}  # NPY_SUFFIX and NPZ_SUFFIX: 4 characters each
+    legacy = [k.endswith(NPZ_SUFFIX) for k in keys]
+    rels = [k[:-4] for k in keys]  # NPY_SUFFIX and NPZ_SUFFIX: 4 characters each
     del keys
-    cols = {"mtime_ns": out.mtime_ns(), "size": out.size(), "ctime_ns": out.ctime_ns(), "ino": out.ino()}
-    stats = {k: np.ascontiguousarray(c[picked]) for k, c in cols.items()}
-    return DBColumns(os.fspath(db_dir), row, legacy, stats, started)
+    return columns_of_scan(os.fspath(db_dir), out, picked, rels, legacy, started)
 
 
 def open_embeddings(
@@ -224,6 +221,7 @@ def open_embeddings(
     info: LoadInfo | None = None,
     index: DBColumns | None = None,
     track: bool = True,
+    unchecked: bool = False,
 ) -> tuple[list[FileEntry], RowStore, list[tuple[str, str]], int]:
     """`update.load_embeddings` as a `RowStore`: what a whole run uses instead of the matrix.
 
@@ -235,6 +233,7 @@ def open_embeddings(
         index: the DB's `index_columns`, when the caller has it already.
         track: keep what the opening pass sees of every row (`RowStore.seen`: which are finite, the
             largest norm) so that a full match on the store needs no pass of its own.
+        unchecked: `open_store`'s: rows the snapshot holds exactly are located, not read.
 
     Returns:
         (entries with an embedding, the store of their rows, DB read errors, count not in the DB).
@@ -274,6 +273,7 @@ def open_embeddings(
         write_snapshot=not (dry_run or in_memory),
         info=info,
         track=track,
+        unchecked=unchecked,
     )
     kept = [e for e, good in zip(with_row, ok.tolist()) if good]
     return kept, store, errors, missing
@@ -288,10 +288,12 @@ def encoded_as_scanned(
     say: Callable[[str], object],
     *,
     use_ctime: bool = True,
+    index: DBColumns | None = None,
 ) -> list[FileEntry]:
     """With --skip-update, the images whose embedding no longer matches them (changed since it was
-    made) are left out, with a reason in `failed` and a line: a run never acts on a stale embedding."""
-    stale = index_columns(db_dir).stale(entries, dim, use_ctime=use_ctime)
+    made) are left out, with a reason in `failed` and a line: a run never acts on a stale embedding.
+    `index`: the DB's `index_columns` when the caller has it (it is read otherwise)."""
+    stale = (index or index_columns(db_dir)).stale(entries, dim, use_ctime=use_ctime)
     for rel in sorted(stale, key=os.fsencode):
         path = os.path.join(image_dir, rel)
         failed.append((path, "changed since it was encoded; left out (--skip-update)"))

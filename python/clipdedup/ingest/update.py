@@ -197,6 +197,8 @@ def update_db(
         s.removed = dbmod.remove_orphans(db_dir, plan.orphans)
     if not dry_run:
         unread.update_record(image_dir, db_dir, old_unreadable, skipped, plan.to_encode, s.failed)
+    if not (plan.to_encode or s.removed):  # no embedding file written or removed: the index holds
+        s.db_columns = index.columns
     return s
 
 

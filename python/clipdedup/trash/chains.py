@@ -42,10 +42,11 @@ def plan_groups(
     """The groups of a dedup run over `entries` (rows of `pairs`), in a fixed order."""
     adj = adjacency(pairs)
     cands: dict[int, Candidate] = {}
+    dirs: dict[str, str] = {}  # real paths of the directories met, for every group's keep choice
 
     def choose(comp: list[int]) -> int:
         cs = [cands.setdefault(k, _candidate(image_dir, entries[k])) for k in comp]
-        return comp[choose_keep_safe(image_dir, cs, strategy)]
+        return comp[choose_keep_safe(image_dir, cs, strategy, dirs)]
 
     out: list[Planned] = []
     where: dict[int, int] = {}  # row -> its group

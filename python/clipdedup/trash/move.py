@@ -243,15 +243,20 @@ def _journaled_move(
     return MoveResult(entry.rel, src, None, f"cannot move: no free name beside {dst}", error=errno.EEXIST)
 
 
-def choose_keep_safe(image_dir: str, cands: list[Candidate], strategy: str) -> int:
+def choose_keep_safe(
+    image_dir: str, cands: list[Candidate], strategy: str, dirs: dict[str, str] | None = None
+) -> int:
     """`keep.choose_keep`, restricted to the members that are safe to keep.
 
     A member that depends on another (a symlink to it or through it, or the same file reached
     through a symlinked directory) is never kept, since moving that other would break it; and a
     file reached through a symlink is kept only when no member is reached directly.
+
+    `dirs`: real paths of directories already resolved (`real_dir`), shared by the groups of one
+    run so that a member costs one lstat, not one per component of its path.
     """
-    absp, link, real, safe = _resolve(cands)
-    root = os.path.realpath(image_dir)  # once per group, not per member
+    absp, link, real, safe = _resolve(cands, dirs)
+    root = real_dir(image_dir, dirs)  # once per run with `dirs`, else once per group
     # is_direct, from the paths resolved once above
     direct = [k for k in safe if not link[k] and real[k] == os.path.join(root, *cands[k].rel.split("/"))]
     eligible = direct or safe or list(range(len(cands)))
@@ -264,12 +269,36 @@ def safe_members(cands: list[Candidate]) -> list[int]:
     return _resolve(cands)[3]
 
 
-def _resolve(cands: list[Candidate]) -> tuple[list[str], list[bool], list[str], list[int]]:
+def real_dir(d: str, dirs: dict[str, str] | None) -> str:
+    """`os.path.realpath(d)`, looked up in and added to `dirs` (directory -> real path) when given."""
+    if dirs is None:
+        return os.path.realpath(d)
+    real = dirs.get(d)
+    if real is None:
+        real = dirs[d] = os.path.realpath(d)
+    return real
+
+
+def real_path(p: str, dirs: dict[str, str] | None, is_link: bool) -> str:
+    """`os.path.realpath(p)`. When `p`'s last component is not a symlink (`is_link` False), that is
+    its directory's real path (`real_dir`, once per directory per `dirs`) joined with its name, so a
+    run's members cost one lstat each instead of one per path component. `dirs` lives for one
+    run's act stage: a directory swapped for a symlink after it was resolved is not seen here
+    (each move checks its file again, `move_exact`)."""
+    head, tail = os.path.split(p)
+    if dirs is None or is_link or tail in ("", ".", ".."):
+        return os.path.realpath(p)
+    return os.path.join(real_dir(head, dirs), tail)
+
+
+def _resolve(
+    cands: list[Candidate], dirs: dict[str, str] | None = None
+) -> tuple[list[str], list[bool], list[str], list[int]]:
     """Each member's absolute path, whether it is a symlink, its real path; and the safe members."""
     absp = [os.path.abspath(c.path) for c in cands]
     link = [os.path.islink(p) for p in absp]
     links = {p for p, is_link in zip(absp, link) if is_link}
-    real = [os.path.realpath(p) for p in absp]
+    real = [real_path(p, dirs, is_link) for p, is_link in zip(absp, link)]
     entries: dict[str, set[str]] = {}  # realpath -> the members that are not symlinks, as abspaths
     for p, r, is_link in zip(absp, real, link):
         if not is_link:
