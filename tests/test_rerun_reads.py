@@ -1,8 +1,8 @@
 """What a rerun reads: with nothing changed and a match cache to answer, no row is read from the
-store (the snapshot's rows are located, not checked) and the DB is listed once (the update's or
---skip-update's index serves the load). When the cache cannot answer alone, or a row changed, the
-rows are opened checked as usual: a damaged snapshot row is then read again from its `.npy`, and
-every answer equals a full match's."""
+store (the snapshot's rows are located by its index, not read) and the DB is listed once (the
+update's or --skip-update's index serves the load). When the cache cannot answer alone, or a row
+changed, the rows the match needs are read, each checked, a damaged snapshot row from its `.npy`
+instead, and every answer equals a full match's."""
 
 from __future__ import annotations
 
@@ -60,12 +60,12 @@ def test_nothing_changed_reads_no_row_and_lists_the_db_once(tmp_path: Path, coun
     _damage_snapshot_row(c.db, 7, c.meta.dim)  # the rows are the .npy files': the cache still answers
     got, _, how = c.run(t * 0.9)
     assert got == c.reference(t * 0.9) and how.startswith("unchanged") and counted["gather"] == 0
-    got, lines, how = c.run(t * 1.1)  # above the cache's threshold: opened again, checked
+    got, lines, how = c.run(t * 1.1)  # above the cache's threshold: every row read, row 7 from its file
     assert got == c.reference(t * 1.1) and how.startswith("full match"), (how, lines)
     assert counted["gather"] > 0
 
 
-def test_a_changed_row_is_opened_checked(tmp_path: Path, counted) -> None:
+def test_a_changed_row_and_a_damaged_snapshot_row(tmp_path: Path, counted) -> None:
     c = Collection(tmp_path, 6)
     c.add(60)
     t = 1.5

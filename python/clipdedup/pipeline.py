@@ -35,7 +35,8 @@ from clipdedup.ingest.update import (
 )
 from clipdedup.match import MATCHERS, find_pairs, nearest_by_name
 from clipdedup.match.backends import stream
-from clipdedup.match.cache.run import cache_answer, import_in_background, likely_to_match, match_run
+from clipdedup.match.cache.matches import cache_path
+from clipdedup.match.cache.run import import_in_background, likely_to_match, match_run
 from clipdedup.match.verify.store import match_verified_store
 from clipdedup.match.verify.verifier import match_verified
 from clipdedup.records import FileEntry, Group, RunSummary, UpdateSummary
@@ -225,10 +226,10 @@ def _run_dedup_locked(
     t = time.perf_counter()
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
-    # nothing changed and a match cache to answer from: no row needs reading, torch is not needed
-    cached = not likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory))
-    if not cached:
+    # torch is imported only to match; a run with a match cache matches only what changed
+    if likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory)):
         import_in_background("torch")  # seconds, overlapping the load (not the GIL-bound update)
+    full_screen_likely = not os.path.exists(cache_path(db_dir))  # else the cache's rows are reused
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
     dim = u.meta.dim if u.meta else None
@@ -237,32 +238,24 @@ def _run_dedup_locked(
     model = _model(opts, u)
     v = encode.verifier_for(model)
     kw: dict[str, Any] = dict(backend=opts.backend, write=not opts.dry_run, progress=opts.progress)
-    # the opening pass keeps what a full screen of the store needs only when one is likely; when
-    # the cache is likely to answer, the rows the snapshot holds unchanged are not even read
-    load = partial(open_embeddings, track=v is None and not cached, unchecked=cached and not on_ray)
+    # The opening pass reads every row only when a full screen of the store is likely (it keeps
+    # what that screen needs); otherwise the rows the snapshot holds unchanged are located, not
+    # read (RowStore: they are checked when read), and the open costs O(changed rows).
+    track = v is None and full_screen_likely
+    load = partial(open_embeddings, track=track, unchecked=not (track or on_ray))
     kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
         load, image_dir, db_dir, entries, dim, u, opts, encoder, u.db_columns
     )
-    m = None
-    if not store.checked:  # the cache answers, or the rows are opened again, this time read
-        m = cache_answer(store, [e.rel for e in kept], db_dir, u.meta, s.threshold, v)
-        if m is None:
-            store.close()
-            load = partial(open_embeddings, track=v is None)
-            kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
-                load, image_dir, db_dir, entries, dim, u, opts, encoder, u.db_columns
-            )
     with store:
         s.loaded = len(kept)
-        s.seconds["load"] = time.perf_counter() - t - (m.seconds if m is not None else 0.0)
+        s.seconds["load"] = time.perf_counter() - t
         for path, reason in s.load_errors:
             opts.say(f"{path}: skipped: {reason}")
         if on_ray:
             pairs, dists = _match(store, None, opts, s, model, (_rel(kept), _rel(kept)))
         else:  # through the match cache; torch is imported only when something is matched
             keys = [e.rel for e in kept]
-            if m is None:
-                m = match_run(store, keys, db_dir, u.meta, s.threshold, v, say=opts.say, **kw)
+            m = match_run(store, keys, db_dir, u.meta, s.threshold, v, say=opts.say, **kw)
             s.match_cache, s.pairs, s.backend = m.how, len(m.pairs), m.backend
             s.seconds.update(m.timings)
             if m.verified is not None:

@@ -182,14 +182,15 @@ def _open_unchecked(root: Path):
     files = _files(root)
     info = dbmod.LoadInfo()
     started = dbmod.index_db(root).started_ns
-    store, ok, errors = open_store(root, rows_of(root, files), DIM, started_ns=started, info=info, unchecked=True)
+    rows = rows_of(root, files)
+    store, ok, errors = open_store(root, rows, DIM, started_ns=started, info=info, unchecked=True, track=False)
     info.wait()
     return store, ok, errors, info
 
 
-def test_unchecked_open_locates_exactly_the_snapshot_rows(tmp_path: Path, trusting, monkeypatch) -> None:
-    """A snapshot that holds exactly the wanted rows unchanged: located, not read (no gather at
-    opening), with the checked open's hashes; the rows read later are the same and still checked."""
+def test_unchecked_open_reads_no_snapshot_row(tmp_path: Path, trusting, monkeypatch) -> None:
+    """The snapshot's unchanged rows are located, not read, with the checked open's checksums; the
+    rows read later are the same, and a row whose snapshot bytes are damaged comes from its .npy."""
     from clipdedup.db import store_load
 
     _make_db(tmp_path, 40)
@@ -202,24 +203,31 @@ def test_unchecked_open_locates_exactly_the_snapshot_rows(tmp_path: Path, trusti
     assert not st.checked and reads == [] and ok.all() and errors == []
     assert (info.snapshot, info.from_snapshot, info.written) == ("used", 40, False)
     np.testing.assert_array_equal(st.hashes, checked.hashes)
-    np.testing.assert_array_equal(st.to_matrix(), checked.to_matrix())
-    with open(snap_mod.snapshot_path(tmp_path), "r+b") as f:  # damaged: an error when read, never used
+    with open(snap_mod.snapshot_path(tmp_path), "r+b") as f:  # damaged after the open
         f.seek(snap_mod.DATA_OFFSET + 3 * DIM * 4 + 1)
         f.write(b"\x7f")
+    want = dbmod.load_rows(_files(tmp_path), DIM)[0]
+    np.testing.assert_array_equal(st.take(np.array([5, 3, 3, 39])), want[[5, 3, 3, 39]])
+    np.testing.assert_array_equal(st.to_matrix(), want)
+    with pytest.raises(RowStoreError):  # a checked store has read its rows at opening, not since
+        checked.take(np.array([3]))
+    os.remove(dbmod.npy_path(tmp_path, st.files[0].keys[3][:-4]))  # and now its file is gone too
     with pytest.raises(RowStoreError):
         st.take(np.array([3]))
     st.close()
     checked.close()
 
 
-@pytest.mark.parametrize("change", ["edited", "removed", "added", "no snapshot", "racy"])
-def test_unchecked_open_reads_as_usual_when_the_snapshot_differs(
+@pytest.mark.parametrize("change", ["edited", "removed", "added", "no snapshot", "racy", "damaged"])
+def test_unchecked_open_reads_only_what_the_snapshot_lacks(
     tmp_path: Path, trusting, monkeypatch, change: str
 ) -> None:
-    """Anything but exactly the snapshot's rows unchanged: the usual checked open, same rows."""
+    """Whatever changed, the unchecked store's rows are the matrix load's, and only the rows the
+    snapshot does not hold unchanged are read from their files."""
     vecs = _make_db(tmp_path, 30, seed=3)
     _open(tmp_path)[0].close()
     rels = sorted(vecs, key=os.fsencode)
+    lacks = {"edited": 1, "removed": 0, "added": 1, "no snapshot": 30, "racy": 30, "damaged": 0}[change]
     if change == "edited":
         dbmod.write_embedding(tmp_path, rels[4], np.full(DIM, 2, np.float32))
     elif change == "removed":
@@ -228,12 +236,39 @@ def test_unchecked_open_reads_as_usual_when_the_snapshot_differs(
         dbmod.write_embedding(tmp_path, "d9/new.jpg", np.ones(DIM, np.float32))
     elif change == "no snapshot":
         os.remove(snap_mod.snapshot_path(tmp_path))
-    else:  # the snapshot was written too soon after its rows' files: it cannot vouch for them
+    elif change == "racy":  # the snapshot was written too soon after its rows' files: not vouched for
         monkeypatch.setattr(snap_mod, "RACY_NS", 10**18)
-    st, ok, errors, _ = _open_unchecked(tmp_path)
-    assert st.checked
-    files = _files(tmp_path)
-    want, want_ok, want_err = dbmod.load_rows(files, DIM)
+    else:
+        with open(snap_mod.snapshot_path(tmp_path), "r+b") as f:
+            f.seek(snap_mod.DATA_OFFSET + 11 * DIM * 4)
+            f.write(b"\x01\x02\x03\x04")
+    st, ok, errors, info = _open_unchecked(tmp_path)
+    assert not st.checked and info.from_files == lacks
+    want, want_ok, want_err = dbmod.load_rows(_files(tmp_path), DIM)
     np.testing.assert_array_equal(ok, want_ok)
+    assert errors == want_err
     np.testing.assert_array_equal(st.to_matrix(), want[want_ok])
+    st.close()
+
+
+def test_the_snapshot_is_rewritten_past_a_share_of_changed_rows(tmp_path: Path, trusting) -> None:
+    """A few changed rows are read from their files (no rewrite of the whole snapshot for them);
+    past `REWRITE_SHARE` of the rows the snapshot is written again, holding them."""
+    from clipdedup.db.store_load import REWRITE_SHARE
+
+    vecs = _make_db(tmp_path, 200, seed=4)
+    _open(tmp_path)[0].close()
+    rels = sorted(vecs, key=os.fsencode)
+    few = int(REWRITE_SHARE * 200)
+    for rel in rels[:few]:
+        dbmod.write_embedding(tmp_path, rel, np.full(DIM, 5, np.float32))
+    st, info = _open(tmp_path)
+    assert (info.from_files, info.written) == (few, False)
+    st.close()
+    dbmod.write_embedding(tmp_path, rels[-1], np.full(DIM, 6, np.float32))
+    st, info = _open(tmp_path)
+    assert (info.from_files, info.written) == (few + 1, True)
+    st.close()
+    st, info = _open(tmp_path)
+    assert (info.from_files, info.written) == (0, False)
     st.close()

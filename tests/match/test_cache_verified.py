@@ -176,3 +176,39 @@ def test_sigkill_during_the_cache_write_costs_only_the_cache(tmp_path: Path) -> 
         assert cache is not None or why == "missing", why  # the old file or the new one, never torn
         got, _, how = c.verified(T, dry_run=True)
         assert got == want, (delay, how)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_screening_parts_read_run_by_run_equal_the_whole_section(tmp_path: Path, seed: int) -> None:
+    """`_read_runs` (the cache's screening parts read straight into their rows, run by run) against
+    reading the whole section and indexing it: random insertions, deletions and edits (unchanged
+    rows keep their order), a shuffled order, empty sides; a short section is refused."""
+    import io
+    import zlib
+
+    from clipdedup.match.cache.verified import _read_runs
+
+    rng = np.random.default_rng(seed)
+    n_old, s = [0, 1, 7, 4097, 9000, 4097][seed], [5, 1, 143, 5, 143, 7][seed]
+    section = rng.standard_normal((n_old, s)).astype(np.float32)
+    keep = np.flatnonzero(rng.random(n_old) < [0.0, 1.0, 0.5, 0.97, 1.0, 0.5][seed])
+    n = len(keep) + int(rng.integers(0, 50))
+    old = np.full(n, -1, np.int64)
+    at = np.sort(rng.choice(n, len(keep), replace=False))
+    old[at] = keep
+    if seed == 5 and len(keep) > 1:  # another order: read whole, then copied
+        old[at] = rng.permutation(keep)
+    raw = section.tobytes()
+    xs = np.full((n, s), np.nan, np.float32)
+    crc = _read_runs(io.FileIO(_write(tmp_path / "sec", raw), "rb"), xs, old, n_old, s)
+    assert crc == zlib.crc32(raw)
+    np.testing.assert_array_equal(xs[at], section[old[at]])
+    assert np.isnan(xs[old < 0]).all()  # the changed rows are the caller's
+    if n_old:
+        short = io.FileIO(_write(tmp_path / "short", raw[:-1]), "rb")
+        assert _read_runs(short, np.empty((n, s), np.float32), old, n_old, s) is None
+
+
+def _write(p: Path, data: bytes) -> str:
+    p.write_bytes(data)
+    return str(p)

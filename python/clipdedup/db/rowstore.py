@@ -10,9 +10,14 @@ Every row is read and checked once when the store opens (snapshot rows against t
 failures re-read from the `.npy` mirror), so later reads see exactly the bytes that were checked:
 `take` and `blocks` check each row again and raise `RowStoreError` if the disk no longer agrees.
 Reads go through descriptors held open for the store's life, so a new snapshot renamed over the old
-one mid-run changes nothing. One exception to the read at opening: a run whose match cache is likely
-to answer opens the store unchecked (`store_load.open_unchecked`, `checked` False) when the snapshot
-holds exactly its rows unchanged; it reads no row, and reopens checked if the cache does not answer.
+one mid-run changes nothing.
+
+A run that will not screen every row (its match cache is likely to answer, or it is builtin:dct's,
+which reads only the rows its screen needs) opens the store unchecked (`store_load.open_store`'s
+`unchecked`, `checked` False): the snapshot's unchanged rows are located by its index, not read, so
+the open costs O(N) index work plus the changed rows. Their reads are checked all the same, and a
+row whose snapshot bytes fail their checksum is read from its `.npy` instead (`files`), whose bytes
+must then have that checksum (the file's stat is the one the snapshot recorded).
 
 When the snapshot was missing, stale or damaged and the run may write (not a dry run), a new
 snapshot is written from the store on a thread (`RowStore.writer`, started by db/store_load.py),
@@ -103,8 +108,11 @@ class RowStore:
         self.writer: PendingWrite | None = None
         self.seen = seen  # what the opening pass saw of every row, if it kept track
         self.snapshot_path = ""  # the DB's snapshot file (db/store_load.py sets it), for `shared_rows`
-        # False: the snapshot rows were located, not read when the store opened (`open_unchecked`)
+        # False: the snapshot rows were located, not read when the store opened (module docstring)
         self.checked = True
+        # where an unchecked store's rows came from: (the `Rows` opened, int64 (N,) each row's
+        # index in them), to read a row whose snapshot bytes fail their checksum from its file
+        self.files: tuple[Rows, np.ndarray] | None = None
 
     @property
     def n(self) -> int:
@@ -132,12 +140,30 @@ class RowStore:
             if not len(dst):
                 continue
             fatal, bad = native.gather_rows(fd, offset, src[dst], dst, self.hashes[idx[dst]], view)
+            if (fatal or bad) and fd == self._base_fd and self.files is not None:
+                redo = dst if fatal else dst[np.asarray(bad, np.int64)]
+                fatal, bad = (
+                    None,
+                    [int(k) for k in np.searchsorted(dst, self._from_files(idx[redo], redo, view))],
+                )
             if fatal or bad:
                 rows = idx[dst[bad]][:3].tolist() if bad else []
                 raise RowStoreError(
                     f"row store: rows {rows} changed on disk during the run ({fatal or 'checksum'})"
                 )
         return view
+
+    def _from_files(self, rows: np.ndarray, at: np.ndarray, view: np.ndarray) -> np.ndarray:
+        """Reads store rows `rows` from their DB files into `view[at]`; returns the entries of `at`
+        whose file could not be read or does not have the row's checksum (left unwritten)."""
+        assert self.files is not None
+        src, where = self.files
+        files = [src.dbfile(int(where[r])) for r in rows.tolist()]
+        buf = np.zeros((len(files), self.dim), np.float32)
+        ok, _errors = read_from_files(files, np.arange(len(files), dtype=np.int64), buf, 1)
+        ok &= native.row_hashes(buf, 1) == self.hashes[rows]
+        view[at[ok]] = buf[ok]
+        return at[~ok]
 
     def block(self, i0: int, i1: int, out: np.ndarray | None = None) -> np.ndarray:
         """float32 (i1 - i0, D) rows i0:i1, read into `out`."""

@@ -11,7 +11,10 @@ object per image would cost about 0.7 KiB each at the peak of a large run.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,6 +28,11 @@ from clipdedup.db.rowstore import BLOCK_ROWS, PendingWrite, Rows, RowsSeen, RowS
 from clipdedup.records import FileEntry, LoadInfo, SnapshotState, SnapshotStatus
 from clipdedup.scan import scan_native
 from clipdedup.util.fsutil import TMP_MARK
+
+# The snapshot is rewritten when more than this share of the rows are read from their files (new or
+# changed since it was written), or of its rows are no longer used: a few changed rows cost a few
+# file reads per run, not a rewrite of every row.
+REWRITE_SHARE = 1 / 64
 
 
 def open_store(
@@ -51,14 +59,18 @@ def open_store(
         threads: reader threads.
         info: filled with what happened (`written` and `write_error` wait for the writer).
         block_rows: rows per buffer while reading.
-        unchecked: when the snapshot holds exactly these rows, all unchanged, locate them there
-            without reading them (`RowStore.checked` is then False, see `open_unchecked`);
-            otherwise this changes nothing.
+        track: keep what the opening pass sees of every row (`RowStore.seen`).
+        unchecked: locate the rows the snapshot holds unchanged without reading them (ignored
+            with `track`, which needs every row seen): they are checked when read, and one that
+            fails its checksum there is read from its `.npy` instead (`RowStore.checked` False).
+            The other rows are read from their files as always. The open costs O(N) index work
+            plus the changed rows, not a read of the whole snapshot.
 
     Returns:
         (store, ok, errors): the store of the readable rows in order; ok (N,) bool; errors as
         (path, reason).
     """
+    unchecked = unchecked and not track
     n = len(rows)
     file_at = np.flatnonzero(np.array([bool(k) for k in rows.keys], bool))
     keys = [rows.keys[i] for i in file_at.tolist()] if len(file_at) < n else rows.keys
@@ -71,11 +83,6 @@ def open_store(
         dim = snap.dim if snap is not None else probe_dim([rows.dbfile(i) for i in file_at[:64].tolist()])
         if dim is None:
             dim = next((len(v) for v in rows.vectors.values()), 0)
-    if unchecked and snap is not None and (got := open_unchecked(snap, keys, stats, dim, len(file_at) == n)):
-        if info is not None:
-            info.snapshot, info.snapshot_detail = status
-            info.from_snapshot, info.from_files = n, 0
-        return got, np.ones(n, bool), []
     loc = np.full(n, -1, np.int64)
     hashes = np.zeros(n, np.uint64)
     # usable rows (an unusable one is a load error naming its file) and the largest norm, for
@@ -92,9 +99,12 @@ def open_store(
         else:
             dst = file_at[dst]
             loc[dst], hashes[dst] = src, snap.hashes[src]
-            bad = _check_snapshot_rows(base_fd, dim, loc, hashes, dst, block_rows, seen)
-            loc[bad] = -1
-            stale += len(bad)
+            if unchecked:  # written from rows seen finite; the checksum vouches for that when read
+                seen.finite[dst] = True
+            else:
+                bad = _check_snapshot_rows(base_fd, dim, loc, hashes, dst, block_rows, seen)
+                loc[bad] = -1
+                stale += len(bad)
     del snap
     from_snap = loc >= 0
     if info is not None:
@@ -108,39 +118,18 @@ def open_store(
     errors = sorted(errors + [(rows.dbfile(i).path, NOT_FINITE) for i in bad.tolist() if rows.keys[i]])
     store = RowStore(dim, loc[ok], hashes[ok], base_fd, spill_fd, seen.subset(ok) if track else None)
     store.snapshot_path = snap_mod.snapshot_path(db_dir)
+    if unchecked:
+        store.checked = False
+        store.files = (rows, np.flatnonzero(ok))
     if write_snapshot and started_ns is not None and store.n and os.path.isdir(db_dir) and len(file_at) == n:
+        # trusted rows the snapshot lacks (outside the racy window: a rewrite would include them)
         fresh = ok & ~from_snap
-        news = bool(np.any(stats["ctime_ns"][fresh] <= started_ns - snap_mod.RACY_NS))
-        if status.state is not SnapshotState.USED or news or stale:
+        news = int(np.count_nonzero(stats["ctime_ns"][fresh] <= started_ns - snap_mod.RACY_NS))
+        # rows read from files on every run until then, or snapshot rows no longer used
+        if status.state is not SnapshotState.USED or max(news, stale) > REWRITE_SHARE * n:
             keep = [key for key, g in zip(keys, ok.tolist()) if g]
             _start_writer(store, db_dir, keep, {k: c[ok] for k, c in stats.items()}, started_ns, info)
     return store, ok, errors
-
-
-def open_unchecked(
-    snap: snap_mod.Snapshot, keys: Sequence[str], stats: dict[str, np.ndarray], dim: int, files_only: bool
-) -> RowStore | None:
-    """A store of `keys` whose rows are all located in `snap`, not read, or None when `snap` is not
-    exactly these rows unchanged (every key in it with the same file stats, outside the racy
-    window, and no other row) or some rows are vectors (not `files_only`).
-
-    Such a store costs O(N) index work and no row reads: what a run answered by its match cache
-    needs (the cache's row checksums are compared with the snapshot's). Its rows are checked when
-    read, as every store's are (`RowStore.take`), so a damaged snapshot row is an error there
-    instead of being read again from its `.npy`: a run that must read rows opens a checked store.
-    """
-    if not files_only or snap.dim != dim or len(snap.keys) != len(keys):
-        return None
-    src, _dst, stale = snap_mod.reusable_rows(snap, keys, stats)
-    if stale or len(src) != len(keys):
-        return None
-    try:
-        fd = os.open(snap.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    store = RowStore(dim, src, snap.hashes[src], fd, -1, None)
-    store.snapshot_path, store.checked = snap.path, False
-    return store
 
 
 def _check_snapshot_rows(
@@ -169,6 +158,14 @@ def _check_snapshot_rows(
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
+def background_priority(nice: int = 10) -> None:
+    """Lowers the calling thread's CPU priority (Linux: a thread's own nice value) so that a
+    background write yields the cores to the run's matching; elsewhere, or if refused, nothing."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 def _start_writer(
     store: RowStore,
     db_dir: str | os.PathLike[str],
@@ -180,6 +177,7 @@ def _start_writer(
     """Writes a new snapshot of the whole store on a thread (atomic: temp file, then rename)."""
 
     def write() -> None:
+        background_priority()
         try:
             blocks = (blk for _, blk in store.blocks())
             snap_mod.write_snapshot_blocks(db_dir, keys, stats, store.dim, blocks, store.hashes, started_ns)

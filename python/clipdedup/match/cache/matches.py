@@ -27,6 +27,7 @@ match/cache/screen.py): every row's screening operands, so that a rerun projects
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import zlib
@@ -105,8 +106,8 @@ def write_cache(
     for part in parts:
         crc, size = zlib.crc32(part, crc), size + len(part)
     screen_len = 0 if screen is None else section_size(screen, c.dim)
-    if screen_parts is not None:
-        raw = np.ascontiguousarray(screen_parts, "<f4").tobytes()
+    if screen_parts is not None:  # written from the array itself: no copy of it (N * 572 bytes for dct)
+        raw = memoryview(np.ascontiguousarray(screen_parts, "<f4")).cast("B")  # type: ignore[arg-type]
         screen_len = len(raw) + 4
     head = HEADER.pack(
         MAGIC, VERSION, c.dim, n, p, c.threshold, len(model), len(check), size, screen_len, crc, 0
@@ -120,7 +121,8 @@ def write_cache(
         if screen is not None:
             write_section(f, screen, c.dim)
         elif screen_parts is not None:
-            f.write(raw + struct.pack("<I", zlib.crc32(raw)))
+            f.write(raw)
+            f.write(struct.pack("<I", zlib.crc32(raw)))
 
 
 def read_cache(db_dir: str | os.PathLike[str]) -> tuple[MatchCache | None, str]:
@@ -238,9 +240,12 @@ def plan_reuse(
         return None, f"threshold {threshold:g} is above its {c.threshold:g}"
     if c.check != check:
         return None, f"it holds {_checked(c.check)}, this run needs {_checked(check)}"
-    where = {k: i for i, k in enumerate(c.keys)}
-    old = np.fromiter((where.get(k, -1) for k in keys), np.int64, len(keys))
-    del where
+    if keys == c.keys:  # nothing added, removed or reordered: the usual rerun
+        old = np.arange(len(keys), dtype=np.int64)
+    else:
+        where = dict(zip(c.keys, range(len(c.keys))))
+        old = np.fromiter(map(where.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+        del where
     same = old >= 0
     same[same] = c.hashes[old[same]] == np.asarray(hashes, np.uint64)[same]
     new_of_old = np.full(len(c.keys), -1, np.int64)

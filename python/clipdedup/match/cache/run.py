@@ -90,22 +90,6 @@ def match_run(
     return RunMatch(v.pairs[v.confirmed], v.distances[v.confirmed], v, how, name, dt, imported)
 
 
-def cache_answer(
-    store: RowStore,
-    keys: list[str],
-    db_dir: str,
-    meta: DBMeta | None,
-    threshold: float,
-    verifier: Verifier | None,
-) -> RunMatch | None:
-    """`match_run`'s answer when the cache gives it alone (nothing changed), else None: reads no
-    row of `store`, so it serves a store opened unchecked (`store_load.open_unchecked`)."""
-    t0 = time.perf_counter()
-    if meta is None:
-        return None
-    return _from_cache(read_cache(db_dir)[0], keys, store, meta, threshold, verifier, t0)
-
-
 def _from_cache(
     c: MatchCache | None,
     keys: list[str],

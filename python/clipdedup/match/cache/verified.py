@@ -22,6 +22,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from io import RawIOBase
 
 import numpy as np
 from tqdm import tqdm
@@ -102,25 +103,80 @@ def _parts_of_cache(
 ) -> np.ndarray | None:
     """Every row's screening part (float32 (N, s)): unchanged rows' from the cache's section at
     `section` (offset, length, the cache's rows), the others read from the store; None when the
-    section is missing, of another width or damaged (then every row is read from the store)."""
+    section is missing, of another width or damaged (then every row is read from the store).
+
+    The section is read straight into the answer, run by run (its rows keep their order among the
+    unchanged rows, as the paths do), checksummed as it goes: no copy of it in between."""
     at, size, n_old = section
     if size != 4 * n_old * s + 4:
         return None
+    xs = np.empty((store.n, s), np.float32)
     try:
-        with open(cache_path(db_dir), "rb") as f:
+        with open(cache_path(db_dir), "rb", buffering=0) as f:
             f.seek(at)
-            raw = f.read(size)
+            crc = _read_runs(f, xs, reuse.old, n_old, s)
+            tail = f.read(4)
     except OSError:
         return None
-    if len(raw) != size or zlib.crc32(memoryview(raw)[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+    if crc is None or len(tail) != 4 or crc != struct.unpack("<I", tail)[0]:
         return None
-    old = np.frombuffer(raw, "<f4", n_old * s).reshape(n_old, s)
-    xs = np.empty((store.n, s), np.float32)
-    same = np.flatnonzero(reuse.old >= 0)
-    xs[same] = old[reuse.old[same]]
     if len(reuse.changed):
         xs[reuse.changed] = store.take(reuse.changed)[:, :s]
     return xs
+
+
+def _read_runs(f: RawIOBase, xs: np.ndarray, old: np.ndarray, n_old: int, s: int) -> int | None:
+    """Reads the n_old rows of width s at f's position: row old[i] into xs[i] (old[i] >= 0), the
+    rows no one wants into a scratch buffer; returns the CRC-32 of all their bytes, or None when
+    the file is short. Rows wanted out of order are read whole first, then copied."""
+    dst = np.flatnonzero(old >= 0)
+    src = old[dst]
+    try:
+        if len(src) > 1 and np.any(np.diff(src) <= 0):  # out of order: the whole section, then a copy
+            raw = np.empty((n_old, s), np.float32)
+            crc = _read_into(f, raw, 0)
+            xs[dst] = raw[src]
+            return crc
+        # runs of rows consecutive both in the section and in xs
+        brk = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+        starts = np.concatenate([[0], brk]).astype(np.int64) if len(src) else np.zeros(0, np.int64)
+        ends = np.concatenate([brk, [len(src)]]).astype(np.int64) if len(src) else starts
+        scratch = np.empty((max(1, min(n_old, 4096)), s), np.float32)
+        crc, pos = 0, 0  # pos: the next section row to read
+        for r0, r1 in zip(starts.tolist(), ends.tolist()):
+            first = int(src[r0])
+            crc, pos = _skip(f, scratch, first, pos, crc)
+            crc = _read_into(f, xs[int(dst[r0]) : int(dst[r0]) + (r1 - r0)], crc)
+            pos = first + (r1 - r0)
+        crc, _ = _skip(f, scratch, n_old, pos, crc)
+        return crc
+    except EOFError:
+        return None
+
+
+def _skip(f: RawIOBase, scratch: np.ndarray, upto: int, pos: int, crc: int) -> tuple[int, int]:
+    """Reads section rows pos:upto that no one wants (for the checksum only)."""
+    while pos < upto:
+        k = min(upto - pos, len(scratch))
+        crc = _read_into(f, scratch[:k], crc)
+        pos += k
+    return crc, pos
+
+
+def _read_into(f: RawIOBase, block: np.ndarray, crc: int) -> int:
+    """Fills the C-contiguous `block` from f; returns the running CRC-32 with its bytes.
+
+    Raises:
+        EOFError: the file ended first.
+    """
+    view = memoryview(block).cast("B")  # type: ignore[arg-type]
+    got = 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            raise EOFError
+        got += k
+    return zlib.crc32(view, crc)
 
 
 def _screen_and_score(
