@@ -352,6 +352,26 @@ MUTATIONS = [
             "tests/ingest/test_ctime.py::test_a_rewritten_duplicate_is_not_moved_as_its_old_self",
         ),
     ),
+    Mutation(
+        "unchecked-row-trusted",
+        "a snapshot row located but not read at opening is checked when read; a damaged one comes from its .npy",
+        "db/rowstore.py",
+        (("            if fatal or bad:\n                rows = ", "            if False:\n                rows = "),),
+        (
+            "tests/db/test_rowstore.py::test_unchecked_open_reads_no_snapshot_row",
+            "tests/test_rerun_reads.py::test_nothing_changed_reads_no_row_and_lists_the_db_once",
+        ),
+    ),
+    Mutation(
+        "unchecked-open-reads-every-row",
+        "a rerun that needs no full screen reads only the rows the snapshot lacks (O(changed) load)",
+        "db/store_load.py",
+        (("            if unchecked:  # written from rows", "            if False:  # written from rows"),),
+        (
+            "tests/db/test_rowstore.py::test_unchecked_open_reads_no_snapshot_row",
+            "tests/test_rerun_reads.py::test_nothing_changed_reads_no_row_and_lists_the_db_once",
+        ),
+    ),
 ]
 
 
