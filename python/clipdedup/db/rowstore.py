@@ -17,7 +17,9 @@ which reads only the rows its screen needs) opens the store unchecked (`store_lo
 `unchecked`, `checked` False): the snapshot's unchanged rows are located by its index, not read, so
 the open costs O(N) index work plus the changed rows. Their reads are checked all the same, and a
 row whose snapshot bytes fail their checksum is read from its `.npy` instead (`files`), whose bytes
-must then have that checksum (the file's stat is the one the snapshot recorded).
+must then have that checksum (the file's stat is the one the snapshot recorded). To find those
+files an unchecked store keeps the `Rows` it opened (their keys and stats, which the open holds
+anyway: about 100 bytes a row more for the rest of the run).
 
 When the snapshot was missing, stale or damaged and the run may write (not a dry run), a new
 snapshot is written from the store on a thread (`RowStore.writer`, started by db/store_load.py),
