@@ -354,9 +354,14 @@ MUTATIONS = [
     ),
     Mutation(
         "unchecked-row-trusted",
-        "a snapshot row located but not read at opening is checked when read; a damaged one comes from its .npy",
+        "a snapshot row located but not read at opening is checked when read (a damaged one: its .npy)",
         "db/rowstore.py",
-        (("            if fatal or bad:\n                rows = ", "            if False:\n                rows = "),),
+        (
+            (
+                "            if fatal or bad:\n                rows = ",
+                "            if False:\n                rows = ",
+            ),
+        ),
         (
             "tests/db/test_rowstore.py::test_unchecked_open_reads_no_snapshot_row",
             "tests/test_rerun_reads.py::test_nothing_changed_reads_no_row_and_lists_the_db_once",

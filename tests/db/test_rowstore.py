@@ -183,7 +183,8 @@ def _open_unchecked(root: Path):
     info = dbmod.LoadInfo()
     started = dbmod.index_db(root).started_ns
     rows = rows_of(root, files)
-    store, ok, errors = open_store(root, rows, DIM, started_ns=started, info=info, unchecked=True, track=False)
+    kw = dict(started_ns=started, info=info, unchecked=True, track=False)
+    store, ok, errors = open_store(root, rows, DIM, **kw)
     info.wait()
     return store, ok, errors, info
 
