@@ -93,9 +93,9 @@ def _update_or_read(
         u = UpdateSummary(scanned=len(scan.entries), scan_errors=list(scan.errors))
         u.meta = read_meta_as_is(db_dir)
         dim, ctime = u.meta.dim if u.meta else None, opts.use_ctime
-        u.db_columns = index_columns(db_dir)  # nothing is written: the load reuses it
+        u.db_columns = idx = index_columns(db_dir)  # nothing is written: the load reuses it
         entries = encoded_as_scanned(
-            image_dir, db_dir, entries, dim, u.failed, opts.say, use_ctime=ctime, index=u.db_columns
+            image_dir, db_dir, entries, dim, u.failed, opts.say, use_ctime=ctime, index=idx
         )
     else:
         u = update_db(
@@ -226,25 +226,21 @@ def _run_dedup_locked(
     t = time.perf_counter()
     encoder = _lazy_encoder([db_dir], opts)
     u, entries = _update_or_read(image_dir, db_dir, opts, exclude, "images", s, encoder)
-    # torch is imported only to match; a run with a match cache matches only what changed
     if likely_to_match(db_dir, bool(u.encoded or u.copied or u.removed or u.in_memory)):
         import_in_background("torch")  # seconds, overlapping the load (not the GIL-bound update)
-    full_screen_likely = not os.path.exists(cache_path(db_dir))  # else the cache's rows are reused
     s.seconds["update"] = time.perf_counter() - t
     t = time.perf_counter()
-    dim = u.meta.dim if u.meta else None
     on_ray = opts.cluster is not None and opts.cluster.match  # Ray tasks read the store's snapshot
     s.threshold = _threshold(opts, u)
     model = _model(opts, u)
     v = encode.verifier_for(model)
     kw: dict[str, Any] = dict(backend=opts.backend, write=not opts.dry_run, progress=opts.progress)
-    # The opening pass reads every row only when a full screen of the store is likely (it keeps
-    # what that screen needs); otherwise the rows the snapshot holds unchanged are located, not
-    # read (RowStore: they are checked when read), and the open costs O(changed rows).
-    track = v is None and full_screen_likely
+    # Every row is read as the store opens only when a full screen is likely (no cache: that pass
+    # keeps what it needs); else unchanged snapshot rows are located, not read (RowStore docstring).
+    track = v is None and not os.path.exists(cache_path(db_dir))
     load = partial(open_embeddings, track=track, unchecked=not (track or on_ray))
     kept, store, s.load_errors, s.not_in_db, info = _load_repaired(
-        load, image_dir, db_dir, entries, dim, u, opts, encoder, u.db_columns
+        load, image_dir, db_dir, entries, u.meta.dim if u.meta else None, u, opts, encoder, u.db_columns
     )
     with store:
         s.loaded = len(kept)

@@ -7,12 +7,9 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-
-if TYPE_CHECKING:  # a type only: records import no stage
-    from clipdedup.db.layout import DBColumns
 
 FORMAT_VERSION = 1  # of the DB metadata file
 
@@ -119,7 +116,8 @@ class UpdateSummary:
     meta: DBMeta | None = None
     # The DB's embedding files as the update indexed them (`db.layout.DBColumns`), when it wrote
     # or removed none of them: the load reuses it instead of listing the DB again.
-    db_columns: DBColumns | None = field(default=None, repr=False, compare=False)
+    # (typed `object`: records import no stage)
+    db_columns: object | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
