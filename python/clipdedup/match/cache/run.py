@@ -66,9 +66,16 @@ def match_run(
     match with `backend` (None: the best available) gives them (see the module docstring)."""
     t0 = time.perf_counter()
     read = read_cache(db_dir) if meta is not None else (None, "the DB has no metadata")
-    got = _from_cache(read[0], keys, store, meta, threshold, verifier, t0)
-    if got is not None:
-        return got
+    same = unchanged(read[0], keys, store, meta, threshold, verifier)
+    if same is not None:
+        pairs, d64, scores = same
+        how = f"unchanged: {len(pairs)} {'candidates' if verifier else 'pairs'} from the cache"
+        if verifier is None:
+            return RunMatch(pairs, d64.astype(np.float32), None, how, FROM_CACHE, time.perf_counter() - t0)
+        ms = verifier.min_score
+        seconds = {"screen": time.perf_counter() - t0}
+        v = Verified(pairs, d64.astype(np.float32), scores, scores >= ms, ms, verifier.measure, seconds)
+        return RunMatch(pairs[v.confirmed], v.distances[v.confirmed], v, how, FROM_CACHE, seconds["screen"])
     t1 = time.perf_counter()
     import torch  # noqa: F401  (seconds, unless a background import finished it: counted apart)
 
@@ -88,28 +95,6 @@ def match_run(
     v, how = match_verified_with_cache(store, keys, db_dir, meta, threshold, verifier, **kw)  # type: ignore[arg-type]
     dt = time.perf_counter() - t0
     return RunMatch(v.pairs[v.confirmed], v.distances[v.confirmed], v, how, name, dt, imported)
-
-
-def _from_cache(
-    c: MatchCache | None,
-    keys: list[str],
-    store: RowStore,
-    meta: DBMeta | None,
-    threshold: float,
-    verifier: Verifier | None,
-    t0: float,
-) -> RunMatch | None:
-    same = unchanged(c, keys, store, meta, threshold, verifier)
-    if same is None:
-        return None
-    pairs, d64, scores = same
-    how = f"unchanged: {len(pairs)} {'candidates' if verifier else 'pairs'} from the cache"
-    if verifier is None:
-        return RunMatch(pairs, d64.astype(np.float32), None, how, FROM_CACHE, time.perf_counter() - t0)
-    ms = verifier.min_score
-    seconds = {"screen": time.perf_counter() - t0}
-    v = Verified(pairs, d64.astype(np.float32), scores, scores >= ms, ms, verifier.measure, seconds)
-    return RunMatch(pairs[v.confirmed], v.distances[v.confirmed], v, how, FROM_CACHE, seconds["screen"])
 
 
 def unchanged(
