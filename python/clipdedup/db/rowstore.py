@@ -144,10 +144,8 @@ class RowStore:
             fatal, bad = native.gather_rows(fd, offset, src[dst], dst, self.hashes[idx[dst]], view)
             if (fatal or bad) and fd == self._base_fd and self.files is not None:
                 redo = dst if fatal else dst[np.asarray(bad, np.int64)]
-                fatal, bad = (
-                    None,
-                    [int(k) for k in np.searchsorted(dst, self._from_files(idx[redo], redo, view))],
-                )
+                failed = self._from_files(idx[redo], redo, view)  # positions in view, as dst holds
+                fatal, bad = None, np.searchsorted(dst, failed).tolist()
             if fatal or bad:
                 rows = idx[dst[bad]][:3].tolist() if bad else []
                 raise RowStoreError(

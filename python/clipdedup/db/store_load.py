@@ -231,7 +231,7 @@ def open_embeddings(
         index: the DB's `index_columns`, when the caller has it already.
         track: keep what the opening pass sees of every row (`RowStore.seen`: which are finite, the
             largest norm) so that a full match on the store needs no pass of its own.
-        unchecked: `open_store`'s: rows the snapshot holds exactly are located, not read.
+        unchecked: `open_store`'s: the rows the snapshot holds unchanged are located, not read.
 
     Returns:
         (entries with an embedding, the store of their rows, DB read errors, count not in the DB).
